@@ -1,0 +1,94 @@
+"""Typed configs: nested dataclasses <-> plain dicts (YAML), unknown keys rejected by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Fields every method shares, so runs are set up under the same conditions."""
+
+    env_id: str = "CompoGrid-v0"
+    """registered env id (CompoGrid-v0 or CompoMetaWorld-v0)"""
+    env_kwargs: dict = dataclasses.field(default_factory=lambda: {"task_info": "reward", "size": 8})
+    """env keyword arguments (the composition comes from the task)"""
+    compositions: list | None = None
+    """compositions to train on; None: the train side of the split below"""
+    split_family: str = "grid"
+    """task family of the split (see envs.make_split)"""
+    split_seed: int = 0
+    """seed of the split"""
+    fixed_layout: bool = True
+    """one layout/goal seed per trial (meta-RL); False draws a new one every episode"""
+    episodes_per_trial: int = 1
+    """E: episodes per trial during training (memory persists over them)"""
+    num_envs: int = 8
+    """parallel envs"""
+    vectorization: str = "sync"
+    """'sync' or 'async' vector env"""
+    total_env_steps: int = 300_000
+    """meta-training env-step budget"""
+    seed: int = 0
+    """seed of torch, numpy and the envs"""
+
+    def __post_init__(self) -> None:
+        for k in ("episodes_per_trial", "num_envs", "total_env_steps"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer >= 1")
+        if self.vectorization not in ("sync", "async"):
+            raise ValueError(f"vectorization={self.vectorization!r}; allowed: 'sync', 'async'")
+
+    def train_compositions(self) -> list[str]:
+        """The compositions meta-training draws from."""
+        if self.compositions:
+            return [str(c) for c in self.compositions]
+        from envs import make_split
+
+        return [str(c) for c in make_split(self.split_family, seed=self.split_seed).train]
+
+
+def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict; a key it does not know raises ``ValueError``."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config {where or cls.__name__} must be a mapping, got {type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key {where + unknown[0]!r} for {cls.__name__}; allowed: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = config_from_dict(hint, value, where=f"{where}{name}.")
+        elif dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(value):
+            kwargs[name] = value
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain (YAML/JSON/checkpoint-safe) dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict update (override wins)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,238 @@
+"""PPO (Schulman et al. 2017): the loss as a pure function, and the plain PPO LightningModule.
+
+The update is CleanRL-legible: a (T, N) rollout, GAE from ``rl.gae``, flattened ``b_``
+batches, minibatch ``mb_`` slices. The loss returns named terms; the module sums and steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from rl.collect import Collector, FeedForwardPolicy, Rollout, make_vector_env, uniform_task_sampler
+from rl.config import BaseConfig
+from rl.gae import gae
+from rl.module import RLModule
+from rl.nets import ActorCritic
+
+
+def ppo_loss(
+    new_logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    clip_coef: float = 0.2,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+    clip_vloss: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Clipped-surrogate PPO loss with named terms (TorchRL style).
+
+    Returns:
+        ``loss`` (to minimise) = ``loss_policy + vf_coef * loss_value - ent_coef * entropy``,
+        the terms ``loss_policy``, ``loss_value``, ``loss_entropy``, and detached diagnostics
+        ``approx_kl`` (the low-variance ``(r - 1) - log r`` estimator) and ``clipfrac``.
+    """
+    log_ratio = new_logp - old_logp
+    ratio = log_ratio.exp()
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)
+    loss_policy = torch.max(pg1, pg2).mean()
+    if clip_vloss:
+        v_clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+        loss_value = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        loss_value = 0.5 * ((new_values - returns) ** 2).mean()
+    loss_entropy = -entropy.mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    return {
+        "loss": loss_policy + vf_coef * loss_value + ent_coef * loss_entropy,
+        "loss_policy": loss_policy,
+        "loss_value": loss_value,
+        "loss_entropy": loss_entropy,
+        "approx_kl": approx_kl,
+        "clipfrac": clipfrac,
+    }
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters shared by every on-policy learner (PPO, RL², skills, composer)."""
+
+    num_steps: int = 128
+    """vector steps per rollout (per env)"""
+    lr: float = 5e-4
+    """Adam learning rate"""
+    gamma: float = 0.99
+    """discount"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    update_epochs: int = 4
+    """passes over each rollout"""
+    num_minibatches: int = 4
+    """minibatches per pass"""
+    clip_coef: float = 0.2
+    """surrogate clipping"""
+    ent_coef: float = 0.01
+    """entropy bonus"""
+    vf_coef: float = 0.5
+    """value-loss weight"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "update_epochs", "num_minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: an integer >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}; allowed: a positive number")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: a number in [0, 1]")
+
+
+def ppo_update(
+    rollout: Rollout,
+    evaluate,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    cfg: PPOConfig,
+    *,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    backward=None,
+) -> dict[str, float]:
+    """Minibatch PPO epochs over a flat (T*N) batch of valid steps.
+
+    Args:
+        evaluate: ``f(idx) -> (new_logp, entropy, new_values)`` for flat step indices ``idx``
+            (so feed-forward and recurrent policies share this update).
+        backward: ``loss -> None`` (Lightning's ``manual_backward``); defaults to ``loss.backward``.
+    """
+    valid = rollout.valid.reshape(-1)
+    b_idx = torch.nonzero(valid).squeeze(-1)
+    b_logp = rollout.logp.reshape(-1)
+    b_values = rollout.values.reshape(-1)
+    b_adv = advantages.reshape(-1)
+    b_ret = returns.reshape(-1)
+    n = b_idx.numel()
+    mb_size = max(1, n // cfg.num_minibatches)
+    stats: dict[str, list[float]] = {}
+    for _epoch in range(cfg.update_epochs):
+        perm = b_idx[torch.randperm(n)]
+        for start in range(0, n, mb_size):
+            mb = perm[start : start + mb_size]
+            new_logp, entropy, new_values = evaluate(mb)
+            mb_adv = b_adv[mb]
+            if cfg.norm_adv and mb_adv.numel() > 1:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            terms = ppo_loss(
+                new_logp, b_logp[mb], mb_adv, new_values, b_values[mb], b_ret[mb], entropy,
+                clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            )  # fmt: skip
+            optimizer.zero_grad()
+            (backward or torch.Tensor.backward)(terms["loss"])
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in terms.items():
+                stats.setdefault(k, []).append(float(v.detach()))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["explained_variance"] = explained_variance(b_values[b_idx], b_ret[b_idx])
+    return out
+
+
+@dataclass
+class PPOModuleConfig(BaseConfig):
+    """Plain PPO: a feed-forward policy trained on ``compositions`` (or the split's train side)."""
+
+    compositions: list | None = field(default_factory=lambda: ["pickup(red ball) > open(door)"])
+    """compositions to train on (each trial draws one); None: the split's train side"""
+    fixed_layout: bool = False
+    """plain PPO sees a new layout every episode"""
+    hidden: int = 64
+    """MLP width"""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyper-parameters"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.ppo, dict):
+            self.ppo = PPOConfig(**self.ppo)
+
+
+class PPOModule(RLModule):
+    """Plain PPO as a LightningModule: one ``training_step`` = one rollout + its update."""
+
+    method = "ppo"
+    config_cls = PPOModuleConfig
+
+    def build(self) -> None:
+        cfg: PPOModuleConfig = self.cfg
+        self.train_set = cfg.train_compositions()
+        probe = make_vector_env(cfg.env_id, 1, {**cfg.env_kwargs, "composition": self.train_set[0]})
+        obs_dim = probe.single_observation_space.shape[0]
+        self.action_space = probe.single_action_space
+        probe.close()
+        self.net = ActorCritic(obs_dim, self.action_space, cfg.hidden)
+
+    def make_collector(self) -> Collector:
+        cfg: PPOModuleConfig = self.cfg
+        envs = make_vector_env(
+            cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
+            vectorization=cfg.vectorization,
+        )  # fmt: skip
+        sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout)
+        return Collector(envs, FeedForwardPolicy(self.net), task_sampler=sampler, seed=cfg.seed)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=self.cfg.ppo.lr, eps=1e-5)
+
+    def iterations(self) -> int:
+        cfg = self.cfg
+        return max(1, -(-cfg.total_env_steps // (cfg.num_envs * cfg.ppo.num_steps)))
+
+    def training_step(self, batch, batch_idx):
+        cfg: PPOModuleConfig = self.cfg
+        t0 = time.perf_counter()
+        ro = self.collector.collect(cfg.ppo.num_steps)
+        adv, ret = gae(
+            ro.rewards,
+            ro.values,
+            ro.next_values(),
+            ro.episode_cut(),
+            cfg.ppo.gamma,
+            cfg.ppo.gae_lambda,
+        )
+        b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
+        b_act = ro.actions.reshape(-1, *ro.actions.shape[2:])
+
+        def evaluate(mb):
+            dist = self.net.dist(b_obs[mb])
+            return dist.log_prob(b_act[mb]), dist.entropy(), self.net.value(b_obs[mb])
+
+        stats = ppo_update(
+            ro, evaluate, list(self.net.parameters()), self.optimizers(), cfg.ppo,
+            advantages=adv, returns=ret, backward=self.manual_backward,
+        )  # fmt: skip
+        self.log_iteration(ro, stats, time.perf_counter() - t0)
+
+    def trial_policy(self, envs):
+        """Evaluation: the trained policy acts; plain PPO has no adaptation mechanism."""
+        return FeedForwardPolicy(self.net), None
