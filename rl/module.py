@@ -69,7 +69,10 @@ class RLModule(L.LightningModule):
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
     def env_steps(self) -> int:
-        return 0 if self.collector is None else self.collector.env_steps
+        """Env steps taken in training so far (kept after the collector is closed)."""
+        if self.collector is not None:
+            self._env_steps = self.collector.env_steps
+        return getattr(self, "_env_steps", 0)
 
     def setup(self, stage: str) -> None:
         if self.collector is None:
@@ -77,11 +80,14 @@ class RLModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         if self.collector is not None:
+            self._env_steps = self.collector.env_steps
             self.collector.envs.close()
             self.collector = None
 
     def train_dataloader(self):
-        return DataLoader(_OneItem(), batch_size=None)
+        # a private generator: otherwise each epoch's iterator draws a seed from the global
+        # torch RNG, at a point that differs between a fresh and a resumed run
+        return DataLoader(_OneItem(), batch_size=None, generator=torch.Generator().manual_seed(0))
 
     def on_train_start(self) -> None:
         if self._resume_state is not None:
@@ -105,6 +111,8 @@ class RLModule(L.LightningModule):
             found = None if st is None else st.get("method")
             raise ValueError(f"checkpoint holds method {found!r}; expected {self.method!r}")
         self.iteration = int(st["iteration"])
+        if st.get("collector") is not None:
+            self._env_steps = int(st["collector"]["env_steps"])
         self.load_extra_state(st.get("extra") or {})
         if st.get("collector") is not None:
             self._resume_state = {"collector": st["collector"], "rng": st["rng"]}

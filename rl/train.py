@@ -59,6 +59,7 @@ def fit(
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
+    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     callback = ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,

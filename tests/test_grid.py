@@ -1,0 +1,149 @@
+"""CompoGrid: the oracle solves every split composition; bad input fails clearly; check_env."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.core import Composition, Task
+from envs.grid import PRIMITIVES, Oracle, all_compositions, validate_composition
+
+
+def run_oracle(env: gym.Env, seed: int) -> tuple[bool, int, float]:
+    env.reset(seed=seed)
+    oracle, done, steps, ret = Oracle(), False, 0, 0.0
+    while not done:
+        _, r, term, trunc, info = env.step(oracle.act(env))
+        ret += r
+        steps += 1
+        done = term or trunc
+    return bool(info["success"]), steps, ret
+
+
+def test_vocabulary_size():
+    assert len(PRIMITIVES) >= 10
+    assert len(all_compositions((2, 3))) >= 100
+    verbs = {p.verb for p in PRIMITIVES}
+    assert {"goto", "pickup", "drop", "open", "toggle"} <= verbs
+
+
+def test_oracle_solves_every_composition_of_default_split():
+    split = envs.make_split("grid", seed=0)
+    env = gym.make("CompoGrid-v0")
+    for i, c in enumerate(split.train + split.heldout):
+        env.unwrapped.set_task(Task(c))
+        ok, steps, ret = run_oracle(env, seed=i)
+        assert ok, f"oracle failed on {c}"
+        assert steps <= env.unwrapped.max_steps
+        assert ret == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("size", [7, 10])
+def test_oracle_other_sizes(size):
+    env = gym.make("CompoGrid-v0", size=size)
+    for i, c in enumerate(all_compositions((3,))[::97]):
+        env.unwrapped.set_task(Task(c))
+        assert run_oracle(env, seed=100 + i)[0], str(c)
+
+
+def test_reward_is_one_over_L_per_subtask_in_order():
+    env = gym.make("CompoGrid-v0", composition="pickup(red ball) > open(door) > drop(red ball)")
+    env.reset(seed=3)
+    oracle, rewards = Oracle(), []
+    done = False
+    while not done:
+        _, r, term, trunc, info = env.step(oracle.act(env))
+        rewards.append(r)
+        done = term or trunc
+    paid = [r for r in rewards if r > 0]
+    assert paid == pytest.approx([1 / 3] * 3)
+    assert term and not trunc and info["success"]
+
+
+def test_out_of_order_completion_is_not_paid():
+    # toggling the door first pays nothing: only the next sub-task in order is checked
+    env = gym.make("CompoGrid-v0", composition="goto(red ball) > toggle(door)")
+    env.reset(seed=0)
+    u = env.unwrapped
+    u.objects["door"].is_open = True  # simulate an out-of-order toggle
+    _, r, *_ = env.step(0)
+    assert r == 0.0 and u.progress == 0
+
+
+def test_truncation_not_termination():
+    env = gym.make("CompoGrid-v0", composition="pickup(red ball) > open(door)", max_steps=5)
+    env.reset(seed=0)
+    for t in range(5):
+        _, r, term, trunc, info = env.step(0)  # spin left forever
+    assert trunc and not term and not info["success"]
+
+
+def test_instruction_mode_reveals_tokens_reward_mode_hides_them():
+    c = "pickup(red ball) > open(door)"
+    a = gym.make("CompoGrid-v0", composition=c, task_info="instruction").reset(seed=0)[0]
+    b = gym.make("CompoGrid-v0", composition=c, task_info="reward").reset(seed=0)[0]
+    n_instr = 3 * len(PRIMITIVES)
+    assert a[-n_instr:].sum() == 2 and b[-n_instr:].sum() == 0
+    np.testing.assert_array_equal(a[:-n_instr], b[:-n_instr])
+
+
+def test_layout_from_seed_and_fixed_layout_seed():
+    env = gym.make("CompoGrid-v0")
+    o1 = env.reset(seed=1)[0]
+    o2 = env.reset(seed=2)[0]
+    o1b = env.reset(seed=1)[0]
+    assert not np.array_equal(o1, o2)
+    np.testing.assert_array_equal(o1, o1b)
+    env2 = gym.make("CompoGrid-v0", layout_seed=7)
+    np.testing.assert_array_equal(env2.reset(seed=1)[0], env2.reset(seed=2)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"composition": "pickup(pink ball) > open(door)"}, "unknown object 'pink ball'"),
+        ({"composition": "jump(red ball) > open(door)"}, "unknown verb 'jump'"),
+        ({"composition": "pickup(grey box)"}, "does not exist"),
+        ({"composition": "drop(red ball) > open(door)"}, "infeasible composition"),
+        ({"composition": "open(grey box) > goto(grey box)"}, "infeasible composition"),
+        ({"composition": "pickup red ball"}, "cannot parse primitive"),
+        ({"size": 6}, "size=6 is too small"),
+        ({"task_info": "oracle"}, "task_info='oracle'"),
+    ],
+)
+def test_bad_input_raises_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gym.make("CompoGrid-v0", **kwargs)
+
+
+def test_composition_round_trip():
+    text = "pickup(blue ball)  >goto( red ball )"
+    c = Composition.parse(text)
+    assert str(c) == "pickup(blue ball) > goto(red ball)"
+    assert Composition.parse(str(c)) == c
+    assert validate_composition(c) == c
+
+
+@pytest.mark.parametrize("env_id", ["CompoGrid-v0", "CompoMetaWorld-v0"])
+def test_check_env(env_id):
+    check_env(gym.make(env_id).unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("env_id", ["CompoGrid-v0", "CompoMetaWorld-v0"])
+def test_same_seed_same_rollout(env_id):
+    def rollout():
+        env = gym.make(env_id)
+        env.action_space.seed(5)
+        obs, _ = env.reset(seed=11)
+        out = [obs]
+        for _ in range(40):
+            obs, r, term, trunc, _ = env.step(env.action_space.sample())
+            out.append(np.append(obs, [r, term, trunc]))
+            if term or trunc:
+                out.append(env.reset()[0])
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(rollout(), rollout())
