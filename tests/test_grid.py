@@ -76,7 +76,7 @@ def test_out_of_order_completion_is_not_paid():
 def test_truncation_not_termination():
     env = gym.make("CompoGrid-v0", composition="pickup(red ball) > open(door)", max_steps=5)
     env.reset(seed=0)
-    for t in range(5):
+    for _ in range(5):
         _, r, term, trunc, info = env.step(0)  # spin left forever
     assert trunc and not term and not info["success"]
 
