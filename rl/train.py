@@ -3,7 +3,9 @@ checkpoints; exact resume from ``checkpoints/last.ckpt``."""
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from rl.io import atomic_torch_save, safe_torch_load
 from rl.module import RLModule
+
+# Lightning's start-up banners (accelerator, tips) drown the run's own output
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 class AtomicCheckpointIO(CheckpointIO):

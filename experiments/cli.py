@@ -1,0 +1,200 @@
+"""``compo``: the one command-line entry point.
+
+Every subcommand takes ``--config FILE.yaml`` (keys of its config dataclass), ``--out DIR`` and
+``--seed``; ``--set key=value`` overrides single keys (dotted for nested ones, YAML values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from rl.config import config_from_dict, merge
+from rl.io import dump_yaml, load_yaml, prepare_run_dir
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}; expected key=value")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    p.add_argument("--config", type=Path, help="YAML file with config keys")
+    p.add_argument("--out", type=Path, default=out_default, help="run folder")
+    p.add_argument("--seed", type=int, help="seed of torch, numpy and the envs")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key"
+    )
+
+
+def _config(args) -> dict:
+    cfg = load_yaml(args.config) if args.config else {}
+    cfg = merge(cfg, _overrides(args.set))
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    return cfg
+
+
+def cmd_train(args) -> None:
+    from experiments.registry import method_class
+    from rl.train import fit
+
+    cls = method_class(args.method)
+    raw = _config(args)
+    if args.composition:
+        raw["compositions"] = list(args.composition)
+    module = cls(raw)  # validates before anything is written
+    out = prepare_run_dir(
+        args.out or Path("runs") / args.method, overwrite=args.overwrite, resume=args.resume
+    )
+    if not args.resume:
+        dump_yaml(out / "config.yaml", {"method": args.method, **module.hparams["config"]})
+    fit(module, out, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    msg = f"{args.method}: {module.env_steps:,} env steps, {module.iteration} iterations"
+    sr = module.recent_success()
+    if sr == sr:
+        msg += f", recent training success {sr:.2f}"
+    print(msg)
+    print(f"checkpoint: {out / 'checkpoints' / 'final.ckpt'}")
+
+
+def cmd_heldout(args) -> None:
+    from experiments.heldout import HeldoutConfig, run_heldout
+
+    raw = _config(args)
+    seed = raw.pop("seed", None)
+    if seed is not None:
+        raw["seeds"] = [seed]
+    cfg = config_from_dict(HeldoutConfig, raw)
+    run_heldout(cfg, args.out or Path("runs") / "heldout", overwrite=args.overwrite)
+    print((Path(args.out or "runs/heldout") / "table.md").read_text())
+
+
+def cmd_trace(args) -> None:
+    from experiments.trace import run_trace
+
+    run_trace(
+        args.checkpoint,
+        args.composition,
+        args.out or Path("runs") / "trace",
+        seed=args.seed or 0,
+        episodes=args.episodes,
+        overwrite=args.overwrite,
+        layout_seed=args.layout_seed,
+    )
+
+
+def cmd_graph(args) -> None:
+    from experiments.trace import run_graph
+
+    run_graph(args.checkpoint, args.out or Path("runs") / "graph", overwrite=args.overwrite)
+
+
+def cmd_ablate(args) -> None:
+    from experiments.ablate import run_ablate
+
+    raw = _config(args)
+    run_ablate(raw, args.out or Path("runs") / "ablate", overwrite=args.overwrite)
+    print((Path(args.out or "runs/ablate") / "table.md").read_text())
+
+
+def cmd_embed(args) -> None:
+    from experiments.embed import run_embed
+
+    run_embed(
+        args.checkpoint,
+        args.out or Path("runs") / "embed",
+        seed=args.seed or 0,
+        overwrite=args.overwrite,
+        raw=_config(args),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from experiments.registry import METHODS
+
+    parser = argparse.ArgumentParser(prog="compo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one method")
+    p.add_argument("--method", required=True, choices=list(METHODS), help="method to train")
+    p.add_argument("--composition", action="append", help="train on this composition (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=10, help="iterations between checkpoints"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("heldout", help="methods x seeds on held-out compositions")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_heldout)
+
+    p = sub.add_parser("trace", help="primitive activation trace of one trial")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a method checkpoint (.ckpt)")
+    p.add_argument("--composition", required=True, help="composition text")
+    p.add_argument("--episodes", type=int, default=2, help="episodes in the traced trial")
+    p.add_argument("--layout-seed", type=int, default=0, help="layout of the traced task")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("graph", help="learned skill-transition graph (PNG, GraphML)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a compositional checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("ablate", help="composer / graph / primitives / inner-loop ablations")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("embed", help="task-embedding maps (PCA, t-SNE) and their correlations")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a method checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # bad input: one clear line, no traceback, non-zero exit
+        print(f"compo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""End-to-end smoke runs of the ``compo`` commands with tiny budgets, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from experiments.cli import main
+
+TINY = ["--set", "total_env_steps=512", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo")
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "ppo",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--checkpoint-every",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_train_writes_run_folder(ppo_run):
+    assert (ppo_run / "checkpoints" / "final.ckpt").is_file()
+    assert (ppo_run / "config.yaml").is_file()
+    cfg = yaml.safe_load((ppo_run / "config.yaml").read_text())
+    assert cfg["method"] == "ppo" and cfg["total_env_steps"] == 512
+    assert any((ppo_run / "tb").rglob("events.out.tfevents*"))
+
+
+def test_train_resume(ppo_run, tmp_path):
+    # resuming a finished run is a no-op that still succeeds; the checkpoint is intact
+    assert main(["train", "--method", "ppo", "--out", str(ppo_run), "--resume", *TINY]) == 0
+
+
+def test_train_refuses_existing_folder(ppo_run, capsys):
+    before = sorted(p.name for p in ppo_run.iterdir())
+    assert main(["train", "--method", "ppo", "--out", str(ppo_run), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in ppo_run.iterdir()) == before
+
+
+def test_bad_config_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["train", "--method", "ppo", "--out", str(out), "--set", "ppo.lr=-1"]) == 2
+    assert "lr=-1" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        main(["train", "--method", "ppo", "--out", str(out), "--composition", "fly(red ball)"]) == 2
+    )
+    assert "unknown verb 'fly'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_trace(ppo_run, tmp_path):
+    out = tmp_path / "trace"
+    ckpt = str(ppo_run / "checkpoints" / "final.ckpt")
+    assert (
+        main(
+            [
+                "trace",
+                "--checkpoint",
+                ckpt,
+                "--composition",
+                "pickup(red ball) > open(door)",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((out / "trace.json").read_text())
+    assert doc["method"] == "ppo" and len(doc["episodes"]) == 2
+    assert len(doc["steps"]) == sum(e["length"] for e in doc["episodes"])
+    assert (out / "trace.png").stat().st_size > 0 and (out / "trace.gif").stat().st_size > 0
+    bad = tmp_path / "trace_bad"
+    assert (
+        main(
+            ["trace", "--checkpoint", ckpt, "--composition", "pickup(pink ball)", "--out", str(bad)]
+        )
+        == 2
+    )
+    assert not bad.exists()
+
+
+def test_graph_needs_compositional(ppo_run, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert (
+        main(
+            [
+                "graph",
+                "--checkpoint",
+                str(ppo_run / "checkpoints" / "final.ckpt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "needs 'compositional'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "trace",
+                "--checkpoint",
+                str(tmp_path / "nope.ckpt"),
+                "--composition",
+                "goto(door)",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_heldout_end_to_end(tmp_path):
+    cfg = {
+        "methods": ["ppo"],
+        "references": ["random", "oracle", "ppo_scratch"],
+        "seeds": [0, 1],
+        "total_env_steps": 256,
+        "num_envs": 2,
+        "method_config": {"ppo": {"ppo": {"num_steps": 64}}},
+        "eval": {"episodes": 2, "num_tasks": 2, "num_envs": 2, "bootstrap": 50},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["heldout", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == 1
+    assert set(doc["methods"]) == {"ppo", "random", "oracle", "ppo_scratch"}
+    for m in doc["methods"].values():
+        for key in (
+            "success_at",
+            "success_ci",
+            "return_at",
+            "episodes_to_80",
+            "meta_train_env_steps",
+            "wall_s",
+            "seeds",
+        ):
+            assert key in m
+        assert len(m["success_at"]) == 2
+    assert doc["methods"]["oracle"]["success_at"] == [1.0, 1.0]
+    assert doc["methods"]["ppo"]["meta_train_env_steps"] >= 256
+    assert set(doc["split"]["heldout"]).isdisjoint(doc["split"]["train"])
+    assert (out / "table.md").read_text().startswith("| method")
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "ppo" / "seed1" / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_heldout_bad_method_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["heldout", "--out", str(out), "--set", "methods=[nope]"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not out.exists()
