@@ -16,8 +16,9 @@ composition must be inferred from reward.
 is removed: it does nothing here).
 
 ## Observation Space
-A flat ``float32`` vector (``obs_dim`` = 125 by default), fully observable and object-centric:
-per entity (7) ``[on_grid, carried, x, y, ego_forward, ego_right, is_open]``; the agent's
+A flat ``float32`` vector (``obs_dim`` = 146), fully observable and object-centric: per
+entity (7) ``[on_grid, carried, x, y, ego_forward, ego_right, is_open, sign(ego_forward),
+sign(ego_right), in_front]``; the agent's
 position, direction one-hot and front-cell one-hot; the number of completed sub-tasks
 (one-hot, it can be read off the summed reward anyway so it leaks nothing in ``reward`` mode);
 and, in ``instruction`` mode only, one one-hot primitive token per position.
@@ -81,6 +82,8 @@ def _all_primitives() -> tuple[Primitive, ...]:
 PRIMITIVES: tuple[Primitive, ...] = _all_primitives()
 PRIMITIVE_INDEX: dict[Primitive, int] = {p: i for i, p in enumerate(PRIMITIVES)}
 MAX_LEN = 3
+#: features per entity in the observation (see ``CompoGridEnv.gen_obs``)
+PER_ENTITY = 10
 MIN_SIZE = 7
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle")
 
@@ -241,7 +244,7 @@ class CompoGridEnv(MiniGridEnv):
             render_mode=render_mode,
         )
         self.action_space = gym.spaces.Discrete(len(ACTIONS))
-        self.obs_dim = len(ENTITIES) * 7 + 2 + 4 + (len(ENTITIES) + 2) + (MAX_LEN + 1)
+        self.obs_dim = len(ENTITIES) * PER_ENTITY + 2 + 4 + (len(ENTITIES) + 2) + (MAX_LEN + 1)
         self.obs_dim += MAX_LEN * len(PRIMITIVES)
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (self.obs_dim,), np.float32)
         self.progress = 0
@@ -402,17 +405,22 @@ class CompoGridEnv(MiniGridEnv):
         for name in ENTITIES:
             cell = self.entity_cell(name)
             if cell is None:
-                feats += [0.0, float(name == carried), 0.0, 0.0, 0.0, 0.0, 0.0]
+                feats += [0.0, float(name == carried)] + [0.0] * (PER_ENTITY - 2)
             else:
                 d = np.array(cell) - np.array([ax, ay])
+                f, r = float(d @ fwd), float(d @ right)
                 feats += [
                     1.0,
                     0.0,
                     cell[0] / W,
                     cell[1] / H,
-                    float(d @ fwd) / W,
-                    float(d @ right) / W,
+                    f / W,
+                    r / W,
                     float(name == DOOR and self.objects[DOOR].is_open),
+                    # crisp egocentric cues: MLPs pick these up far faster than small offsets
+                    float(np.sign(f)),
+                    float(np.sign(r)),
+                    float(f == 1 and r == 0),
                 ]
         feats += [ax / W, ay / H]
         direction = np.zeros(4)

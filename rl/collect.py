@@ -365,23 +365,24 @@ class Collector:
             "actions": action,
             "logp": out.logp,
             "values": out.value,
-            "rewards": torch.as_tensor(reward),
-            "terminated": torch.as_tensor(term),
-            "truncated": torch.as_tensor(trunc),
+            # copies: ``prev`` below is edited in place at trial starts and must not alias these
+            "rewards": torch.tensor(reward),
+            "terminated": torch.tensor(term),
+            "truncated": torch.tensor(trunc),
             "episode_start": torch.as_tensor(self.episode_start_flag.copy()),
             "trial_start": torch.as_tensor(self.trial_start_flag.copy()),
             "episode_index": torch.as_tensor(self.ep_in_trial, dtype=torch.long),
             "prev_action": prev.action,
             "prev_reward": prev.reward,
             "prev_done": prev.done,
-            "next_obs": torch.as_tensor(next_obs, dtype=torch.float32),
+            "next_obs": torch.tensor(next_obs, dtype=torch.float32),
             "extras": out.extras,
             "trunc_value": torch.zeros(self.n),
         }
         if self.record_phi:
             rec["phi"] = torch.as_tensor(self.phi)
         if trunc.any():
-            bprev = Prev(action, torch.as_tensor(reward), torch.zeros(self.n))
+            bprev = Prev(action, torch.tensor(reward), torch.zeros(self.n))
             rec["trunc_value"] = torch.where(
                 torch.as_tensor(trunc),
                 self.policy.bootstrap_value(rec["next_obs"], out.memory, bprev),
@@ -412,7 +413,7 @@ class Collector:
                 )
         self.memory = out.memory
         self.prev = Prev(
-            action.clone(), torch.as_tensor(reward), torch.as_tensor(done, dtype=torch.float32)
+            action.clone(), torch.tensor(reward), torch.tensor(done, dtype=torch.float32)
         )
         self.trial_start_flag = np.zeros(self.n, dtype=bool)
         self.episode_start_flag = done.copy()

@@ -141,7 +141,7 @@ def test_collect_trials_exactly_one_trial_each():
 
 @pytest.mark.parametrize("vectorization", ["sync", "async"])
 def test_exact_resume_from_state_dict(vectorization):
-    net = ActorCritic(125, gym.spaces.Discrete(6))
+    net = ActorCritic(146, gym.spaces.Discrete(6))
     torch.manual_seed(3)
     a = make(vectorization=vectorization, policy=FeedForwardPolicy(net), max_steps=40)
     first = a.collect(25)
@@ -180,3 +180,37 @@ def test_bad_arguments():
     envs = make_vector_env("CompoGrid-v0", 1)
     with pytest.raises(ValueError, match="episodes_per_trial=0"):
         Collector(envs, CountingPolicy(), episodes_per_trial=0)
+
+
+@pytest.mark.parametrize("E", [1, 3])
+def test_stored_rewards_match_episode_returns(E):
+    # regression: the previous-reward buffer once aliased the stored rewards and zeroed the
+    # terminal reward of every trial when it was reset in place
+    from envs.grid import Oracle
+
+    envs = make_vector_env("CompoGrid-v0", 2, {"size": 7})
+    oracle = Oracle()
+
+    class OraclePolicy(CountingPolicy):
+        def step(self, obs, memory, prev):
+            a = torch.tensor([oracle.act(e) for e in envs.envs])
+            return StepOutput(a, torch.zeros(2), torch.zeros(2), memory + 1, {})
+
+    col = Collector(
+        envs,
+        OraclePolicy(),
+        episodes_per_trial=E,
+        task_sampler=uniform_task_sampler(COMPS, True),
+        seed=0,
+    )
+    ro = col.collect(120)
+    ends = ro.terminated | ro.truncated
+    assert ro.terminated.sum() >= 4
+    assert torch.all(ro.rewards[ro.terminated] > 0)
+    # every finished episode's return equals the sum of its stored rewards
+    for n in range(2):
+        starts = torch.nonzero(ro.episode_start[:, n]).squeeze(-1).tolist()
+        stops = torch.nonzero(ends[:, n]).squeeze(-1).tolist()
+        eps = [e for e in ro.episodes if e.env_index == n]
+        for e, a, b in zip(eps, starts, stops):
+            assert ro.rewards[a : b + 1, n].sum().item() == pytest.approx(e.ret)
