@@ -171,6 +171,8 @@ class Rollout:
     phi: torch.Tensor | None
     next_obs: torch.Tensor
     episodes: list[EpisodeStats]
+    next_trial_start: torch.Tensor | None = None
+    """(N,) bool: the step after the rollout starts a new trial (its last step ends a trial)"""
 
     @property
     def num_steps(self) -> int:
@@ -188,11 +190,17 @@ class Rollout:
         """1 where a lambda-trace ends: episode ends and padding."""
         return ((self.terminated | self.truncated) | ~self.valid).float()
 
+    def _trial_end(self) -> torch.Tensor:
+        """(T, N) bool: the next step starts a new trial."""
+        end = torch.zeros_like(self.valid)
+        end[:-1] = self.trial_start[1:]
+        if self.next_trial_start is not None:
+            end[-1] = self.next_trial_start.bool()
+        return end & self.valid
+
     def trial_cut(self) -> torch.Tensor:
-        """1 where a trial ends (the next step starts a trial) and on padding."""
-        cut = torch.zeros_like(self.values)
-        cut[:-1] = self.trial_start[1:].float()
-        return torch.maximum(cut, (~self.valid).float())
+        """1 where a trial ends (including on the rollout's last step) and on padding."""
+        return (self._trial_end() | ~self.valid).float()
 
     def trial_next_values(self) -> torch.Tensor:
         """RL²-style bootstrap: episode boundaries inside a trial continue into the next
@@ -200,8 +208,7 @@ class Rollout:
         nv = torch.zeros_like(self.values)
         nv[:-1] = self.values[1:]
         nv[-1] = self.last_value
-        trial_end = self.trial_cut().bool() & self.valid
-        ends = (self.terminated | self.truncated) & trial_end
+        ends = self._trial_end()
         nv = torch.where(ends & self.truncated, self.trunc_value, nv)
         return torch.where(ends & self.terminated, torch.zeros_like(nv), nv)
 
@@ -490,7 +497,12 @@ class Collector:
         return type(memory)(Collector._clone_memory(m) for m in memory)
 
     def _stack(
-        self, recs: list[dict], valid: torch.Tensor, memory_start: Any, last_value: torch.Tensor
+        self,
+        recs: list[dict],
+        valid: torch.Tensor,
+        memory_start: Any,
+        last_value: torch.Tensor,
+        next_trial_start: torch.Tensor,
     ) -> Rollout:
         def st(k):
             return torch.stack([r[k] for r in recs])
@@ -504,7 +516,7 @@ class Collector:
             prev_action=st("prev_action"), prev_reward=st("prev_reward"), prev_done=st("prev_done"),
             valid=valid, last_value=last_value, memory_start=memory_start, extras=extras,
             phi=st("phi") if self.record_phi else None, next_obs=st("next_obs"),
-            episodes=[e for r in recs for e in r["finished"]],
+            episodes=[e for r in recs for e in r["finished"]], next_trial_start=next_trial_start,
         )  # fmt: skip
 
     # -- public API ---------------------------------------------------------------------------------
@@ -526,7 +538,8 @@ class Collector:
                 torch.as_tensor(self.obs, dtype=torch.float32), self.memory, self.prev
             )
         valid = torch.ones(num_steps, self.n, dtype=torch.bool)
-        return self._stack(recs, valid, memory_start, last_value)
+        pending = torch.tensor(self.trial_start_flag)
+        return self._stack(recs, valid, memory_start, last_value, pending)
 
     def collect_trials(self, tasks: Sequence[Task], max_steps: int = 1_000_000) -> Rollout:
         """Exactly one trial of E episodes per env on ``tasks`` (len == num_envs).
@@ -560,7 +573,8 @@ class Collector:
             recs.append(rec)
         self._started = False
         valid = torch.stack(valids)
-        return self._stack(recs, valid, memory_start, torch.zeros(self.n))
+        ends = torch.ones(self.n, dtype=torch.bool)
+        return self._stack(recs, valid, memory_start, torch.zeros(self.n), ends)
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
