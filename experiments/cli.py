@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -61,13 +62,28 @@ def cmd_train(args) -> None:
     )
     if not args.resume:
         dump_yaml(out / "config.yaml", {"method": args.method, **module.hparams["config"]})
+    t0 = time.perf_counter()
     fit(module, out, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    wall = time.perf_counter() - t0
     msg = f"{args.method}: {module.env_steps:,} env steps, {module.iteration} iterations"
     sr = module.recent_success()
     if sr == sr:
         msg += f", recent training success {sr:.2f}"
     print(msg)
+    hit = first_reaching(module.history, 0.9)
+    if hit is not None:
+        print(f"training success (mean of 5 iterations) first >= 0.9 at {hit:,} env steps")
+    print(f"wall time {wall:.0f} s")
     print(f"checkpoint: {out / 'checkpoints' / 'final.ckpt'}")
+
+
+def first_reaching(history: list[dict], level: float, window: int = 5) -> int | None:
+    """Env steps at which the rolling mean of ``charts/success`` first reaches ``level``."""
+    vals = [(h["env_steps"], h["charts/success"]) for h in history if "charts/success" in h]
+    for i in range(window - 1, len(vals)):
+        if sum(v for _, v in vals[i - window + 1 : i + 1]) / window >= level:
+            return vals[i][0]
+    return None
 
 
 def cmd_heldout(args) -> None:
