@@ -174,3 +174,92 @@ def test_heldout_bad_method_writes_nothing(tmp_path, capsys):
     assert main(["heldout", "--out", str(out), "--set", "methods=[nope]"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_embed_rl2(tmp_path):
+    ck = tmp_path / "rl2"
+    small = [
+        "--set",
+        "rnn=gru",
+        "--set",
+        "hidden=16",
+        "--set",
+        "num_layers=1",
+        "--set",
+        "head_hidden=16",
+    ]
+    args = ["--set", "total_env_steps=256", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
+    assert main(["train", "--method", "rl2", "--out", str(ck), *small, *args]) == 0
+    out = tmp_path / "emb"
+    ckpt = str(ck / "checkpoints" / "final.ckpt")
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(out),
+                "--set",
+                "num_tasks=6",
+                "--set",
+                "episodes=1",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((out / "embed.json").read_text())
+    assert doc["method"] == "rl2" and len(doc["embeddings"]) == 6 and doc["embedding_dim"] == 16
+    assert (out / "embed.png").stat().st_size > 0
+
+
+def test_embed_needs_memory(ppo_run, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(ppo_run / "checkpoints" / "final.ckpt"),
+                "--out",
+                str(out),
+                "--set",
+                "num_tasks=3",
+            ]
+        )
+        == 2
+    )
+    assert "no task memory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_embed_correlation_maths():
+    import numpy as np
+
+    from envs.core import Composition
+    from experiments.embed import correlations, task_distance
+
+    a, b, c = (
+        Composition.parse(t)
+        for t in (
+            "goto(door) > goto(red ball)",
+            "goto(door) > goto(blue ball)",
+            "toggle(door) > goto(blue ball) > goto(door)",
+        )
+    )
+    assert task_distance(a, a) == 0 and task_distance(a, b) == 0.5 and task_distance(a, c) == 1.0
+    emb = np.array([[0.0], [0.5], [1.0]])  # distances proportional to task distances
+    r = correlations(emb, [a, b, c])
+    assert r["pearson"] > 0.8 and r["pairs"] == 3
+
+
+def test_ablation_rows():
+    from experiments.ablate import ABLATIONS, ablation_config
+
+    cfg = ablation_config({"base": {"composer": "attention"}})
+    names = [m["name"] for m in cfg.method_specs()]
+    assert names == [f"compositional[{v}]" for v in ABLATIONS]
+    hard = next(m for m in cfg.method_specs() if m["name"] == "compositional[composer=hard]")
+    assert hard["config"] == {"composer": "hard"}
+    with pytest.raises(ValueError, match="unknown ablation 'composer=soft'"):
+        ablation_config({"variants": ["composer=soft"]})
