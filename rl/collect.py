@@ -171,6 +171,8 @@ class Rollout:
     phi: torch.Tensor | None
     next_obs: torch.Tensor
     episodes: list[EpisodeStats]
+    next_phi: torch.Tensor | None = None
+    """``info["phi"]`` of the state each step reached (before any reset), if recorded"""
     next_trial_start: torch.Tensor | None = None
     """(N,) bool: the step after the rollout starts a new trial (its last step ends a trial)"""
 
@@ -236,6 +238,8 @@ class Episode:
     logp: torch.Tensor
     values: torch.Tensor
     stats: EpisodeStats
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """the policy's per-step ``StepOutput.extras`` over the episode"""
 
 
 TaskSampler = Callable[[np.random.Generator], Task]
@@ -404,20 +408,10 @@ class Collector:
             self.ep_return[i] += float(reward[i])
             self.ep_len[i] += 1
             if self.on_episode_end is not None:
-                self._buffers[i].append(
-                    {
-                        k: rec[k][i]
-                        for k in (
-                            "obs",
-                            "actions",
-                            "rewards",
-                            "next_obs",
-                            "terminated",
-                            "logp",
-                            "values",
-                        )
-                    }
-                )
+                keys = ("obs", "actions", "rewards", "next_obs", "terminated", "logp", "values")
+                row = {k: rec[k][i] for k in keys}
+                row["extras"] = {k: v[i] for k, v in out.extras.items()}
+                self._buffers[i].append(row)
         self.memory = out.memory
         self.prev = Prev(
             action.clone(), torch.tensor(reward), torch.tensor(done, dtype=torch.float32)
@@ -427,6 +421,8 @@ class Collector:
         self.obs = next_obs
         if self.record_phi:
             self.phi = self._phi(info)
+            # phi of the state reached by this step (the final state for done envs)
+            rec["next_phi"] = torch.as_tensor(np.array(self.phi))
         if done.any():
             new_tasks: dict[int, Task] = {}
             seeds: list[int | None] = [None] * self.n
@@ -476,17 +472,10 @@ class Collector:
     def _episode(self, i: int, st: EpisodeStats) -> Episode:
         buf = self._buffers[i]
         self._buffers[i] = []
-        cat = {k: torch.stack([b[k] for b in buf]) for k in buf[0]}
-        return Episode(
-            cat["obs"],
-            cat["actions"],
-            cat["rewards"],
-            cat["next_obs"],
-            cat["terminated"],
-            cat["logp"],
-            cat["values"],
-            st,
-        )
+        keys = ("obs", "actions", "rewards", "next_obs", "terminated", "logp", "values")
+        cat = {k: torch.stack([b[k] for b in buf]) for k in keys}
+        extras = {k: torch.stack([b["extras"][k] for b in buf]) for k in buf[0]["extras"]}
+        return Episode(**cat, stats=st, extras=extras)
 
     @staticmethod
     def _clone_memory(memory: Any) -> Any:
@@ -516,6 +505,7 @@ class Collector:
             prev_action=st("prev_action"), prev_reward=st("prev_reward"), prev_done=st("prev_done"),
             valid=valid, last_value=last_value, memory_start=memory_start, extras=extras,
             phi=st("phi") if self.record_phi else None, next_obs=st("next_obs"),
+            next_phi=st("next_phi") if self.record_phi else None,
             episodes=[e for r in recs for e in r["finished"]], next_trial_start=next_trial_start,
         )  # fmt: skip
 

@@ -100,6 +100,7 @@ class RLModule(L.LightningModule):
         checkpoint["rl_state"] = {
             "method": self.method,
             "iteration": self.iteration,
+            "env_steps": self.env_steps,
             "collector": None if self.collector is None else self.collector.state_dict(),
             "rng": rng_state(),
             "extra": self.extra_state(),
@@ -111,8 +112,7 @@ class RLModule(L.LightningModule):
             found = None if st is None else st.get("method")
             raise ValueError(f"checkpoint holds method {found!r}; expected {self.method!r}")
         self.iteration = int(st["iteration"])
-        if st.get("collector") is not None:
-            self._env_steps = int(st["collector"]["env_steps"])
+        self._env_steps = int(st.get("env_steps", 0))
         self.load_extra_state(st.get("extra") or {})
         if st.get("collector") is not None:
             self._resume_state = {"collector": st["collector"], "rng": st["rng"]}

@@ -1,0 +1,846 @@
+"""The compositional agent (method ``compositional``): skill library + meta-controller + attention
+composer + skill graph, meta-trained on train compositions (the seed document's Q10, built as
+it means).
+
+Phase 1 (a ``discovery_fraction`` share of the env-step budget, or a ``library_checkpoint``)
+trains the ``SkillLibrary`` with DIAYN (``primitives="discovered"``) or on one primitive per
+skill (``"supervised"``); ``"random-frozen"`` keeps a random, frozen library.
+
+Phase 2 meta-trains on trials of E episodes of train compositions (fixed layout per trial).
+Each step the policy
+
+1. updates the LSTM controller with [enc(s_t), alpha_{t-1}, r_{t-1}, done_{t-1}];
+2. ends the active skill k with probability beta_k(s_t) (graph ``learned``) or every
+   ``skill_len`` steps (graph ``none``); on an end the next skill z_t is drawn from
+   ``softmax(controller logits + A[k])``;
+3. forms the composer weights alpha_t (``attention``: that softmax; ``hard``: one-hot of z_t;
+   ``uniform``: 1/K) and acts from the alpha-weighted skills (see ``compositional.composer``).
+
+The acting policy samples (switch, z_t, a_t) jointly, so its log-probability is
+``log pi(a_t) + log p(switch) + switch * log p(z_t)``: PPO's ratio is then exact for the
+hierarchical policy, and the termination heads and the adjacency logits get policy gradients.
+
+Inner loop (``inner_loop="on"``): after each of a trial's first ``inner_episodes`` episodes,
+the *fast* parameters of controller and composer (``fast_params="context"``: the controller's
+output bias, the query bias and the skill keys; ``"full"``: also the two weight matrices) take
+``inner_steps`` policy-gradient steps on that episode, as functional parameters
+(``torch.func.functional_call``; the module's own parameters are never written), and the rest
+of the trial acts with them (one adapted set per env, batched).
+Outer loop: PPO (``rl.ppo.ppo_update``) over whole trials (RL²-style trial-level advantages)
+updates library, controller, composer and graph. The outer gradient through the adaptation is
+first-order (FOMAML-style: the adaptation offset is held fixed), which keeps PPO's minibatch
+epochs cheap; the second-order variant lives in ``baselines.maml``. The LSTM is trained by
+truncated BPTT from the hidden states stored while acting (``bptt_len``, default 1: one
+recurrent step, which keeps training within ~1.5x of plain PPO's env steps/s; 16 costs ~1.3x
+more time).
+
+Per step the policy returns in ``StepOutput.extras``: ``skill`` (active skill), ``alpha`` (K
+composer weights), ``termination`` (beta of the active skill at s_t) and ``switch``, so
+``compo trace`` needs no second implementation of the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from primitives.discovery import (
+    PhiEncoder,
+    SkillTrainer,
+    SkillTrainingConfig,
+    log_iteration_with,
+    probe_env,
+    save_heatmaps,
+)
+from primitives.library import SkillLibrary, check_num_skills
+from rl.collect import Collector, Episode, Prev, StepOutput, make_vector_env, uniform_task_sampler
+from rl.config import BaseConfig
+from rl.gae import gae
+from rl.io import safe_torch_load
+from rl.module import RLModule
+from rl.ppo import PPOConfig, ppo_update
+
+from .composer import AttentionComposer, check_composer_mode
+from .controller import MetaController
+from .graph import SkillGraph, check_graph_mode
+
+PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
+INNER_MODES = ("on", "off")
+ADVANTAGE_MODES = ("trial", "episode")
+#: parameters the inner loop adapts, per ``fast_params`` setting: ``context`` adapts the
+#: controller's output bias, the query bias and the skill keys (a CAVIA-style context, Zintgraf
+#: et al. 2019: cheap to batch per env); ``full`` adds the two weight matrices
+FAST_PARAM_SETS = {
+    "context": ("controller.proj.bias", "composer.query.bias", "composer.keys"),
+    "full": (
+        "controller.proj.weight",
+        "controller.proj.bias",
+        "composer.query.weight",
+        "composer.query.bias",
+        "composer.keys",
+    ),
+}
+FAST_PARAMS = FAST_PARAM_SETS["full"]
+
+
+@dataclass
+class CompositionalConfig(BaseConfig):
+    """Compositional agent: library + LSTM meta-controller + attention composer + skill graph."""
+
+    episodes_per_trial: int = 2
+    """E during meta-training (>= 2 lets the inner loop act on what it adapted)"""
+    num_skills: int = 12
+    """K: number of skills"""
+    hidden: int = 64
+    """width of library, controller encoder and LSTM"""
+    key_dim: int = 32
+    """size of the composer's queries and skill keys"""
+    init_termination: float = 0.1
+    """initial beta_k(s) of a freshly built library"""
+    primitives: str = "discovered"
+    """'discovered' (DIAYN), 'supervised' (one primitive per skill) or 'random-frozen'"""
+    composer: str = "attention"
+    """'attention' (soft), 'hard' (straight-through Gumbel-softmax) or 'uniform' (1/K)"""
+    gumbel_tau: float = 1.0
+    """temperature of the hard composer's straight-through gradient"""
+    graph: str = "learned"
+    """'learned' (adjacency logits + terminations) or 'none' (no prior, fixed-length skills)"""
+    skill_len: int = 8
+    """graph 'none': steps between re-selections"""
+    inner_loop: str = "on"
+    """'on': adapt controller output + composer on the trial's first episode(s); 'off'"""
+    inner_lr: float = 0.5
+    """inner-loop step size"""
+    inner_steps: int = 1
+    """inner-loop gradient steps per adapted episode"""
+    inner_episodes: int = 1
+    """adapt after each of the first this many episodes of a trial"""
+    fast_params: str = "context"
+    """what the inner loop adapts: 'context' (controller output bias, query bias, skill keys)
+    or 'full' (also the controller output and query weights; about 1.4x slower training)"""
+    library_checkpoint: str | None = None
+    """a ``discovery`` checkpoint to load instead of phase 1 (its env steps count)"""
+    discovery_fraction: float = 0.3
+    """share of total_env_steps spent on phase 1 when the library is trained here"""
+    discovery: SkillTrainingConfig = field(default_factory=SkillTrainingConfig)
+    """phase-1 settings (discriminator, skills' PPO)"""
+    library_lr: float = 1e-4
+    """outer-loop learning rate of the library (small: keep the discovered skills)"""
+    bptt_len: int = 1
+    """outer-loop PPO: truncated-BPTT chunk length through the LSTM (chunks start from the
+    states stored while acting); >= ppo.num_steps is full BPTT over the rollout"""
+    advantage: str = "trial"
+    """'trial' (RL²-style, returns span the trial) or 'episode'"""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=2e-3))
+    """outer-loop PPO hyper-parameters (lr 2e-3: at PPO's 5e-4 the joint (switch, skill,
+    action) policy moved by approx_kl ~ 0.001 per update on CompoGrid, ~0.004 at 2e-3)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.ppo, dict):
+            self.ppo = PPOConfig(**self.ppo)
+        if isinstance(self.discovery, dict):
+            self.discovery = SkillTrainingConfig(**self.discovery)
+        check_num_skills(self.num_skills)
+        check_composer_mode(self.composer)
+        check_graph_mode(self.graph)
+        for name, allowed in (
+            ("primitives", PRIMITIVE_MODES),
+            ("inner_loop", INNER_MODES),
+            ("advantage", ADVANTAGE_MODES),
+            ("fast_params", tuple(FAST_PARAM_SETS)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in ("hidden", "key_dim", "skill_len", "bptt_len", "inner_steps", "inner_episodes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: an integer >= 1")
+        if not 0.0 <= self.discovery_fraction < 1.0:
+            raise ValueError(f"discovery_fraction={self.discovery_fraction}; allowed: [0, 1)")
+        if self.inner_lr < 0 or self.library_lr < 0 or self.gumbel_tau <= 0:
+            raise ValueError(
+                f"inner_lr={self.inner_lr}, library_lr={self.library_lr}, "
+                f"gumbel_tau={self.gumbel_tau}; allowed: lrs >= 0, tau > 0"
+            )
+        if self.library_checkpoint is not None and self.primitives == "random-frozen":
+            raise ValueError(
+                "primitives='random-frozen' takes no library_checkpoint; "
+                "allowed: library_checkpoint=None, or primitives 'discovered'/'supervised'"
+            )
+
+
+class _FastPath(nn.Module):
+    """h -> controller logits through the fast parameters (for ``functional_call``)."""
+
+    def __init__(self, controller: MetaController, composer: AttentionComposer) -> None:
+        super().__init__()
+        self.controller = controller
+        self.composer = composer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.composer.logits(self.controller.features(h))
+
+
+class CompositionalPolicy:
+    """The acting policy (``RolloutPolicy``) with per-env adapted fast parameters.
+
+    Memory (a flat tuple, reset only at trial starts): LSTM (h, c), previous weights alpha,
+    active skill (-1: none yet), steps since the last switch. Adapted parameters are kept as
+    offsets ``table[fast_id[env]]`` from the meta-parameters (id 0 = no adaptation); the id
+    used at each step is stored in ``extras["fast_id"]`` so the outer update sees them.
+    """
+
+    def __init__(self, agent: CompositionalAgent, inner: bool) -> None:
+        self.agent = agent
+        self.inner = inner
+        self.table: list[torch.Tensor] = [torch.zeros(agent.fast_size)]
+        self.fast_id = torch.zeros(0, dtype=torch.long)
+        self.rows: list[dict[str, torch.Tensor]] = []
+        self.row_base = 0
+        self.ep_start: list[int] = []
+        self._stacked: torch.Tensor | None = None
+
+    # -- memory ------------------------------------------------------------------------------------
+    def initial_memory(self, n: int) -> tuple:
+        k, hdim = self.agent.k, self.agent.cfg.hidden
+        self.fast_id = torch.zeros(n, dtype=torch.long)
+        self.ep_start = [self.row_base + len(self.rows)] * n
+        return (
+            torch.zeros(n, hdim),
+            torch.zeros(n, hdim),
+            torch.zeros(n, k),
+            torch.full((n,), -1, dtype=torch.long),
+            torch.zeros(n, dtype=torch.long),
+        )
+
+    def reset_memory(self, memory: tuple, mask: torch.Tensor) -> tuple:
+        h, c, pa, sk, st = (m.clone() for m in memory)
+        h[mask] = 0.0
+        c[mask] = 0.0
+        pa[mask] = 0.0
+        sk[mask] = -1
+        st[mask] = 0
+        self.fast_id[mask] = 0
+        return h, c, pa, sk, st
+
+    # -- acting ------------------------------------------------------------------------------------
+    def _deltas(self, ids: torch.Tensor) -> torch.Tensor | None:
+        if not bool((ids != 0).any()):
+            return None
+        if self._stacked is None or self._stacked.shape[0] != len(self.table):
+            self._stacked = torch.stack(self.table)
+        return self._stacked[ids]
+
+    def step(self, obs: torch.Tensor, memory: tuple, prev: Prev) -> StepOutput:
+        ag = self.agent
+        h, c, pa, sk, st = memory
+        start = (prev.done > 0) | (sk < 0)
+        enc = ag.controller.encode(obs)
+        h, c = ag.controller.step(ag.controller.inputs(enc, pa, prev.reward, prev.done), (h, c))
+        fast_id = self.fast_id.clone()
+        r = ag.act(obs, h, enc, sk, st, start, self._deltas(fast_id))
+        steps = torch.where(r["switch"], torch.ones_like(st), st + 1)
+        extras = {
+            "skill": r["skill"],
+            "alpha": r["alpha"],
+            "termination": r["termination"],
+            "switch": r["switch"],
+            "prev_skill": sk,
+            "start": start,
+            "steps": st,
+            "prev_alpha": pa,
+            "fast_id": fast_id,
+            "h_in": memory[0],
+            "c_in": memory[1],
+        }
+        if self.inner:
+            for i in torch.nonzero(start).squeeze(-1).tolist():
+                self.ep_start[i] = self.row_base + len(self.rows)
+            self.rows.append(
+                {"h": h, "prev_skill": sk, "start": start, "steps": st,
+                 "switch": r["switch"], "skill": r["skill"]}
+            )  # fmt: skip
+            if len(self.rows) > 4096:  # drop rows of finished episodes
+                cut = min(self.ep_start) - self.row_base
+                self.rows = self.rows[cut:]
+                self.row_base += cut
+        memory = (h, c, r["alpha"].detach(), r["skill"], steps)
+        return StepOutput(r["action"], r["logp"], r["value"], memory, extras)
+
+    def bootstrap_value(self, obs: torch.Tensor, memory: tuple, prev: Prev) -> torch.Tensor:
+        ag = self.agent
+        h, c, pa, _, _ = memory
+        enc = ag.controller.encode(obs)
+        h2, _ = ag.controller.step(ag.controller.inputs(enc, pa, prev.reward, prev.done), (h, c))
+        return ag.controller.value(h2, enc)
+
+    # -- inner loop ----------------------------------------------------------------------------------
+    def adapt(self, i: int, ep: Episode) -> None:
+        """Collector hook: adapt env ``i``'s fast parameters on its finished episode."""
+        lo = self.ep_start[i] - self.row_base
+        rows = self.rows[lo : lo + ep.obs.shape[0]]
+        if ep.stats.episode_index >= self.agent.cfg.inner_episodes:
+            return
+        if len(rows) != ep.obs.shape[0]:
+            raise RuntimeError(
+                f"inner loop: {len(rows)} recorded steps for an episode of {ep.obs.shape[0]}"
+            )
+        trace = {k: torch.stack([r[k][i] for r in rows]) for k in rows[0]}
+        delta = self.table[int(self.fast_id[i])]
+        with torch.enable_grad():
+            new = self.agent.adapt_fast(delta, ep, trace)
+        self.table.append(new)
+        self.fast_id[i] = len(self.table) - 1
+
+    def prune(self) -> None:
+        """Forget adapted parameter sets no env uses any more (between rollouts)."""
+        used = sorted(set(self.fast_id.tolist()) | {0})
+        remap = {old: new for new, old in enumerate(used)}
+        self.table = [self.table[j] for j in used]
+        self._stacked = None
+        self.fast_id = torch.tensor([remap[int(j)] for j in self.fast_id], dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {
+            "table": torch.stack(self.table),
+            "fast_id": self.fast_id.clone(),
+            "rows": self.rows,
+            "row_base": self.row_base,
+            "ep_start": list(self.ep_start),
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        self.table = list(st["table"])
+        self._stacked = None
+        self.fast_id = st["fast_id"].clone()
+        self.rows = list(st["rows"])
+        self.row_base = int(st["row_base"])
+        self.ep_start = list(st["ep_start"])
+
+
+class CompositionalAgent(RLModule):
+    """Method ``compositional`` (see the module docstring)."""
+
+    method = "compositional"
+    config_cls = CompositionalConfig
+
+    # -- construction --------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg: CompositionalConfig = self.cfg
+        self.k = cfg.num_skills
+        self.train_set = cfg.train_compositions()
+        env_kwargs = {**cfg.env_kwargs, "composition": self.train_set[0]}
+        self.obs_dim, self.action_space, phi = probe_env(cfg.env_id, env_kwargs)
+        self.library = SkillLibrary(
+            self.obs_dim, self.action_space, self.k, cfg.hidden, cfg.init_termination
+        )
+        self.library_env_steps = 0
+        # a reloaded compositional checkpoint holds the library itself, so a library file that
+        # has since moved is only an error when training starts from scratch (see ``setup``)
+        self._library_missing = False
+        if cfg.library_checkpoint is not None:
+            if Path(cfg.library_checkpoint).is_file():
+                self.library_env_steps = self._load_library(cfg.library_checkpoint)
+            else:
+                self._library_missing = True
+        if cfg.primitives == "random-frozen":
+            self.library.requires_grad_(False)
+        self.controller = MetaController(self.obs_dim, self.k, cfg.hidden)
+        self.composer = AttentionComposer(
+            cfg.hidden, self.k, cfg.key_dim, cfg.composer, cfg.gumbel_tau
+        )
+        self.graph = SkillGraph(self.k, cfg.graph, cfg.skill_len)
+        # not registered as a submodule: it only re-exposes controller + composer parameters
+        object.__setattr__(self, "_fastpath", _FastPath(self.controller, self.composer))
+        # the Parameter objects are stable (load_state_dict copies in place): look them up once
+        self._fp_params = dict(self._fastpath.named_parameters())
+        self.fast_names = FAST_PARAM_SETS[cfg.fast_params]
+        self.fast_shapes = [(n, self._fp_params[n].shape) for n in self.fast_names]
+        self._fast_slices, i = [], 0
+        for n, shp in self.fast_shapes:
+            m = int(np.prod(shp))
+            self._fast_slices.append((n, tuple(shp), i, i + m))
+            i += m
+        self.fast_size = i
+        # phase 1
+        from envs import make_split
+
+        self.discover = cfg.library_checkpoint is None and cfg.primitives != "random-frozen"
+        self.skill_trainer = SkillTrainer(
+            self.library, "diayn" if cfg.primitives == "discovered" else "supervised",
+            PhiEncoder.for_env(cfg.env_id, cfg.env_kwargs, phi), cfg.discovery,
+            env_id=cfg.env_id, env_kwargs=cfg.env_kwargs, num_envs=cfg.num_envs,
+            vectorization=cfg.vectorization, seed=cfg.seed + 1, compositions=self.train_set,
+            primitives=make_split(cfg.split_family, seed=cfg.split_seed).primitives,
+        ) if cfg.primitives != "random-frozen" else None  # fmt: skip
+        self.discriminator = (
+            None if self.skill_trainer is None else self.skill_trainer.discriminator
+        )
+        self._plan_budget()
+        self.disc_collector: Collector | None = None
+        self._disc_steps = 0
+        self._meta_steps = 0
+        self._stash: dict | None = None
+        self.policy: CompositionalPolicy | None = None
+
+    def _plan_budget(self) -> None:
+        """Iterations of phase 1 and phase 2 so that library + discovery + meta-training env
+        steps add up to ``total_env_steps`` (the baselines' budget)."""
+        cfg: CompositionalConfig = self.cfg
+        per_disc = cfg.num_envs * cfg.discovery.ppo.num_steps
+        disc_budget = (
+            int(round(cfg.discovery_fraction * cfg.total_env_steps)) if self.discover else 0
+        )
+        self.n_disc = -(-disc_budget // per_disc) if disc_budget > 0 else 0
+        meta_budget = cfg.total_env_steps - self.n_disc * per_disc - self.library_env_steps
+        if meta_budget <= 0:
+            raise ValueError(
+                f"total_env_steps={cfg.total_env_steps} leaves no meta-training steps after "
+                f"{self.n_disc * per_disc + self.library_env_steps} library steps; "
+                "allowed: a larger total_env_steps or a smaller discovery_fraction"
+            )
+        self.n_meta = max(1, -(-meta_budget // (cfg.num_envs * cfg.ppo.num_steps)))
+
+    def _load_library(self, path: str) -> int:
+        """Load a ``discovery`` checkpoint's library; returns the env steps it was trained with."""
+        cfg: CompositionalConfig = self.cfg
+        ckpt = safe_torch_load(path)
+        hp = ckpt.get("hyper_parameters") or {}
+        if hp.get("method") != "discovery":
+            raise ValueError(
+                f"library_checkpoint {path!r} holds method {hp.get('method')!r}; "
+                "allowed: a 'discovery' checkpoint"
+            )
+        lc = hp["config"]
+        if int(lc["num_skills"]) != self.k:
+            raise ValueError(
+                f"library_checkpoint {path!r} has num_skills={lc['num_skills']} but "
+                f"num_skills={self.k}; they must match"
+            )
+        if lc["env_id"] != cfg.env_id:
+            raise ValueError(
+                f"library_checkpoint {path!r} was trained on env_id={lc['env_id']!r}, "
+                f"this agent uses {cfg.env_id!r}; they must match"
+            )
+        state = {
+            k[len("library.") :]: v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("library.")
+        }
+        ck_obs = int(state["encoder.0.0.weight"].shape[1])
+        if ck_obs != self.obs_dim:
+            raise ValueError(
+                f"library_checkpoint {path!r} has observation size {ck_obs} but the env "
+                f"{cfg.env_id} with env_kwargs={cfg.env_kwargs} gives {self.obs_dim}; "
+                "the observation spaces must match"
+            )
+        if int(lc["hidden"]) != cfg.hidden:
+            raise ValueError(
+                f"library_checkpoint {path!r} has hidden={lc['hidden']} but hidden={cfg.hidden}; "
+                "they must match"
+            )
+        want = "diayn" if cfg.primitives == "discovered" else "supervised"
+        if lc.get("objective", "diayn") != want:
+            raise ValueError(
+                f"library_checkpoint {path!r} was trained with objective={lc.get('objective')!r} "
+                f"but primitives={cfg.primitives!r} needs {want!r}"
+            )
+        self.library.load_state_dict(state)
+        rl_state = ckpt.get("rl_state") or {}
+        extra = rl_state.get("extra") or {}
+        if "env_steps" in extra:
+            return int(extra["env_steps"])
+        return int((rl_state.get("collector") or {}).get("env_steps", 0))
+
+    # -- the policy maths ----------------------------------------------------------------------------
+    def fast_params(self) -> dict[str, torch.Tensor]:
+        """The meta-parameters the inner loop adapts (name -> Parameter)."""
+        return {n: self._fp_params[n] for n in self.fast_names}
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        lead = flat.shape[:-1]
+        return {n: flat[..., a:b].reshape(*lead, *shp) for n, shp, a, b in self._fast_slices}
+
+    def ctrl_logits(self, h: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
+        """Controller logits over skills (B, K); ``deltas`` (B, P): per-row fast-parameter
+        offsets (adapted parameters). The fast path's three layers are written as per-row
+        products here (``vmap`` over ``functional_call`` gives the same numbers, see
+        ``ctrl_logits_vmap`` and the tests, at ~5 ms per acting step)."""
+        if deltas is None:
+            return self._fastpath(h)
+        p = dict(self._fp_params)
+        for n, v in self._unflatten(deltas).items():
+            p[n] = p[n].unsqueeze(0) + v
+
+        def lin(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(w, x.unsqueeze(-1)).squeeze(-1) if w.dim() == 3 else x @ w.t()
+
+        u = torch.tanh(lin(p["controller.proj.weight"], h) + p["controller.proj.bias"])
+        q = lin(p["composer.query.weight"], u) + p["composer.query.bias"]
+        return lin(p["composer.keys"], q) / math.sqrt(self.cfg.key_dim)
+
+    def ctrl_logits_grouped(
+        self, h: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """``ctrl_logits`` for rows using adapted set ``table[ids]``: one ``functional_call``
+        per distinct set (a minibatch holds a few trials, so a few sets, rather than one weight
+        matrix per row)."""
+        if not bool((ids != 0).any()):
+            return self._fastpath(h)
+        base = self.fast_params()
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        pieces, rows = [], []
+        for j, u in enumerate(uniq.tolist()):
+            r = torch.nonzero(inv == j).squeeze(-1)
+            if u == 0:
+                pieces.append(self._fastpath(h[r]))
+            else:
+                params = {n: base[n] + v for n, v in self._unflatten(table[u]).items()}
+                pieces.append(functional_call(self._fastpath, params, (h[r],)))
+            rows.append(r)
+        return torch.cat(pieces)[torch.argsort(torch.cat(rows))]
+
+    def ctrl_logits_vmap(self, h: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Reference for ``ctrl_logits``: ``functional_call`` per row under ``vmap``."""
+        base = self.fast_params()
+        params = {n: base[n].unsqueeze(0) + v for n, v in self._unflatten(deltas).items()}
+        fp = self._fastpath
+        return vmap(lambda p, x: functional_call(fp, p, (x,)))(params, h)
+
+    def _core(self, obs, h, enc, prev_skill, steps, start, deltas, ids=None, table=None):
+        if ids is not None and self.cfg.fast_params == "full":
+            ctrl = self.ctrl_logits_grouped(h, ids, table)
+        elif ids is not None:  # context: per-row offsets are small, batch them directly
+            ctrl = self.ctrl_logits(h, table[ids] if bool((ids != 0).any()) else None)
+        else:
+            ctrl = self.ctrl_logits(h, deltas)
+        sel = self.graph.next_skill_logits(ctrl, prev_skill, start)
+        out, beta = self.library(obs)
+        p_switch = self.graph.switch_prob(beta, prev_skill, steps, start)
+        return sel, out, beta, p_switch
+
+    def _joint(self, out, sel, p_switch, start, switch, skill, action=None, entropy=True):
+        """alpha, action, joint log-prob of (switch, skill, action) and entropy.
+
+        The discrete case is written out (mixture probabilities, ``multinomial``, ``gather``)
+        rather than through ``Categorical`` objects: same numbers, a third of the acting time.
+        """
+        lsel_all = torch.log_softmax(sel, -1)
+        if self.composer.mode == "attention":
+            alpha = lsel_all.exp()
+        else:
+            alpha = self.composer.weights(sel, skill)
+        if self.library.head.discrete:
+            probs = torch.bmm(alpha.unsqueeze(1), torch.softmax(out, -1)).squeeze(1)
+            probs = probs.clamp_min(1e-12)
+            if action is None:
+                action = torch.multinomial(probs, 1).squeeze(-1)
+            logp = probs.gather(1, action.long().view(-1, 1)).squeeze(1).log()
+            ent_a = -(probs * probs.log()).sum(-1) if entropy else None
+        else:
+            dist = self.composer.mix(out, alpha, self.library.head, self.library.log_std)
+            if action is None:
+                action = dist.sample()
+            logp = dist.log_prob(action)
+            ent_a = dist.entropy() if entropy else None
+        if self.graph.mode == "learned":
+            p = p_switch.clamp(1e-6, 1 - 1e-6)
+            lsw = torch.where(switch, p.log(), torch.log1p(-p))
+            logp = logp + lsw.masked_fill(start, 0.0)
+        lsel = lsel_all.gather(1, skill.view(-1, 1)).squeeze(1)
+        logp = logp + lsel.masked_fill(~switch, 0.0)
+        if not entropy:
+            return action, alpha, logp, None
+        ent_sel = -(lsel_all.exp() * lsel_all).sum(-1)
+        return action, alpha, logp, ent_a + switch.float() * ent_sel
+
+    def act(self, obs, h, enc, prev_skill, steps, start, deltas) -> dict[str, torch.Tensor]:
+        """One acting step given the controller's new hidden state ``h``."""
+        sel, out, beta, p_switch = self._core(obs, h, enc, prev_skill, steps, start, deltas)
+        switch = start | (torch.rand(p_switch.shape) < p_switch)
+        # Gumbel-max draw of the next skill: exactly Categorical(softmax(sel)); it is also the
+        # forward sample of hard mode's straight-through Gumbel-softmax (Jang et al. 2017)
+        u = torch.rand(sel.shape).clamp_(1e-10, 1.0)
+        new = (sel - u.log_().neg_().log_()).argmax(-1)
+        skill = torch.where(switch, new, prev_skill)
+        action, alpha, logp, _ = self._joint(
+            out, sel, p_switch, start, switch, skill, entropy=False
+        )
+        term = beta.gather(1, skill.view(-1, 1)).squeeze(1)
+        return {
+            "action": action,
+            "logp": logp,
+            "value": self.controller.value(h, enc),
+            "skill": skill,
+            "alpha": alpha.detach(),
+            "termination": term,
+            "switch": switch,
+        }
+
+    def adapt_fast(self, delta: torch.Tensor, ep: Episode, trace: dict) -> torch.Tensor:
+        """Inner loop: ``inner_steps`` policy-gradient steps on one episode, on the fast
+        parameters only (as functional parameters; meta-parameters untouched).
+
+        Returns:
+            the new flat offset of the fast parameters from the meta-parameters.
+        """
+        cfg: CompositionalConfig = self.cfg
+        with torch.no_grad():
+            out, beta = self.library(ep.obs)
+            p_switch = self.graph.switch_prob(
+                beta, trace["prev_skill"], trace["steps"], trace["start"]
+            )
+            # REINFORCE with the value baseline (episode returns-to-go), normalised
+            r = ep.rewards.float()
+            ret = torch.zeros_like(r)
+            run = 0.0
+            for t in reversed(range(r.shape[0])):
+                run = r[t] + cfg.ppo.gamma * run
+                ret[t] = run
+            adv = ret - ep.values.reshape(-1)
+            if adv.numel() > 1:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        base = {n: p.detach() for n, p in self.fast_params().items()}
+        for _ in range(cfg.inner_steps):
+            d = delta.detach().requires_grad_(True)
+            per = self._unflatten(d)
+            params = {n: base[n] + per[n] for n in base}
+            ctrl = functional_call(self._fastpath, params, (trace["h"],))
+            sel = self.graph.next_skill_logits(ctrl, trace["prev_skill"], trace["start"])
+            _, _, logp, _ = self._joint(
+                out, sel, p_switch, trace["start"], trace["switch"], trace["skill"], ep.actions
+            )
+            loss = -(logp * adv).mean()
+            (g,) = torch.autograd.grad(loss, d)
+            delta = (d - cfg.inner_lr * g).detach()
+        return delta
+
+    def mean_termination(self, n: int = 8) -> torch.Tensor:
+        """Mean beta_k(s) over ``n`` start states of the train compositions (for graph plots)."""
+        import envs  # noqa: F401
+
+        cfg = self.cfg
+        env = gym.make(
+            cfg.env_id, disable_env_checker=True,
+            **{**cfg.env_kwargs, "composition": self.train_set[0]},
+        )  # fmt: skip
+        try:
+            obs = [env.reset(seed=s)[0] for s in range(n)]
+        finally:
+            env.close()
+        with torch.no_grad():
+            return self.library.beta(torch.as_tensor(np.stack(obs), dtype=torch.float32)).mean(0)
+
+    # -- RLModule --------------------------------------------------------------------------------------
+    @property
+    def env_steps(self) -> int:
+        """Every env step of this run: loaded library + discovery + meta-training."""
+        meta = self._meta_steps if self.collector is None else self.collector.env_steps
+        disc = self._disc_steps if self.disc_collector is None else self.disc_collector.env_steps
+        return self.library_env_steps + disc + meta
+
+    def make_collector(self) -> Collector:
+        cfg: CompositionalConfig = self.cfg
+        envs = make_vector_env(
+            cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
+            vectorization=cfg.vectorization,
+        )  # fmt: skip
+        self.policy = CompositionalPolicy(self, inner=cfg.inner_loop == "on")
+        return Collector(
+            envs, self.policy, episodes_per_trial=cfg.episodes_per_trial,
+            task_sampler=uniform_task_sampler(self.train_set, cfg.fixed_layout), seed=cfg.seed,
+            on_episode_end=self.policy.adapt if cfg.inner_loop == "on" else None,
+        )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        resuming = self._trainer is not None and bool(getattr(self.trainer, "ckpt_path", None))
+        if self._library_missing and not resuming:
+            raise FileNotFoundError(
+                f"library_checkpoint {self.cfg.library_checkpoint!r} does not exist"
+            )
+        super().setup(stage)
+        if self.n_disc > 0 and self.disc_collector is None and self.iteration < self.n_disc:
+            self.disc_collector = self.skill_trainer.make_collector()
+
+    def teardown(self, stage: str) -> None:
+        self._close_disc()
+        if self.collector is not None:
+            self._meta_steps = self.collector.env_steps
+        super().teardown(stage)
+
+    def _close_disc(self) -> None:
+        if self.disc_collector is not None:
+            self._disc_steps = self.disc_collector.env_steps
+            self.disc_collector.envs.close()
+            self.disc_collector = None
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        st, self._stash = self._stash, None
+        if self.iteration >= self.n_disc:
+            self._close_disc()
+        if st is None:
+            return
+        if st.get("disc_collector") is not None and self.disc_collector is not None:
+            self.disc_collector.load_state_dict(st["disc_collector"])
+        if st.get("policy") is not None and self.policy is not None:
+            self.policy.load_state_dict(st["policy"])
+
+    def extra_state(self) -> dict:
+        return {
+            "library_env_steps": int(self.library_env_steps),
+            "env_steps": int(self.env_steps),
+            "meta_steps": int(
+                self._meta_steps if self.collector is None else self.collector.env_steps
+            ),
+            "disc_steps": self._disc_steps,
+            "disc_collector": None
+            if self.disc_collector is None
+            else self.disc_collector.state_dict(),
+            "skill_trainer": None
+            if self.skill_trainer is None
+            else self.skill_trainer.state_dict(),
+            "policy": None if self.policy is None else self.policy.state_dict(),
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self._disc_steps = int(state.get("disc_steps", 0))
+        self._meta_steps = int(state.get("meta_steps", 0))
+        if int(state.get("library_env_steps", 0)) != self.library_env_steps:
+            self.library_env_steps = int(state.get("library_env_steps", 0))
+            self._plan_budget()
+        if state.get("skill_trainer") is not None and self.skill_trainer is not None:
+            self.skill_trainer.load_state_dict(state["skill_trainer"])
+        self._stash = state
+
+    def configure_optimizers(self):
+        cfg: CompositionalConfig = self.cfg
+        groups = [
+            {
+                "params": [
+                    *self.controller.parameters(),
+                    *self.composer.parameters(),
+                    *(p for p in self.graph.parameters() if p.requires_grad),
+                ],
+                "lr": cfg.ppo.lr,
+            }
+        ]
+        if cfg.primitives != "random-frozen":
+            groups.append({"params": list(self.library.parameters()), "lr": cfg.library_lr})
+        opts = [torch.optim.Adam(groups, eps=1e-5, foreach=True)]
+        if self.skill_trainer is not None:
+            opts.append(
+                torch.optim.Adam(self.library.parameters(), lr=cfg.discovery.ppo.lr, eps=1e-5)
+            )
+            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discovery.disc_lr))
+        return opts
+
+    def iterations(self) -> int:
+        return self.n_disc + self.n_meta
+
+    def training_step(self, batch, batch_idx):
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        if self.iteration < self.n_disc:
+            self._discovery_step(opts[1], opts[2])
+        else:
+            self._meta_step(opts[0])
+
+    def _discovery_step(self, lib_opt, disc_opt) -> None:
+        t0 = time.perf_counter()
+        n = self.n_disc
+        frac = self.cfg.discovery.heatmap_fraction
+        record = self.iteration >= n - max(1, int(round(frac * n)))
+        ro, stats, charts = self.skill_trainer.iteration(
+            self.disc_collector, lib_opt, disc_opt, self.manual_backward, record_visits=record
+        )
+        stats = {f"skills_{k}": v for k, v in stats.items()}
+        log_iteration_with(
+            self, ro, stats, {**charts, "charts/phase": 1.0}, time.perf_counter() - t0
+        )
+        if self.iteration >= self.n_disc:  # phase 1 done
+            self._close_disc()
+            root = getattr(self.trainer, "default_root_dir", None) if self._trainer else None
+            st = self.skill_trainer
+            if root and st.grid_size > 0 and st.visits.sum() > 0:
+                save_heatmaps(st.visits, Path(root) / "heatmaps.png")
+
+    def _meta_step(self, opt) -> None:
+        cfg: CompositionalConfig = self.cfg
+        t0 = time.perf_counter()
+        self.policy.prune()
+        ro = self.collector.collect(cfg.ppo.num_steps)
+        if cfg.advantage == "trial":
+            nv, cut = ro.trial_next_values(), ro.trial_cut()
+        else:
+            nv, cut = ro.next_values(), ro.episode_cut()
+        adv, ret = gae(ro.rewards, ro.values, nv, cut, cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        T, N = ro.rewards.shape
+        ex = ro.extras
+        table = torch.stack(self.policy.table)
+        flat = {k: v.reshape(T * N, *v.shape[2:]) for k, v in ex.items()}
+        b_obs = ro.obs.reshape(T * N, -1)
+        b_act = ro.actions.reshape(T * N, *ro.actions.shape[2:])
+        ctrl = self.controller
+
+        b_prev_r, b_prev_d = ro.prev_reward.reshape(-1), ro.prev_done.reshape(-1)
+        b_reset = ro.trial_start.reshape(-1)
+
+        def evaluate(mb: torch.Tensor):
+            if cfg.bptt_len == 1:  # one recurrent step from the stored state, minibatch rows only
+                e = ctrl.encode(b_obs[mb])
+                keep = (~b_reset[mb]).float().unsqueeze(-1)
+                x = ctrl.inputs(e, flat["prev_alpha"][mb], b_prev_r[mb], b_prev_d[mb])
+                h, _ = ctrl.step(x, (flat["h_in"][mb] * keep, flat["c_in"][mb] * keep))
+            else:
+                enc = ctrl.encode(ro.obs)
+                x = ctrl.inputs(enc, ex["prev_alpha"], ro.prev_reward, ro.prev_done)
+                hs = ctrl.unroll_chunked(x, ex["h_in"], ex["c_in"], ro.trial_start, cfg.bptt_len)
+                h, e = hs.reshape(T * N, -1)[mb], enc.reshape(T * N, -1)[mb]
+            sel, out, _, p_switch = self._core(
+                b_obs[mb], h, e, flat["prev_skill"][mb], flat["steps"][mb], flat["start"][mb],
+                None, ids=flat["fast_id"][mb], table=table,
+            )  # fmt: skip
+            _, _, logp, ent = self._joint(
+                out, sel, p_switch, flat["start"][mb], flat["switch"][mb], flat["skill"][mb],
+                b_act[mb],
+            )  # fmt: skip
+            return logp, ent, ctrl.value(h, e)
+
+        params = [p for g in opt.param_groups for p in g["params"]]
+        stats = ppo_update(
+            ro, evaluate, params, opt, cfg.ppo, advantages=adv, returns=ret,
+            backward=self.manual_backward,
+        )  # fmt: skip
+        alpha = ex["alpha"]
+        charts = {
+            "charts/phase": 2.0,
+            "charts/switch_rate": float(ex["switch"].float().mean()),
+            "charts/alpha_entropy": float(-(alpha * alpha.clamp_min(1e-12).log()).sum(-1).mean()),
+            "charts/termination": float(ex["termination"].mean()),
+            "charts/adapted_steps": float((ex["fast_id"] != 0).float().mean()),
+        }
+        for e_idx in range(cfg.episodes_per_trial):
+            eps = [e.success for e in ro.episodes if e.episode_index == e_idx]
+            if eps:
+                charts[f"charts/success_ep{e_idx}"] = float(np.mean(eps))
+        log_iteration_with(self, ro, stats, charts, time.perf_counter() - t0)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def trial_policy(self, envs):
+        """Fresh memory and fresh (unadapted) fast parameters per call; with the inner loop on,
+        the hook adapts after each of a trial's first ``inner_episodes`` episodes."""
+        inner = self.cfg.inner_loop == "on"
+        policy = CompositionalPolicy(self, inner=inner)
+        return policy, (policy.adapt if inner else None)
+
+    def acting_policy(self) -> CompositionalPolicy:
+        return CompositionalPolicy(self, inner=False)

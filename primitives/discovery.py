@@ -1,0 +1,576 @@
+"""Skill discovery (DIAYN, Eysenbach et al. 2019) and the ablation libraries.
+
+DIAYN maximises I(K; phi(S)): a skill k ~ p(k) = uniform is drawn at the start of every
+episode and held for the whole episode; a discriminator q(k | phi(s)) learns to tell the skills
+apart from the discovery features ``info["phi"]`` (CompoGrid: agent cell, carried object,
+object states; Meta-World: end-effector and object positions), and the skills are trained by the
+shared PPO (``rl.ppo.ppo_update``) on the intrinsic reward ``log q(k | phi(s')) - log p(k)``.
+The discriminator's accuracy on fresh rollouts (``charts/disc_accuracy``) and the mean intrinsic
+reward (``charts/mi_estimate``, a variational lower bound on I(K; S), Agakov 2004) are logged.
+
+``objective="supervised"`` is the ablation with hand-labelled primitives: skill k is trained by
+PPO on the env reward of the length-1 composition of primitive k (K = number of primitives).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from rl.collect import Collector, Prev, Rollout, StepOutput, make_vector_env, uniform_task_sampler
+from rl.config import BaseConfig
+from rl.gae import gae
+from rl.module import RLModule
+from rl.nets import mlp
+from rl.ppo import PPOConfig, ppo_update
+
+from .library import SkillLibrary, check_num_skills
+
+OBJECTIVES = ("diayn", "supervised")
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@dataclass
+class SkillTrainingConfig:
+    """How the library is trained in phase 1 (shared by ``discovery`` and ``compositional``)."""
+
+    disc_hidden: int = 64
+    """discriminator MLP width"""
+    disc_lr: float = 1e-3
+    """discriminator Adam learning rate"""
+    disc_epochs: int = 2
+    """discriminator passes over each rollout"""
+    supervised_primitives: list | None = None
+    """``supervised``: primitive texts, one per skill; None: K feasible primitives of the split,
+    evenly spread over its primitive list"""
+    disc_buffer: int = 8192
+    """discriminator training pairs kept (FIFO over recent rollouts): one rollout holds only a few
+    episodes, hence only some of the K skills, so training on it alone makes q forget the rest"""
+    heatmap_fraction: float = 0.25
+    """visitation heatmaps are accumulated over this last share of the discovery iterations"""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=1e-3, ent_coef=0.01))
+    """PPO hyper-parameters of the skills"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ppo, dict):
+            self.ppo = PPOConfig(**self.ppo)
+        if self.disc_buffer < 1:
+            raise ValueError(f"disc_buffer={self.disc_buffer}; allowed: an integer >= 1")
+        if self.disc_hidden < 1 or self.disc_epochs < 1:
+            raise ValueError(
+                f"disc_hidden={self.disc_hidden}, disc_epochs={self.disc_epochs}; "
+                "allowed: integers >= 1"
+            )
+        if self.disc_lr <= 0:
+            raise ValueError(f"disc_lr={self.disc_lr}; allowed: a positive number")
+        if not 0.0 < self.heatmap_fraction <= 1.0:
+            raise ValueError(f"heatmap_fraction={self.heatmap_fraction}; allowed: (0, 1]")
+
+
+@dataclass
+class DiscoveryConfig(BaseConfig):
+    """Skill discovery: a library of ``num_skills`` skills, no task reward (DIAYN)."""
+
+    fixed_layout: bool = False
+    """a new layout every episode: skills must not memorise one room"""
+    objective: str = "diayn"
+    """'diayn' (unsupervised, mutual information) or 'supervised' (one primitive per skill)"""
+    num_skills: int = 12
+    """K: number of skills"""
+    hidden: int = 64
+    """library width"""
+    init_termination: float = 0.1
+    """initial beta_k(s) of the termination heads (trained later by the compositional agent)"""
+    training: SkillTrainingConfig = field(default_factory=SkillTrainingConfig)
+    """discriminator / PPO settings"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.training, dict):
+            self.training = SkillTrainingConfig(**self.training)
+        check_num_skills(self.num_skills)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        if self.objective == "supervised" and self.episodes_per_trial != 1:
+            raise ValueError(
+                f"episodes_per_trial={self.episodes_per_trial}; supervised skills need 1"
+            )
+
+
+# --- discovery features -----------------------------------------------------------------------------
+
+
+class PhiEncoder:
+    """Turns ``info["phi"]`` into discriminator inputs.
+
+    CompoGrid's phi holds integers ``[x, y, carried, on_grid x7, door_open]``: coordinates and
+    the carried entity are one-hot encoded (a discriminator over raw integers would have to learn
+    the same partition), flags are kept as 0/1. Float phi (Meta-World positions) passes through.
+    """
+
+    def __init__(self, kind: str, phi_dim: int, size: int = 8) -> None:
+        if kind not in ("grid", "float"):
+            raise ValueError(f"phi kind={kind!r}; allowed: 'grid', 'float'")
+        self.kind, self.phi_dim, self.size = kind, int(phi_dim), int(size)
+        if kind == "grid":
+            from envs.grid import ENTITIES
+
+            self.n_carried = len(ENTITIES) + 1
+            self.dim = 2 * self.size + self.n_carried + (self.phi_dim - 3)
+        else:
+            self.dim = self.phi_dim
+
+    @classmethod
+    def for_env(cls, env_id: str, env_kwargs: dict, phi: np.ndarray) -> PhiEncoder:
+        phi = np.asarray(phi)
+        if env_id.startswith("CompoGrid"):
+            return cls("grid", phi.shape[-1], int(env_kwargs.get("size", 8)))
+        return cls("float", phi.shape[-1])
+
+    def __call__(self, phi: torch.Tensor) -> torch.Tensor:
+        if self.kind == "float":
+            return phi.float()
+        phi = phi.long()
+        f = nn.functional.one_hot
+        return torch.cat(
+            [
+                f(phi[..., 0].clamp(0, self.size - 1), self.size).float(),
+                f(phi[..., 1].clamp(0, self.size - 1), self.size).float(),
+                f(phi[..., 2].clamp(0, self.n_carried - 1), self.n_carried).float(),
+                phi[..., 3:].float(),
+            ],
+            dim=-1,
+        )
+
+
+def probe_env(env_id: str, env_kwargs: dict) -> tuple[int, gym.Space, np.ndarray]:
+    """Observation size, action space and one ``info["phi"]`` of ``env_id``."""
+    import envs  # noqa: F401  (registers the task families)
+
+    env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
+    try:
+        obs, info = env.reset(seed=0)
+        return int(np.prod(env.observation_space.shape)), env.action_space, np.asarray(info["phi"])
+    finally:
+        env.close()
+
+
+# --- acting policy ----------------------------------------------------------------------------------
+
+
+class SkillPolicy:
+    """Acts with one skill per episode (the skill index is the policy memory).
+
+    DIAYN: k ~ uniform at every episode start (``reset_memory`` at trial starts, and a re-draw
+    when ``prev.done``, for trials of several episodes). ``skill_of_env(env_indices)`` instead
+    pins the skill of each env's new trial (supervised primitives: the skill of the task).
+    Per-step extras: ``skill`` (N,).
+    """
+
+    def __init__(
+        self,
+        library: SkillLibrary,
+        skill_of_env: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        greedy: bool = False,
+    ) -> None:
+        self.library = library
+        self.k = library.num_skills
+        self.skill_of_env = skill_of_env
+        self.greedy = greedy
+
+    def _draw(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.skill_of_env is not None:
+            return self.skill_of_env(idx)
+        return torch.randint(self.k, (idx.numel(),))
+
+    def initial_memory(self, n: int) -> torch.Tensor:
+        return self._draw(torch.arange(n))
+
+    def reset_memory(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        memory = memory.clone()
+        idx = torch.nonzero(mask).squeeze(-1)
+        memory[idx] = self._draw(idx)
+        return memory
+
+    def step(self, obs: torch.Tensor, memory: torch.Tensor, prev: Prev) -> StepOutput:
+        skill = memory.clone()
+        new_ep = torch.nonzero(prev.done > 0).squeeze(-1)
+        if new_ep.numel() and self.skill_of_env is None:
+            skill[new_ep] = self._draw(new_ep)
+        out, _ = self.library(obs)
+        dist = self.library.skill_dist(out, skill)
+        if self.greedy:
+            action = dist.probs.argmax(-1) if hasattr(dist, "probs") else dist.mean
+        else:
+            action = dist.sample()
+        value = self.library.value(obs, skill)
+        return StepOutput(action, dist.log_prob(action), value, skill, {"skill": skill.clone()})
+
+    def bootstrap_value(self, obs: torch.Tensor, memory: torch.Tensor, prev: Prev) -> torch.Tensor:
+        return self.library.value(obs, memory)
+
+
+# --- the trainer shared by DiscoveryModule and the compositional agent ------------------------------
+
+
+def supervised_primitives(
+    family_primitives: Sequence, k: int, chosen: Sequence[str] | None, env_id: str
+) -> list[str]:
+    """The primitives (texts) the supervised library trains, one per skill."""
+    if chosen:
+        prims = [str(p) for p in chosen]
+        if len(prims) != k:
+            raise ValueError(
+                f"supervised_primitives has {len(prims)} entries but num_skills={k}; "
+                "allowed: exactly one primitive per skill"
+            )
+        return prims
+    prims = [str(p) for p in family_primitives]
+    if env_id.startswith("CompoGrid"):
+        from envs.grid import validate_composition
+
+        def feasible(p: str) -> bool:
+            try:
+                validate_composition(p)
+                return True
+            except ValueError:
+                return False
+
+        prims = [p for p in prims if feasible(p)]
+    if k > len(prims):
+        raise ValueError(
+            f"num_skills={k} but only {len(prims)} primitives are usable as length-1 tasks; "
+            f"allowed for 'supervised': num_skills <= {len(prims)}"
+        )
+    idx = np.linspace(0, len(prims) - 1, k).round().astype(int)
+    return [prims[i] for i in idx]
+
+
+class Discriminator(nn.Module):
+    """q(k | phi(s)): an MLP classifier over encoded discovery features."""
+
+    def __init__(self, in_dim: int, k: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = mlp([in_dim, hidden, hidden, k], act=nn.ReLU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def next_phi(ro: Rollout, current_phi: np.ndarray | None = None) -> torch.Tensor:
+    """phi(s_{t+1}) per step, including an episode's final state (the collector records it
+    before resetting the env)."""
+    if ro.next_phi is None:
+        raise ValueError("the rollout has no next_phi: collect with record_phi=True")
+    return ro.next_phi
+
+
+class SkillTrainer:
+    """One phase-1 iteration (rollout + discriminator + PPO) on a ``SkillLibrary``.
+
+    Args:
+        library: the skills.
+        objective: 'diayn' or 'supervised'.
+        phi_encoder: discovery-feature encoder (for the discriminator and heatmaps).
+        cfg: ``SkillTrainingConfig``.
+        env_id, env_kwargs, num_envs, vectorization, seed: the discovery collector's envs.
+        compositions: compositions of the discovery envs (DIAYN ignores their reward).
+        primitives: the family's primitives (supervised).
+    """
+
+    def __init__(
+        self,
+        library: SkillLibrary,
+        objective: str,
+        phi_encoder: PhiEncoder,
+        cfg: SkillTrainingConfig,
+        *,
+        env_id: str,
+        env_kwargs: dict,
+        num_envs: int,
+        vectorization: str,
+        seed: int,
+        compositions: Sequence[str],
+        primitives: Sequence,
+        episodes_per_trial: int = 1,
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        self.library = library
+        self.k = library.num_skills
+        self.objective = objective
+        self.phi_encoder = phi_encoder
+        self.cfg = cfg
+        self.env_id, self.env_kwargs = env_id, dict(env_kwargs)
+        self.num_envs, self.vectorization, self.seed = num_envs, vectorization, seed
+        self.E = episodes_per_trial
+        self.compositions = list(compositions)
+        self.discriminator = Discriminator(phi_encoder.dim, self.k, cfg.disc_hidden)
+        self.primitives: list[str] = []
+        if objective == "supervised":
+            self.primitives = supervised_primitives(
+                primitives, self.k, cfg.supervised_primitives, env_id
+            )
+        self.grid_size = phi_encoder.size if phi_encoder.kind == "grid" else 0
+        self.visits = torch.zeros(self.k, self.grid_size, self.grid_size)
+        self.buffer_x = torch.zeros(0, phi_encoder.dim)
+        self.buffer_k = torch.zeros(0, dtype=torch.long)
+
+    def make_collector(self) -> Collector:
+        comps = self.primitives if self.objective == "supervised" else self.compositions
+        envs = make_vector_env(
+            self.env_id, self.num_envs, {**self.env_kwargs, "composition": comps[0]},
+            vectorization=self.vectorization,
+        )  # fmt: skip
+        sampler = uniform_task_sampler(comps, fixed_layout=False)
+        col = Collector(
+            envs, None, episodes_per_trial=self.E, task_sampler=sampler, seed=self.seed,
+            record_phi=self.objective == "diayn" or self.grid_size > 0,
+        )  # fmt: skip
+        skill_of_env = None
+        if self.objective == "supervised":
+            index = {p: i for i, p in enumerate(self.primitives)}
+
+            def skill_of_env(idx: torch.Tensor) -> torch.Tensor:
+                return torch.tensor(
+                    [index[str(col.tasks[int(i)].composition)] for i in idx], dtype=torch.long
+                )
+
+        col.policy = SkillPolicy(self.library, skill_of_env)
+        return col
+
+    def iteration(
+        self,
+        col: Collector,
+        lib_opt: torch.optim.Optimizer,
+        disc_opt: torch.optim.Optimizer,
+        backward: Callable | None = None,
+        record_visits: bool = False,
+    ) -> tuple[Rollout, dict[str, float], dict[str, float]]:
+        """Collect one rollout and update discriminator and skills.
+
+        Returns:
+            (rollout, PPO loss stats, chart scalars).
+        """
+        ppo = self.cfg.ppo
+        ro = col.collect(ppo.num_steps)
+        skill = ro.extras["skill"]
+        charts: dict[str, float] = {}
+        if self.objective == "diayn":
+            x = self.phi_encoder(next_phi(ro, col.phi))
+            with torch.no_grad():
+                logq = torch.log_softmax(self.discriminator(x), -1)
+                lq = logq.gather(-1, skill.unsqueeze(-1)).squeeze(-1)
+                # log q(k | phi(s')) - log p(k), p uniform (DIAYN eq. 3)
+                rewards = lq + math.log(self.k)
+                charts["charts/disc_accuracy"] = float((logq.argmax(-1) == skill).float().mean())
+                charts["charts/mi_estimate"] = float(rewards.mean())
+            charts["losses/disc_loss"] = self._update_discriminator(x, skill, disc_opt, backward)
+        else:
+            rewards = ro.rewards
+        charts["charts/intrinsic_reward"] = float(rewards.mean())
+        if record_visits and self.grid_size > 0:
+            self._record_visits(ro.phi, skill)
+        adv, ret = gae(
+            rewards, ro.values, ro.next_values(), ro.episode_cut(), ppo.gamma, ppo.gae_lambda
+        )
+        b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
+        b_act = ro.actions.reshape(-1, *ro.actions.shape[2:])
+        b_skill = skill.reshape(-1)
+        lib = self.library
+
+        def evaluate(mb: torch.Tensor):
+            out, _ = lib(b_obs[mb])
+            dist = lib.skill_dist(out, b_skill[mb])
+            return dist.log_prob(b_act[mb]), dist.entropy(), lib.value(b_obs[mb], b_skill[mb])
+
+        stats = ppo_update(
+            ro, evaluate, list(lib.parameters()), lib_opt, ppo,
+            advantages=adv, returns=ret, backward=backward,
+        )  # fmt: skip
+        return ro, stats, charts
+
+    def _update_discriminator(
+        self, x: torch.Tensor, skill: torch.Tensor, opt: torch.optim.Optimizer, backward
+    ) -> float:
+        cap = self.cfg.disc_buffer
+        self.buffer_x = torch.cat([self.buffer_x, x.reshape(-1, x.shape[-1])])[-cap:]
+        self.buffer_k = torch.cat([self.buffer_k, skill.reshape(-1)])[-cap:]
+        x, y = self.buffer_x, self.buffer_k
+        n = min(y.numel(), 4 * skill.numel())
+        if n < y.numel():  # a fixed compute budget per iteration: a random subset of the buffer
+            idx = torch.randperm(y.numel())[:n]
+            x, y = x[idx], y[idx]
+        mb = max(1, n // 4)
+        losses = []
+        for _ in range(self.cfg.disc_epochs):
+            perm = torch.randperm(n)
+            for s in range(0, n, mb):
+                i = perm[s : s + mb]
+                loss = nn.functional.cross_entropy(self.discriminator(x[i]), y[i])
+                opt.zero_grad()
+                (backward or torch.Tensor.backward)(loss)
+                opt.step()
+                losses.append(float(loss.detach()))
+        return float(np.mean(losses))
+
+    def state_dict(self) -> dict:
+        """Non-parameter training state (plain tensors, ``weights_only``-safe)."""
+        return {"visits": self.visits.clone(), "buffer_x": self.buffer_x, "buffer_k": self.buffer_k}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "visits" in state and state["visits"].shape == self.visits.shape:
+            self.visits = state["visits"].clone()
+        if "buffer_x" in state:
+            self.buffer_x, self.buffer_k = state["buffer_x"].clone(), state["buffer_k"].clone()
+
+    def _record_visits(self, phi: torch.Tensor, skill: torch.Tensor) -> None:
+        xs = phi[..., 0].long().clamp(0, self.grid_size - 1).reshape(-1)
+        ys = phi[..., 1].long().clamp(0, self.grid_size - 1).reshape(-1)
+        ks = skill.reshape(-1)
+        flat = (ks * self.grid_size + ys) * self.grid_size + xs
+        counts = torch.bincount(flat, minlength=self.visits.numel()).float()
+        self.visits += counts.view_as(self.visits)
+
+
+def save_heatmaps(visits: torch.Tensor, path: str | Path, title: str = "") -> None:
+    """Per-skill agent-cell visitation (a grid of K panels, rows = y), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rl.io import atomic_write_bytes
+
+    k = visits.shape[0]
+    cols = min(k, 4)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= k:
+            ax.axis("off")
+            continue
+        v = visits[i]
+        ax.imshow((v / v.sum().clamp(min=1)).numpy(), cmap="viridis")
+        ax.set_title(f"skill {i} (n={int(v.sum())})", fontsize=8)
+    fig.suptitle(title or "agent-cell visitation per skill", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def log_iteration_with(module: RLModule, ro: Rollout, losses: dict, charts: dict, sec: float):
+    """``RLModule.log_iteration`` plus extra namespaced scalars in the same row."""
+    module.iteration += 1
+    scalars = {f"losses/{k}": v for k, v in losses.items() if k != "loss"}
+    scalars["charts/SPS"] = ro.valid.sum().item() / max(sec, 1e-9)
+    eps = ro.episodes
+    if eps:
+        scalars["charts/episodic_return"] = float(np.mean([e.ret for e in eps]))
+        scalars["charts/success"] = float(np.mean([e.success for e in eps]))
+        scalars["charts/episodic_length"] = float(np.mean([e.length for e in eps]))
+    scalars.update(charts)
+    module.log_scalars(scalars)
+
+
+# --- the LightningModule ------------------------------------------------------------------------------
+
+
+class DiscoveryModule(RLModule):
+    """Method ``discovery``: trains a ``SkillLibrary`` with DIAYN (or supervised primitives).
+
+    Its checkpoint is what ``compositional`` loads through ``library_checkpoint``.
+    """
+
+    method = "discovery"
+    config_cls = DiscoveryConfig
+
+    def build(self) -> None:
+        cfg: DiscoveryConfig = self.cfg
+        self.train_set = cfg.train_compositions()
+        env_kwargs = {**cfg.env_kwargs, "composition": self.train_set[0]}
+        obs_dim, self.action_space, phi = probe_env(cfg.env_id, env_kwargs)
+        self.obs_dim = obs_dim
+        self.library = SkillLibrary(
+            obs_dim, self.action_space, cfg.num_skills, cfg.hidden, cfg.init_termination
+        )
+        from envs import make_split
+
+        prims = make_split(cfg.split_family, seed=cfg.split_seed).primitives
+        self.trainer_ = SkillTrainer(
+            self.library, cfg.objective, PhiEncoder.for_env(cfg.env_id, cfg.env_kwargs, phi),
+            cfg.training, env_id=cfg.env_id, env_kwargs=cfg.env_kwargs, num_envs=cfg.num_envs,
+            vectorization=cfg.vectorization, seed=cfg.seed, compositions=self.train_set,
+            primitives=prims, episodes_per_trial=cfg.episodes_per_trial,
+        )  # fmt: skip
+        self.discriminator = self.trainer_.discriminator
+        self._steps_done = 0
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps so far (kept after ``teardown`` closes the collector, so ``final.ckpt``
+        still records the library's budget)."""
+        return self.collector.env_steps if self.collector is not None else self._steps_done
+
+    def teardown(self, stage: str) -> None:
+        if self.collector is not None:
+            self._steps_done = self.collector.env_steps
+        super().teardown(stage)
+
+    def make_collector(self) -> Collector:
+        return self.trainer_.make_collector()
+
+    def configure_optimizers(self):
+        t = self.cfg.training
+        return [
+            torch.optim.Adam(self.library.parameters(), lr=t.ppo.lr, eps=1e-5),
+            torch.optim.Adam(self.discriminator.parameters(), lr=t.disc_lr),
+        ]
+
+    def iterations(self) -> int:
+        cfg = self.cfg
+        return max(1, -(-cfg.total_env_steps // (cfg.num_envs * cfg.training.ppo.num_steps)))
+
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        lib_opt, disc_opt = self.optimizers()
+        n = self.iterations()
+        record = self.iteration >= n - max(1, int(round(self.cfg.training.heatmap_fraction * n)))
+        ro, stats, charts = self.trainer_.iteration(
+            self.collector, lib_opt, disc_opt, self.manual_backward, record_visits=record
+        )
+        log_iteration_with(self, ro, stats, charts, time.perf_counter() - t0)
+
+    def on_train_end(self) -> None:
+        root = getattr(self.trainer, "default_root_dir", None)
+        if root and self.trainer_.grid_size > 0 and self.trainer_.visits.sum() > 0:
+            save_heatmaps(self.trainer_.visits, Path(root) / "heatmaps.png")
+
+    def extra_state(self) -> dict:
+        return {**self.trainer_.state_dict(), "env_steps": int(self.env_steps)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.trainer_.load_state_dict(state)
+        self._steps_done = int(state.get("env_steps", 0))
+
+    def trial_policy(self, envs):
+        """A library alone does not adapt: one random skill per episode."""
+        return SkillPolicy(self.library), None
+
+    def acting_policy(self) -> SkillPolicy:
+        return SkillPolicy(self.library)

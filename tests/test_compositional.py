@@ -1,0 +1,478 @@
+"""Compositional agent: composer / graph / controller maths, ablation switches, the inner loop,
+exact log-prob recomputation, bad input, and train -> held-out evaluation -> reload."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compositional.agent import (
+    FAST_PARAM_SETS,
+    FAST_PARAMS,
+    CompositionalAgent,
+    CompositionalPolicy,
+)
+from compositional.composer import AttentionComposer
+from compositional.controller import MetaController
+from compositional.graph import SkillGraph, write_graph
+from rl.collect import Episode, EpisodeStats, Prev
+from rl.train import fit, load_module
+
+torch.set_num_threads(1)
+
+FAST = {
+    "env_kwargs": {"task_info": "reward", "size": 8, "max_steps": 12},
+    "num_envs": 2,
+    "episodes_per_trial": 2,
+    "num_skills": 4,
+    "hidden": 16,
+    "key_dim": 8,
+    "ppo": {"num_steps": 32, "update_epochs": 1, "num_minibatches": 2},
+    "discovery": {"ppo": {"num_steps": 16, "update_epochs": 1, "num_minibatches": 2}},
+}
+
+
+def agent(**kw) -> CompositionalAgent:
+    return CompositionalAgent({**FAST, "primitives": "random-frozen", **kw})
+
+
+# --- composer ---------------------------------------------------------------------------------------
+
+
+def test_composer_modes_weights():
+    torch.manual_seed(0)
+    u = torch.randn(5, 8)
+    soft = AttentionComposer(8, 6, mode="attention")
+    a = soft.weights(soft.logits(u))
+    assert torch.allclose(a.sum(-1), torch.ones(5)) and bool((a > 0).all())
+    assert not torch.allclose(a, torch.full_like(a, 1 / 6))
+    hard = AttentionComposer(8, 6, mode="hard")
+    h = hard.weights(hard.logits(u))  # Gumbel-softmax sample
+    assert torch.allclose(h.sum(-1), torch.ones(5))
+    assert bool(((h == 0) | (h == 1)).all())
+    skill = torch.tensor([0, 1, 2, 3, 4])
+    hs = hard.weights(hard.logits(u), skill)
+    assert torch.equal(hs.detach(), torch.nn.functional.one_hot(skill, 6).float())
+    uni = AttentionComposer(8, 6, mode="uniform")
+    assert torch.allclose(uni.weights(uni.logits(u)), torch.full((5, 6), 1 / 6))
+
+
+def test_hard_composer_straight_through_gradient_reaches_logits():
+    comp = AttentionComposer(4, 3, mode="hard")
+    logits = torch.randn(2, 3, requires_grad=True)
+    a = comp.weights(logits, torch.tensor([0, 2]))
+    (a * torch.randn(2, 3)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_composer_mix_is_the_alpha_weighted_mixture():
+    import gymnasium as gym
+    import numpy as np
+
+    from rl.nets import ActionHead
+
+    out = torch.randn(3, 4, 5)
+    alpha = torch.softmax(torch.randn(3, 4), -1)
+    d = AttentionComposer.mix(out, alpha, ActionHead(gym.spaces.Discrete(5)), torch.zeros(4, 5))
+    expect = (alpha.unsqueeze(-1) * torch.softmax(out, -1)).sum(1)
+    assert torch.allclose(d.probs, expect, atol=1e-6)
+    box = ActionHead(gym.spaces.Box(-1, 1, (5,), np.float32))
+    ls = torch.randn(4, 5) * 0.1
+    g = AttentionComposer.mix(out, alpha, box, ls)
+    assert torch.allclose(g.mean, (alpha.unsqueeze(-1) * out).sum(1), atol=1e-6)
+    assert torch.allclose(g.base_dist.scale.log(), alpha @ ls, atol=1e-5)
+
+
+# --- graph ------------------------------------------------------------------------------------------
+
+
+def test_graph_rows_are_distributions_and_none_ignores_previous_skill():
+    g = SkillGraph(5, "learned")
+    with torch.no_grad():
+        g.adjacency_logits.copy_(torch.randn(5, 5) * 3)
+    P = g.transition()
+    assert torch.allclose(P.sum(-1), torch.ones(5)) and bool((P >= 0).all())
+    ctrl = torch.zeros(2, 5)
+    no_start = torch.zeros(2, dtype=torch.bool)
+    a = g.next_skill_logits(ctrl, torch.tensor([0, 0]), no_start)
+    b = g.next_skill_logits(ctrl, torch.tensor([3, 3]), no_start)
+    assert not torch.allclose(a, b)  # learned: the previous skill matters
+    # ... except at an episode start (there is no active skill)
+    st = torch.ones(2, dtype=torch.bool)
+    assert torch.equal(g.next_skill_logits(ctrl, torch.tensor([0, 3]), st), ctrl)
+    n = SkillGraph(5, "none", skill_len=3)
+    assert torch.allclose(n.transition(), torch.full((5, 5), 0.2))
+    assert torch.equal(
+        n.next_skill_logits(ctrl, torch.tensor([0, 0]), no_start),
+        n.next_skill_logits(ctrl, torch.tensor([3, 3]), no_start),
+    )
+    # mode none: fixed-length skills whatever beta says; learned: beta of the active skill
+    beta = torch.tensor([[0.9] * 5, [0.9] * 5])
+    assert n.switch_prob(beta, torch.tensor([1, 1]), torch.tensor([1, 3]), no_start).tolist() == [
+        0.0,
+        1.0,
+    ]
+    beta = torch.tensor([[0.1, 0.7, 0, 0, 0]] * 2)
+    p = g.switch_prob(beta, torch.tensor([1, 0]), torch.tensor([1, 1]), no_start)
+    assert torch.allclose(p, torch.tensor([0.7, 0.1]))
+
+
+def test_graph_networkx_and_files(tmp_path):
+    ag = agent()
+    with torch.no_grad():
+        ag.graph.adjacency_logits[0, 1] = 5.0
+    g = ag.graph.to_networkx()
+    assert g.number_of_nodes() == 4 and g.number_of_edges() == 16
+    assert sum(w for _, _, w in g.out_edges(0, data="weight")) == pytest.approx(1.0)
+    assert g[0][1]["weight"] > 0.9
+    paths = write_graph(ag, tmp_path / "g")
+    assert (tmp_path / "g" / "graph.png").stat().st_size > 1000
+    text = (tmp_path / "g" / "graph.graphml").read_text()
+    assert "graphml" in text and "weight" in text and "termination" in text
+    assert set(paths) == {"png", "graphml"}
+
+
+# --- controller -------------------------------------------------------------------------------------
+
+
+def test_controller_chunked_unroll_matches_stepping_from_stored_states():
+    torch.manual_seed(0)
+    c = MetaController(6, 3, hidden=8)
+    T, N = 10, 2
+    x = torch.randn(T, N, 8 + 3 + 2)
+    reset = torch.zeros(T, N, dtype=torch.bool)
+    reset[4, 1] = True
+    h, cc = c.initial_state(N)
+    hs, h_in, c_in = [], [], []
+    for t in range(T):
+        keep = (~reset[t]).float().unsqueeze(-1)
+        h, cc = h * keep, cc * keep
+        h_in.append(h)
+        c_in.append(cc)
+        h, cc = c.step(x[t], (h, cc))
+        hs.append(h)
+    hs = torch.stack(hs)
+    for L in (1, 3, 4, 16):
+        got = c.unroll_chunked(x, torch.stack(h_in), torch.stack(c_in), reset, L)
+        assert torch.allclose(got, hs, atol=1e-6), L
+
+
+# --- agent ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"num_skills": 0}, {"composer": "softmax"}, {"graph": "dag"}])
+def test_bad_input_names_the_value(kw, tmp_path):
+    key, val = next(iter(kw.items()))
+    with pytest.raises(ValueError, match=f"{key}={val!r}"):
+        CompositionalAgent({**FAST, **kw})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fast", ["context", "full"])
+def test_fast_path_batched_equals_functional_call_references(fast):
+    torch.manual_seed(1)
+    ag = agent(fast_params=fast)
+    h = torch.randn(6, 16)
+    table = torch.randn(3, ag.fast_size) * 0.1
+    table[0] = 0
+    ids = torch.tensor([0, 1, 2, 1, 0, 2])
+    a = ag.ctrl_logits(h, table[ids])
+    b = ag.ctrl_logits_vmap(h, table[ids])
+    c = ag.ctrl_logits_grouped(h, ids, table)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    assert torch.allclose(a[0], ag._fastpath(h[:1])[0], atol=1e-6)
+    assert not torch.allclose(a[1], ag._fastpath(h[1:2])[0])
+
+
+def _rollout(ag: CompositionalAgent, steps: int = 40):
+    col = ag.make_collector()
+    ag.collector = col
+    return col, col.collect(steps)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"composer": "hard", "bptt_len": 4},
+        {"composer": "uniform", "graph": "none", "bptt_len": 1},
+        {"inner_loop": "off", "bptt_len": 100},
+        {"fast_params": "full", "graph": "none"},
+    ],
+)
+def test_outer_update_recomputes_the_acting_log_probs(kw):
+    """Before any update the recomputed joint log-prob (switch, skill, action) equals the
+    acting one, so PPO's ratio starts at exactly 1 (adapted parameters included)."""
+    torch.manual_seed(0)
+    ag = agent(**kw)
+    col, ro = _rollout(ag)
+    try:
+        if kw.get("inner_loop", "on") == "on":
+            assert bool((ro.extras["fast_id"] != 0).any())  # some steps acted adapted
+        captured = {}
+
+        def fake_update(ro_, evaluate, params, opt, cfg, **k):
+            idx = torch.arange(ro_.valid.numel())
+            with torch.no_grad():
+                captured["logp"], _, captured["v"] = evaluate(idx)
+            return {}
+
+        import compositional.agent as ca
+
+        orig, ca.ppo_update = ca.ppo_update, fake_update
+        ag.log_scalars = lambda s: None
+        try:
+            ag.policy.prune = lambda: None
+            # re-run only the update part on this rollout
+            ag.collector.collect = lambda n: ro
+            ag._meta_step(ag.configure_optimizers()[0])
+        finally:
+            ca.ppo_update = orig
+        assert torch.allclose(captured["logp"], ro.logp.reshape(-1), atol=1e-4)
+        assert torch.allclose(captured["v"], ro.values.reshape(-1), atol=1e-4)
+    finally:
+        col.envs.close()
+
+
+def test_step_extras_are_inspectable():
+    ag = agent()
+    col, ro = _rollout(ag, 20)
+    col.envs.close()
+    ex = ro.extras
+    assert ex["skill"].shape == (20, 2) and bool((ex["skill"] >= 0).all())
+    assert ex["alpha"].shape == (20, 2, 4)
+    assert torch.allclose(ex["alpha"].sum(-1), torch.ones(20, 2))
+    assert bool(((ex["termination"] >= 0) & (ex["termination"] <= 1)).all())
+    # a skill only changes on a switch
+    changed = ex["skill"][1:] != ex["skill"][:-1]
+    assert bool((~changed | ex["switch"][1:]).all())
+
+
+def test_graph_none_re_selects_every_skill_len_steps():
+    ag = agent(graph="none", skill_len=3, inner_loop="off")
+    col, ro = _rollout(ag, 30)
+    col.envs.close()
+    sw = ro.extras["switch"]
+    ep = ro.episode_start
+    for i in range(2):
+        since = 0
+        for t in range(30):
+            if ep[t, i] or since == 3:
+                assert sw[t, i]
+                since = 1
+            else:
+                assert not sw[t, i]
+                since += 1
+
+
+def _episode(ag: CompositionalAgent, pol: CompositionalPolicy, T: int = 12):
+    """Drive ``pol`` by hand for one episode of env 0 and return the collector-style Episode."""
+    torch.manual_seed(0)
+    n = 2
+    mem = pol.reset_memory(pol.initial_memory(n), torch.ones(n, dtype=torch.bool))
+    prev = Prev(torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n))
+    obs_l, act, rew, logp, val = [], [], [], [], []
+    for t in range(T):
+        obs = torch.rand(n, ag.obs_dim)
+        out = pol.step(obs, mem, prev)
+        r = torch.tensor([1.0 if t % 4 == 3 else 0.0, 0.0])
+        obs_l.append(obs[0])
+        act.append(out.action[0])
+        rew.append(r[0])
+        logp.append(out.logp[0])
+        val.append(out.value[0])
+        mem, prev = out.memory, Prev(out.action, r, torch.zeros(n))
+    st = EpisodeStats(0, None, 0, float(sum(rew)), False, T, 1)
+    obs = torch.stack(obs_l)
+    return Episode(
+        obs, torch.stack(act), torch.stack(rew), obs, torch.zeros(T, dtype=torch.bool),
+        torch.stack(logp), torch.stack(val), st,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("fast", ["context", "full"])
+def test_inner_loop_changes_only_controller_and_composer(fast):
+    ag = agent(inner_lr=1.0, fast_params=fast)
+    before = {k: v.clone() for k, v in ag.state_dict().items()}
+    pol, hook = ag.trial_policy(None)
+    assert hook is not None
+    ep = _episode(ag, pol)
+    hook(0, ep)
+    assert pol.fast_id.tolist() == [1, 0]  # env 0 adapted, env 1 not
+    delta = pol.table[1]
+    assert delta.abs().sum() > 0
+    assert all(n.split(".")[0] in ("controller", "composer") for n in FAST_PARAMS)
+    per = ag._unflatten(delta)
+    assert set(per) == set(FAST_PARAM_SETS[fast])
+    assert any(per[n].abs().sum() > 0 for n in per if n.startswith("controller"))
+    assert any(per[n].abs().sum() > 0 for n in per if n.startswith("composer"))
+    # functional adaptation: the module's own parameters (library, graph, LSTM...) untouched
+    for k, v in ag.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the adapted controller now gives env 0 different skill logits
+    h = torch.randn(1, 16)
+    assert not torch.allclose(ag.ctrl_logits(h, delta[None]), ag._fastpath(h))
+    # the inner step raised the advantage-weighted log-likelihood of the episode (a PG step)
+    # and a second episode index beyond inner_episodes does not adapt
+    ep2 = _episode(ag, pol)
+    ep2.stats.episode_index = 1
+    n_table = len(pol.table)
+    hook(0, ep2)
+    assert len(pol.table) == n_table
+
+
+def test_inner_loop_off_and_other_switches_change_behaviour():
+    assert agent(inner_loop="off").trial_policy(None)[1] is None
+    frozen = agent()
+    assert frozen.n_disc == 0 and not any(p.requires_grad for p in frozen.library.parameters())
+    disc = CompositionalAgent({**FAST, "total_env_steps": 2000, "discovery_fraction": 0.5})
+    assert disc.n_disc > 0
+    assert all(p.requires_grad for n, p in disc.library.named_parameters() if n != "log_std")
+    sup = CompositionalAgent({**FAST, "total_env_steps": 2000, "primitives": "supervised"})
+    assert sup.skill_trainer.objective == "supervised" and len(sup.skill_trainer.primitives) == 4
+    # composer modes give different weights for the same controller state
+    torch.manual_seed(0)
+    h = torch.randn(3, 16)
+    obs = torch.rand(3, frozen.obs_dim)
+    res = {}
+    for mode in ("attention", "hard", "uniform"):
+        torch.manual_seed(0)
+        ag = agent(composer=mode)
+        sk = torch.tensor([-1, -1, -1])
+        r = ag.act(obs, h, ag.controller.encode(obs), sk, torch.zeros(3, dtype=torch.long),
+                   torch.ones(3, dtype=torch.bool), None)  # fmt: skip
+        res[mode] = r["alpha"]
+    assert torch.allclose(res["uniform"], torch.full((3, 4), 0.25))
+    assert bool(((res["hard"] == 0) | (res["hard"] == 1)).all())
+    assert not torch.allclose(res["attention"], res["uniform"])
+
+
+def test_budget_counts_discovery_steps():
+    ag = CompositionalAgent({**FAST, "total_env_steps": 640, "discovery_fraction": 0.5})
+    per_d = 2 * 16
+    per_m = 2 * 32
+    assert ag.n_disc == 10
+    assert ag.n_meta == math.ceil((640 - 10 * per_d) / per_m)
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compo")
+    ag = CompositionalAgent({**FAST, "total_env_steps": 160, "discovery_fraction": 0.2, "seed": 1})
+    fit(ag, out, logger=False)
+    return ag, out
+
+
+def test_train_heldout_eval_reload(trained):
+    from envs import make_split
+    from experiments.registry import REGISTRY
+    from rl.protocol import heldout_tasks, run_trials
+
+    ag, out = trained
+    phases = [h["charts/phase"] for h in ag.history]
+    assert phases == [1.0] * ag.n_disc + [2.0] * ag.n_meta and ag.n_disc >= 1
+    assert ag.history[-1]["env_steps"] >= 160
+    assert (out / "heatmaps.png").is_file()
+    assert "charts/disc_accuracy" in ag.history[0]
+    split = make_split("grid", seed=0)
+    tasks = heldout_tasks(split.heldout, 2, seed=5)
+    kw = {"env_id": "CompoGrid-v0", "env_kwargs": ag.cfg.env_kwargs, "episodes": 2, "num_envs": 2}
+    res = run_trials(ag, tasks, seed=7, **kw)
+    assert res["success"].shape == (2, 2)
+    back = load_module(out / "checkpoints" / "final.ckpt", REGISTRY, expected="compositional")
+    for (n, a), (_, b) in zip(ag.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    torch.manual_seed(3)
+    r1 = run_trials(ag, tasks, seed=7, **kw)
+    torch.manual_seed(3)
+    r2 = run_trials(back, tasks, seed=7, **kw)
+    assert (r1["return"] == r2["return"]).all()
+
+
+def test_library_checkpoint_load_and_mismatch(tmp_path):
+    from primitives.discovery import DiscoveryModule
+
+    lib_dir = tmp_path / "lib"
+    dm = DiscoveryModule(
+        {"num_envs": 2, "num_skills": 4, "hidden": 16, "total_env_steps": 32,
+         "training": {"ppo": {"num_steps": 16, "update_epochs": 1}}}
+    )  # fmt: skip
+    fit(dm, lib_dir, logger=False)
+    ckpt = str(lib_dir / "checkpoints" / "final.ckpt")
+    ag = CompositionalAgent({**FAST, "library_checkpoint": ckpt, "total_env_steps": 200})
+    for (n, a), (_, b) in zip(dm.library.state_dict().items(), ag.library.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert ag.n_disc == 0 and ag.library_env_steps == 32
+    # the compositional checkpoint holds the library: reloading works after the file moved
+    run = tmp_path / "trained"
+    fit(ag, run, logger=False)
+    (lib_dir / "checkpoints" / "final.ckpt").rename(tmp_path / "moved.ckpt")
+    from experiments.registry import REGISTRY
+
+    back = load_module(run / "checkpoints" / "final.ckpt", REGISTRY, expected="compositional")
+    assert back.library_env_steps == 32 and back.n_meta == ag.n_meta
+    for (n, a), (_, b) in zip(ag.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    # ... but training from a missing library file fails loudly
+    with pytest.raises(FileNotFoundError, match="final.ckpt"):
+        fit(CompositionalAgent({**FAST, "library_checkpoint": ckpt}), tmp_path / "x", logger=False)
+    ckpt = str(tmp_path / "moved.ckpt")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="num_skills=4 but num_skills=5"):
+        CompositionalAgent({**FAST, "num_skills": 5, "library_checkpoint": ckpt})
+    # a library trained on another observation space (here: a checkpoint with a wider input)
+    bad = torch.load(ckpt, weights_only=True)
+    w = bad["state_dict"]["library.encoder.0.0.weight"]
+    bad["state_dict"]["library.encoder.0.0.weight"] = torch.zeros(w.shape[0], w.shape[1] + 3)
+    torch.save(bad, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=f"observation size {w.shape[1] + 3}"):
+        CompositionalAgent({**FAST, "library_checkpoint": str(tmp_path / "bad.ckpt")})
+    with pytest.raises(ValueError, match="objective='diayn'"):
+        CompositionalAgent({**FAST, "library_checkpoint": ckpt, "primitives": "supervised"})
+    assert not out.exists()
+
+
+def test_resume_is_exact(tmp_path):
+    """Kill after phase 1 + 2 meta-iterations (trials and adapted parameters in flight), resume
+    with the full config: same parameters as an uninterrupted run."""
+    full_cfg = {**FAST, "total_env_steps": 320, "discovery_fraction": 0.2, "seed": 2}
+    cut_cfg = {**full_cfg, "total_env_steps": 192, "discovery_fraction": 1 / 3}
+    full = fit(CompositionalAgent(full_cfg), tmp_path / "full", checkpoint_every=1, logger=False)
+    cut = CompositionalAgent(cut_cfg)
+    assert (cut.n_disc, cut.n_meta, full.n_disc, full.n_meta) == (2, 2, 2, 4)
+    fit(cut, tmp_path / "cut", checkpoint_every=1, logger=False)
+    resumed = fit(
+        CompositionalAgent(full_cfg), tmp_path / "cut", resume=True, checkpoint_every=1,
+        logger=False,
+    )  # fmt: skip
+    assert resumed.iteration == 6
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_continuous_actions_compose_weighted_gaussians_and_recompute_log_probs():
+    import gymnasium as gym
+    import numpy as np
+
+    from primitives.library import SkillLibrary
+
+    torch.manual_seed(0)
+    ag = agent()
+    box = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    ag.library = SkillLibrary(ag.obs_dim, box, 4, 16)
+    obs = torch.rand(3, ag.obs_dim)
+    h = torch.randn(3, 16)
+    enc = ag.controller.encode(obs)
+    sk, st = torch.tensor([-1, 2, 1]), torch.tensor([0, 3, 1])
+    start = torch.tensor([True, False, False])
+    r = ag.act(obs, h, enc, sk, st, start, None)
+    assert r["action"].shape == (3, 4)
+    sel, out, _, p = ag._core(obs, h, enc, sk, st, start, None)
+    _, alpha, logp, ent = ag._joint(out, sel, p, start, r["switch"], r["skill"], r["action"])
+    assert torch.allclose(logp, r["logp"], atol=1e-5) and ent.shape == (3,)
+    assert torch.allclose(alpha.sum(-1), torch.ones(3))
