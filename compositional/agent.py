@@ -835,6 +835,11 @@ class CompositionalAgent(RLModule):
         log_iteration_with(self, ro, stats, charts, time.perf_counter() - t0)
 
     # -- evaluation -------------------------------------------------------------------------------------
+    @staticmethod
+    def embedding_of_memory(memory: tuple) -> tuple:
+        """The task embedding ``compo embed`` reads: the controller's LSTM state (h, c)."""
+        return memory[0], memory[1]
+
     def trial_policy(self, envs):
         """Fresh memory and fresh (unadapted) fast parameters per call; with the inner loop on,
         the hook adapts after each of a trial's first ``inner_episodes`` episodes."""

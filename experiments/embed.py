@@ -33,6 +33,8 @@ def flatten_memory(memory, n: int) -> torch.Tensor:
     if isinstance(memory, (tuple, list)):
         return torch.cat([flatten_memory(m, n) for m in memory], dim=-1)
     m = memory.detach().float()
+    if m.dim() == 1 and m.shape[0] == n:
+        return m.reshape(n, 1)
     if m.dim() >= 2 and m.shape[0] == n:
         return m.reshape(n, -1)
     if m.dim() == 3 and m.shape[1] == n:
@@ -41,8 +43,9 @@ def flatten_memory(memory, n: int) -> torch.Tensor:
 
 
 class _MemoryRecorder:
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, select=None) -> None:
         self.inner = inner
+        self.select = select
         self.memory: list[torch.Tensor] = []
 
     def initial_memory(self, n):
@@ -56,7 +59,10 @@ class _MemoryRecorder:
 
     def step(self, obs, memory, prev):
         out = self.inner.step(obs, memory, prev)
-        self.memory.append(flatten_memory(out.memory, obs.shape[0]))
+        mem = out.memory
+        if self.select is not None:
+            mem = self.select(mem)
+        self.memory.append(flatten_memory(mem, obs.shape[0]))
         return out
 
 
@@ -137,7 +143,8 @@ def run_embed(
             pad = k - len(batch)
             batch += [batch[-1]] * pad
             policy, hook = module.trial_policy(env)
-            rec = _MemoryRecorder(policy)
+            # a method may say which part of its memory is the task embedding
+            rec = _MemoryRecorder(policy, getattr(module, "embedding_of_memory", None))
             col = Collector(
                 env, rec, episodes_per_trial=episodes, seed=seed + b, on_episode_end=hook
             )

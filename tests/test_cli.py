@@ -263,3 +263,51 @@ def test_ablation_rows():
     assert hard["config"] == {"composer": "hard"}
     with pytest.raises(ValueError, match="unknown ablation 'composer=soft'"):
         ablation_config({"variants": ["composer=soft"]})
+
+
+def test_compositional_trace_graph_embed(tmp_path):
+    ck = tmp_path / "compo"
+    args = ["--set", "total_env_steps=1024", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
+    args += ["--set", "discovery.ppo.num_steps=64", "--set", "num_skills=4"]
+    assert main(["train", "--method", "compositional", "--out", str(ck), *args]) == 0
+    ckpt = str(ck / "checkpoints" / "final.ckpt")
+    tr = tmp_path / "trace"
+    assert (
+        main(
+            [
+                "trace",
+                "--checkpoint",
+                ckpt,
+                "--composition",
+                "goto(red ball) > open(door)",
+                "--out",
+                str(tr),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((tr / "trace.json").read_text())
+    step = doc["steps"][0]
+    assert len(step["alpha"]) == 4 and abs(sum(step["alpha"]) - 1) < 1e-5
+    assert 0 <= step["skill"] < 4 and 0 <= step["termination"] <= 1
+    g = tmp_path / "graph"
+    assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
+    assert (g / "graph.png").stat().st_size > 0 and "graphml" in (g / "graph.graphml").read_text()
+    e = tmp_path / "embed"
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(e),
+                "--set",
+                "num_tasks=5",
+                "--set",
+                "episodes=1",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((e / "embed.json").read_text())["embedding_dim"] == 2 * 64
