@@ -120,12 +120,16 @@ def _plot_trace(doc: dict, path: Path) -> None:
     ax = axes[0]
     if has_alpha:
         alpha = np.array([s["alpha"] for s in steps]).T
+        # colour range up to the largest weight (at least 2/K) so that structure near uniform shows
+        vmax = max(float(alpha.max()), 2.0 / alpha.shape[0])
         im = ax.imshow(
-            alpha, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+            alpha, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest"
         )
         ax.set_ylabel("skill")
+        ax.set_yticks(range(alpha.shape[0]))
+        ax.tick_params(axis="y", labelsize=6)
         ax.set_title(f"{doc['method']}: composer weights over skills — {doc['composition']}")
-        fig.colorbar(im, ax=ax, pad=0.01, label="alpha")
+        fig.colorbar(im, ax=list(axes), pad=0.01, fraction=0.03, label="alpha")
         if "skill" in steps[0]:
             ax.plot(t, [s["skill"] for s in steps], "w.", ms=3, label="active skill")
             ax.legend(loc="upper right", fontsize=7)
@@ -150,9 +154,10 @@ def _plot_trace(doc: dict, path: Path) -> None:
         for i in range(1, len(steps)):
             if steps[i]["episode"] != steps[i - 1]["episode"]:
                 a.axvline(i - 0.5, color="k", ls="--", lw=0.8)
-    fig.tight_layout()
+    if not has_alpha:
+        fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
