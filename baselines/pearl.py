@@ -527,7 +527,9 @@ class PEARLModule(RLModule):
         train_set = cfg.train_compositions()
         # the task pool: (composition, layout seed) pairs drawn once, so per-task buffers are
         # well defined; with fixed_layout=False a task is its composition (new layout per episode)
-        pool = heldout_tasks(train_set, cfg.num_train_tasks, seed=cfg.seed)
+        pool = heldout_tasks(
+            train_set, cfg.num_train_tasks, seed=cfg.seed, layout_seeds=cfg.train_layout_seeds()
+        )
         if not cfg.fixed_layout:
             pool = [Task(t.composition, None) for t in pool]
         self.task_pool: list[Task] = pool

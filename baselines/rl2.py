@@ -284,7 +284,7 @@ class RL2Module(RLModule):
             cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
             vectorization=cfg.vectorization,
         )  # fmt: skip
-        sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout)
+        sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())
         return Collector(
             envs, RL2Policy(self.net), episodes_per_trial=cfg.episodes_per_trial,
             task_sampler=sampler, seed=cfg.seed,

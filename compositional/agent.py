@@ -656,7 +656,7 @@ class CompositionalAgent(RLModule):
         self.policy = CompositionalPolicy(self, inner=cfg.inner_loop == "on")
         return Collector(
             envs, self.policy, episodes_per_trial=cfg.episodes_per_trial,
-            task_sampler=uniform_task_sampler(self.train_set, cfg.fixed_layout), seed=cfg.seed,
+            task_sampler=uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds()), seed=cfg.seed,
             on_episode_end=self.policy.adapt if cfg.inner_loop == "on" else None,
         )  # fmt: skip
 

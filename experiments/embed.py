@@ -133,7 +133,7 @@ def run_embed(
     import envs as _envs
 
     split = _envs.make_split(cfg.split_family, seed=cfg.split_seed)
-    tasks = heldout_tasks(split.heldout, num_tasks, seed)
+    tasks = heldout_tasks(split.heldout, num_tasks, seed, split.meta.get("heldout_layout_seeds"))
     k = min(num_envs, num_tasks)
     env = make_vector_env(cfg.env_id, k, {**cfg.env_kwargs, "composition": tasks[0].composition})
     rows = []

@@ -136,7 +136,9 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
     command = " ".join(shlex.quote(a) for a in ["compo", *sys.argv[1:]]) if sys.argv else ""
     dump_yaml(out / "config.yaml", asdict(cfg))
     split = envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
-    tasks = heldout_tasks(split.heldout, cfg.eval.num_tasks, cfg.eval.seed)
+    tasks = heldout_tasks(
+        split.heldout, cfg.eval.num_tasks, cfg.eval.seed, split.meta.get("heldout_layout_seeds")
+    )
     ev = cfg.eval
     methods: dict[str, dict] = {}
 

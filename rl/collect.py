@@ -246,17 +246,25 @@ TaskSampler = Callable[[np.random.Generator], Task]
 
 
 def uniform_task_sampler(
-    compositions: Sequence[Composition | str], fixed_layout: bool
+    compositions: Sequence[Composition | str],
+    fixed_layout: bool,
+    layout_seeds: Sequence[int] | None = None,
 ) -> TaskSampler:
     """Tasks drawn uniformly from ``compositions``; with ``fixed_layout`` each trial gets one
-    layout/goal seed reused for all its episodes, otherwise every episode draws a new one."""
+    layout/goal seed reused for all its episodes (from ``layout_seeds`` if the split prescribes
+    them, e.g. Meta-World's train goals), otherwise every episode draws a new one."""
     comps = [Composition.parse(c) for c in compositions]
     if not comps:
         raise ValueError("task sampler needs at least one composition")
+    pool = None if layout_seeds is None else [int(s) for s in layout_seeds]
 
     def sample(rng: np.random.Generator) -> Task:
         c = comps[int(rng.integers(len(comps)))]
-        return Task(c, int(rng.integers(2**31)) if fixed_layout else None)
+        if not fixed_layout:
+            return Task(c, None)
+        if pool is not None:
+            return Task(c, pool[int(rng.integers(len(pool)))])
+        return Task(c, int(rng.integers(2**31)))
 
     return sample
 

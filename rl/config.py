@@ -43,6 +43,15 @@ class BaseConfig:
         if self.vectorization not in ("sync", "async"):
             raise ValueError(f"vectorization={self.vectorization!r}; allowed: 'sync', 'async'")
 
+    def train_layout_seeds(self) -> list[int] | None:
+        """Layout/goal seeds the split reserves for training (Meta-World), else None."""
+        if self.compositions:
+            return None
+        from envs import make_split
+
+        seeds = make_split(self.split_family, seed=self.split_seed).meta.get("train_layout_seeds")
+        return None if seeds is None else [int(s) for s in seeds]
+
     def train_compositions(self) -> list[str]:
         """The compositions meta-training draws from."""
         if self.compositions:

@@ -198,7 +198,7 @@ class PPOModule(RLModule):
             cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
             vectorization=cfg.vectorization,
         )  # fmt: skip
-        sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout)
+        sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())
         return Collector(envs, FeedForwardPolicy(self.net), task_sampler=sampler, seed=cfg.seed)
 
     def configure_optimizers(self):

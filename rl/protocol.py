@@ -57,13 +57,23 @@ class EvalConfig:
                 raise ValueError(f"eval.{k}={getattr(self, k)}; allowed: an integer >= 1")
 
 
-def heldout_tasks(compositions: Sequence[Composition | str], n: int, seed: int) -> list[Task]:
-    """``n`` tasks cycling through the compositions (shuffled by ``seed``), each with a layout seed."""
+def heldout_tasks(
+    compositions: Sequence[Composition | str],
+    n: int,
+    seed: int,
+    layout_seeds: Sequence[int] | None = None,
+) -> list[Task]:
+    """``n`` tasks cycling through the compositions (shuffled by ``seed``), each with a layout
+    seed — drawn from ``layout_seeds`` when the split prescribes them (Meta-World's held-out
+    goals), otherwise any."""
     comps = [Composition.parse(c) for c in compositions]
     if not comps:
         raise ValueError("no held-out compositions to evaluate on")
     rng = np.random.default_rng(seed)
     order = [comps[i] for i in rng.permutation(len(comps))]
+    if layout_seeds is not None:
+        pool = [int(s) for s in layout_seeds]
+        return [Task(order[i % len(order)], pool[int(rng.integers(len(pool)))]) for i in range(n)]
     return [Task(order[i % len(order)], int(rng.integers(2**31))) for i in range(n)]
 
 
