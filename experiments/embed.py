@@ -18,7 +18,7 @@ import torch
 
 from envs.core import Composition
 from experiments.registry import REGISTRY
-from rl.collect import Collector, make_vector_env
+from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
 from rl.protocol import heldout_tasks
 from rl.train import load_module
@@ -42,20 +42,13 @@ def flatten_memory(memory, n: int) -> torch.Tensor:
     raise ValueError(f"cannot read a per-env embedding from a memory of shape {tuple(m.shape)}")
 
 
-class _MemoryRecorder:
+class _MemoryRecorder(PolicyWrapper):
+    """Keeps the policy's memory after every step."""
+
     def __init__(self, inner, select=None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.select = select
         self.memory: list[torch.Tensor] = []
-
-    def initial_memory(self, n):
-        return self.inner.initial_memory(n)
-
-    def reset_memory(self, memory, mask):
-        return self.inner.reset_memory(memory, mask)
-
-    def bootstrap_value(self, obs, memory, prev):
-        return self.inner.bootstrap_value(obs, memory, prev)
 
     def step(self, obs, memory, prev):
         out = self.inner.step(obs, memory, prev)

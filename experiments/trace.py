@@ -16,27 +16,19 @@ import torch
 
 from envs.core import Composition, Task
 from experiments.registry import REGISTRY
-from rl.collect import Collector, make_vector_env
+from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
 from rl.train import load_module
 
 
-class _Recorder:
+class _Recorder(PolicyWrapper):
     """Wraps a policy: renders the env before each step and keeps the policy's extras."""
 
     def __init__(self, inner, envs, render: bool) -> None:
-        self.inner, self.envs, self.render = inner, envs, render
+        super().__init__(inner)
+        self.envs, self.render = envs, render
         self.frames: list[np.ndarray] = []
         self.steps: list[dict] = []
-
-    def initial_memory(self, n):
-        return self.inner.initial_memory(n)
-
-    def reset_memory(self, memory, mask):
-        return self.inner.reset_memory(memory, mask)
-
-    def bootstrap_value(self, obs, memory, prev):
-        return self.inner.bootstrap_value(obs, memory, prev)
 
     def step(self, obs, memory, prev):
         env = self.envs.envs[0].unwrapped

@@ -113,6 +113,26 @@ class RolloutPolicy(Protocol):
     def bootstrap_value(self, obs: torch.Tensor, memory: Any, prev: Prev) -> torch.Tensor: ...
 
 
+class PolicyWrapper:
+    """Delegates the ``RolloutPolicy`` protocol to ``inner``; subclasses override ``step`` to
+    observe what the policy does (traces, embeddings) without reimplementing it."""
+
+    def __init__(self, inner: RolloutPolicy) -> None:
+        self.inner = inner
+
+    def initial_memory(self, n: int) -> Any:
+        return self.inner.initial_memory(n)
+
+    def reset_memory(self, memory: Any, mask: torch.Tensor) -> Any:
+        return self.inner.reset_memory(memory, mask)
+
+    def step(self, obs: torch.Tensor, memory: Any, prev: Prev) -> StepOutput:
+        return self.inner.step(obs, memory, prev)
+
+    def bootstrap_value(self, obs: torch.Tensor, memory: Any, prev: Prev) -> torch.Tensor:
+        return self.inner.bootstrap_value(obs, memory, prev)
+
+
 class FeedForwardPolicy:
     """Adapter for a memory-less ``ActorCritic``-like module (``dist(obs)``, ``value(obs)``)."""
 
