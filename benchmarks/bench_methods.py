@@ -1,0 +1,141 @@
+"""``method_sps``: training env steps/s of every method on CompoGrid, against plain PPO.
+
+Each method is built from a plain config dict by ``experiments.registry.method_class`` and
+trained by ``rl.train.fit(module, tmpdir, logger=False)`` on the same budget, seed and train
+compositions (the grid split's train side); speed = ``module.env_steps`` / wall seconds from
+construction to the end of ``fit`` (so everything a real run pays: rollouts, updates,
+Lightning, checkpoints, and for the compositional agent its skill-discovery phase).
+
+PPO is trained first and last and the reference is the mean of the two, because the shared
+machine's load drifts over the minutes this benchmark takes. A method that cannot be imported
+(the compositional agent is still being written) gets a row without a value and the note
+"not available"; the suite carries on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks import Row, load_note
+
+NAME = "method_sps"
+
+#: (row label, registry method name, config overrides); RL² small is the config its docstring
+#: recommends for small budgets, RL² default the seed document's 2x256 LSTM
+METHODS: list[tuple[str, str, dict]] = [
+    ("ppo", "ppo", {}),
+    ("maml", "maml", {}),
+    ("fomaml", "fomaml", {}),
+    ("reptile", "reptile", {}),
+    ("rl2_small", "rl2", {"rnn": "gru", "hidden": 64, "num_layers": 1, "head_hidden": 64}),
+    ("rl2_default", "rl2", {}),
+    ("pearl", "pearl", {}),
+    ("compositional", "compositional", {}),
+]
+
+#: quick (smoke) budgets that must be larger than the default 1000: the compositional agent
+#: needs one discovery rollout (1024 steps) plus meta-training steps
+QUICK_BUDGET = {"compositional": 3072}
+
+#: target on the ratio to PPO, per label (within 1.5x of PPO)
+TARGETS = {"compositional": f">={1 / 1.5:.3f}"}
+
+
+class NotAvailable(Exception):
+    """The method's module cannot be imported (e.g. not written yet)."""
+
+
+def train_sps(method: str, overrides: dict, budget: int, out: Path, seed: int = 0):
+    """Train one method on ``budget`` env steps; returns (env steps, wall seconds)."""
+    from experiments.registry import method_class
+    from rl.train import fit
+
+    try:
+        cls = method_class(method)
+    except ImportError as e:
+        raise NotAvailable(f"{type(e).__name__}: {e}") from e
+    cfg = {"compositions": None, "total_env_steps": budget, "seed": seed, **overrides}
+    t0 = time.perf_counter()
+    module = cls(cfg)
+    fit(module, out, logger=False)
+    wall = time.perf_counter() - t0
+    return module.env_steps, wall
+
+
+def run(
+    quick: bool = False,
+    workdir: str | None = None,
+    methods: list[str] | None = None,
+    **_: object,
+) -> list[Row]:
+    """Train each method (``methods``: labels to keep; PPO always runs) and compare to PPO.
+
+    Raises:
+        RuntimeError: after all methods ran, if any failed for a reason other than not being
+            importable (their rows are returned on the exception's ``rows`` attribute).
+    """
+    budget = 1000 if quick else 20_000
+    labels = [m[0] for m in METHODS]
+    if methods is not None:
+        unknown = sorted(set(methods) - set(labels))
+        if unknown:
+            raise ValueError(f"unknown method label {unknown[0]!r}; allowed: {', '.join(labels)}")
+    todo = [m for m in METHODS if m[0] != "ppo" and (methods is None or m[0] in methods)]
+    results: dict[str, tuple[int, float, int] | str] = {}
+    failures: list[str] = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        ppo_runs = []
+
+        def ppo(tag: str) -> None:
+            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo_{tag}")
+            ppo_runs.append(steps / wall)
+            print(f"[{NAME}] ppo ({tag}): {steps} steps in {wall:.1f} s")
+
+        ppo("first")
+        for label, method, overrides in todo:
+            try:
+                b = QUICK_BUDGET.get(label, budget) if quick else budget
+                steps, wall = train_sps(method, overrides, b, Path(tmp) / label)
+                results[label] = (steps, wall, b)
+                print(f"[{NAME}] {label}: {steps} steps in {wall:.1f} s")
+            except NotAvailable as e:
+                results[label] = f"not available ({e})"
+                print(f"[{NAME}] {label}: not available: {e}")
+            except Exception as e:  # recorded, reported and re-raised after the others ran
+                traceback.print_exc()
+                results[label] = f"failed: {type(e).__name__}: {e}"
+                failures.append(label)
+        ppo("last")
+    ref = sum(ppo_runs) / len(ppo_runs)
+    rows = [
+        Row(
+            NAME, "ppo_env_steps_per_s", ref, None, "",
+            f"reference for the other rows: mean of PPO trained first ({ppo_runs[0]:.0f}) "
+            f"and last ({ppo_runs[-1]:.0f}); budget {budget}; {load_note()}",
+        )
+    ]  # fmt: skip
+    for label, method, overrides in todo:
+        res = results[label]
+        cfg_note = f"method {method!r}" + (f", overrides {overrides}" if overrides else "")
+        if isinstance(res, str):
+            rows.append(Row(NAME, f"{label}_env_steps_per_s", None, ref, TARGETS.get(label, ""),
+                            f"{res}; {cfg_note}"))  # fmt: skip
+            continue
+        steps, wall, b = res
+        rows.append(
+            Row(
+                NAME, f"{label}_env_steps_per_s", steps / wall, ref, TARGETS.get(label, ""),
+                f"{cfg_note}; {steps} env steps in {wall:.1f} s (budget {b}; construction "
+                f"+ rl.train.fit); ratio = method / PPO; {load_note()}",
+            )
+        )  # fmt: skip
+    print(f"[{NAME}] done in {time.perf_counter() - t_all:.1f} s")
+    if failures:
+        err = RuntimeError(f"method_sps: training failed for {', '.join(failures)}")
+        err.rows = rows  # type: ignore[attr-defined]
+        raise err
+    return rows
