@@ -249,6 +249,7 @@ class CompoGridEnv(MiniGridEnv):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (self.obs_dim,), np.float32)
         self.progress = 0
         self.objects: dict[str, Any] = {}
+        self._in_base_step = False
 
     # -- task -------------------------------------------------------------------------------------
     def _steps_for(self, c: Composition) -> int:
@@ -358,7 +359,11 @@ class CompoGridEnv(MiniGridEnv):
         if not 0 <= action < len(ACTIONS):
             raise ValueError(f"action={action}; allowed: 0..{len(ACTIONS) - 1}")
         before = {"carrying": self.carried_name(), "door_open": bool(self.objects[DOOR].is_open)}
-        _, _, _, truncated, _ = super().step(action)
+        self._in_base_step = True
+        try:
+            _, _, _, truncated, _ = super().step(action)
+        finally:
+            self._in_base_step = False
         reward = 0.0
         L = len(self.composition)
         # only the next sub-task in order is checked; several can complete in one step
@@ -396,52 +401,56 @@ class CompoGridEnv(MiniGridEnv):
         )
 
     def gen_obs(self):
+        if self._in_base_step:
+            return None  # MiniGridEnv.step builds an obs we would discard: skip the work
         W, H = self.width - 1, self.height - 1
         ax, ay = int(self.agent_pos[0]), int(self.agent_pos[1])
-        fwd = np.array(self.dir_vec)
-        right = np.array(self.right_vec)
+        fx, fy = _DIRS[self.agent_dir]
+        rx, ry = -fy, fx  # right-hand direction
         carried = self.carried_name()
-        feats: list[float] = []
-        for name in ENTITIES:
+        out = np.zeros(self.obs_dim, dtype=np.float32)
+        front_cell = (ax + fx, ay + fy)
+        front_name = None
+        for e, name in enumerate(ENTITIES):
+            base = e * PER_ENTITY
             cell = self.entity_cell(name)
             if cell is None:
-                feats += [0.0, float(name == carried)] + [0.0] * (PER_ENTITY - 2)
-            else:
-                d = np.array(cell) - np.array([ax, ay])
-                f, r = float(d @ fwd), float(d @ right)
-                feats += [
-                    1.0,
-                    0.0,
-                    cell[0] / W,
-                    cell[1] / H,
-                    f / W,
-                    r / W,
-                    float(name == DOOR and self.objects[DOOR].is_open),
-                    # crisp egocentric cues: MLPs pick these up far faster than small offsets
-                    float(np.sign(f)),
-                    float(np.sign(r)),
-                    float(f == 1 and r == 0),
-                ]
-        feats += [ax / W, ay / H]
-        direction = np.zeros(4)
-        direction[self.agent_dir] = 1.0
-        front = np.zeros(len(ENTITIES) + 2)
-        fe = self.front_entity()
-        fcell = self.grid.get(*self.front_pos)
-        if fe is not None:
-            front[ENTITIES.index(fe)] = 1.0
-        elif fcell is not None and fcell.type == "wall":
-            front[len(ENTITIES)] = 1.0
+                out[base + 1] = float(name == carried)
+                continue
+            dx, dy = cell[0] - ax, cell[1] - ay
+            f, r = dx * fx + dy * fy, dx * rx + dy * ry
+            out[base : base + PER_ENTITY] = (
+                1.0,
+                0.0,
+                cell[0] / W,
+                cell[1] / H,
+                f / W,
+                r / W,
+                float(name == DOOR and self.objects[DOOR].is_open),
+                # crisp egocentric cues: MLPs pick these up far faster than small offsets
+                (f > 0) - (f < 0),
+                (r > 0) - (r < 0),
+                float(f == 1 and r == 0),
+            )
+            if cell == front_cell:
+                front_name = name
+        i = len(ENTITIES) * PER_ENTITY
+        out[i], out[i + 1] = ax / W, ay / H
+        out[i + 2 + self.agent_dir] = 1.0
+        i += 6
+        if front_name is not None:
+            out[i + ENTITIES.index(front_name)] = 1.0
         else:
-            front[len(ENTITIES) + 1] = 1.0
-        progress = np.zeros(MAX_LEN + 1)
-        progress[min(self.progress, MAX_LEN)] = 1.0
-        instr = np.zeros((MAX_LEN, len(PRIMITIVES)))
+            fcell = self.grid.get(*front_cell)
+            wall = fcell is not None and fcell.type == "wall"
+            out[i + len(ENTITIES) + (0 if wall else 1)] = 1.0
+        i += len(ENTITIES) + 2
+        out[i + min(self.progress, MAX_LEN)] = 1.0
+        i += MAX_LEN + 1
         if self.task_info == "instruction":
-            for i, p in enumerate(self.composition):
-                instr[i, PRIMITIVE_INDEX[p]] = 1.0
-        out = np.concatenate([np.array(feats), direction, front, progress, instr.ravel()])
-        return out.astype(np.float32)
+            for k, p in enumerate(self.composition):
+                out[i + k * len(PRIMITIVES) + PRIMITIVE_INDEX[p]] = 1.0
+        return out
 
 
 # --- oracle -------------------------------------------------------------------------------------
