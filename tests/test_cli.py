@@ -167,6 +167,12 @@ def test_heldout_end_to_end(tmp_path):
     assert (out / "table.md").read_text().startswith("| method")
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "ppo" / "seed1" / "checkpoints" / "final.ckpt").is_file()
+    from experiments.training_summary import markdown, summarize_run
+
+    rows = summarize_run(out)
+    assert [r["method"] for r in rows] == ["ppo"] and rows[0]["seeds"] == 2
+    assert 0.0 <= rows[0]["train_success"] <= 1.0 and rows[0]["env_steps"] >= 256
+    assert "| ppo |" in markdown(rows, 10)
 
 
 def test_heldout_bad_method_writes_nothing(tmp_path, capsys):

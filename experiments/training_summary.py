@@ -1,0 +1,70 @@
+"""Training-side numbers of a ``compo heldout``/``compo ablate`` run folder.
+
+``python -m experiments.training_summary RUN_DIR`` reads each method's
+``<method>/seed<k>/train_log.jsonl`` and prints, per method, the mean training success (on
+*train* compositions, as logged in ``charts/success``) over the last ``--last`` logged
+iterations, with the spread over seeds, and the env steps reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def summarize_run(run: Path, last: int = 10) -> list[dict]:
+    rows = []
+    for method_dir in sorted(p for p in run.iterdir() if p.is_dir()):
+        seeds = sorted(method_dir.glob("seed*/train_log.jsonl"))
+        if not seeds:
+            continue
+        per_seed, steps = [], []
+        for log in seeds:
+            hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            vals = [h["charts/success"] for h in hist if "charts/success" in h][-last:]
+            if vals:
+                per_seed.append(float(np.mean(vals)))
+            steps.append(max(h["env_steps"] for h in hist) if hist else 0)
+        rows.append(
+            {
+                "method": method_dir.name,
+                "train_success": float(np.mean(per_seed)) if per_seed else None,
+                "min": float(np.min(per_seed)) if per_seed else None,
+                "max": float(np.max(per_seed)) if per_seed else None,
+                "seeds": len(seeds),
+                "env_steps": int(np.max(steps)),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], last: int) -> str:
+    out = [
+        f"| method | training success, last {last} iterations (mean over seeds) [min, max] | seeds | env steps |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        s = (
+            "n/a"
+            if r["train_success"] is None
+            else f"{r['train_success']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+        )
+        out.append(f"| {r['method']} | {s} | {r['seeds']} | {r['env_steps']:,} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a compo heldout / ablate run folder")
+    p.add_argument("--last", type=int, default=10, help="iterations averaged at the end")
+    a = p.parse_args(argv)
+    if not a.run.is_dir():
+        raise SystemExit(f"training_summary: error: run folder {str(a.run)!r} does not exist")
+    print(markdown(summarize_run(a.run, a.last), a.last), end="")
+
+
+if __name__ == "__main__":
+    main()
