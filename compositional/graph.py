@@ -16,6 +16,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,7 +134,16 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = No
     g = graph.to_networkx(termination=beta)
     k = graph.num_skills
     thr = 1.5 / k if min_weight is None else min_weight
-    fig, ax = plt.subplots(figsize=(6, 6))
+    P = np.array([[g[i][j]["weight"] for j in range(k)] for i in range(k)])
+    fig, (hax, ax) = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [1, 1.1]})
+    # left: the whole transition matrix, coloured relative to uniform 1/K, so a prior that has
+    # barely moved still shows where it is heading
+    im = hax.imshow(P * k, cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest")
+    hax.set(xlabel="next skill", ylabel="current skill", xticks=range(k), yticks=range(k))
+    hax.set_title(f"p(next | current) × K  (1 = uniform; max {P.max() * k:.2f})", fontsize=9)
+    fig.colorbar(im, ax=hax, fraction=0.046, pad=0.04)
+    # right: the graph; edges clearly above uniform are drawn, and if none is, each skill's
+    # most likely successor (thin, dashed) so the layout is never empty
     pos = nx.circular_layout(g)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ecae1", node_size=600)
     labels = {n: str(n) for n in g.nodes}
@@ -141,13 +151,20 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = No
         labels = {n: f"{n}\nβ={float(beta[n]):.2f}" for n in g.nodes}
     nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=7)
     edges = [(i, j) for i, j, w in g.edges(data="weight") if w > thr + 1e-9]
-    widths = [min(6.0, k * g[i][j]["weight"]) for i, j in edges]  # 1 = uniform
-    nx.draw_networkx_edges(
-        g, pos, edgelist=edges, width=widths, ax=ax, arrows=True, connectionstyle="arc3,rad=0.1"
-    )
-    ax.set_title(
-        f"skill graph ({graph.mode}): {len(edges)} edges with p(next | current) > {thr:.2f}"
-    )
+    if edges:
+        widths = [min(6.0, k * g[i][j]["weight"]) for i, j in edges]  # 1 = uniform
+        nx.draw_networkx_edges(
+            g, pos, edgelist=edges, width=widths, ax=ax, arrows=True, connectionstyle="arc3,rad=0.1"
+        )
+        title = f"skill graph ({graph.mode}): {len(edges)} edges with p > {thr:.2f}"
+    else:
+        top = [(i, int(P[i].argmax())) for i in range(k)]
+        nx.draw_networkx_edges(
+            g, pos, edgelist=top, width=1.0, style="dashed", ax=ax, arrows=True,
+            connectionstyle="arc3,rad=0.1", edge_color="grey",
+        )  # fmt: skip
+        title = f"skill graph ({graph.mode}): no edge above {thr:.2f}; dashed = argmax successor"
+    ax.set_title(title, fontsize=9)
     ax.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -35,13 +35,23 @@ class _Recorder(PolicyWrapper):
         if self.render:
             self.frames.append(env.render())
         out = self.inner.step(obs, memory, prev)
-        row = {"action": out.action[0].tolist(), "value": float(out.value[0])}
+        row = {"action": _round(out.action[0].tolist()), "value": round(float(out.value[0]), 4)}
         for k, v in out.extras.items():
-            row[k] = v[0].tolist()
+            if v[0].numel() > 32:
+                continue  # internal state (e.g. recurrent inputs kept for the update), not a trace
+            row[k] = _round(v[0].tolist())
         if hasattr(env, "agent_pos"):
             row["agent"] = [int(env.agent_pos[0]), int(env.agent_pos[1])]
         self.steps.append(row)
         return out
+
+
+def _round(x):
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    return x
 
 
 def run_trace(
