@@ -294,7 +294,7 @@ def test_compositional_trace_graph_embed(tmp_path):
     )
     doc = json.loads((tr / "trace.json").read_text())
     step = doc["steps"][0]
-    assert len(step["alpha"]) == 4 and abs(sum(step["alpha"]) - 1) < 1e-5
+    assert len(step["alpha"]) == 4 and abs(sum(step["alpha"]) - 1) < 1e-3  # rounded to 4 digits
     assert 0 <= step["skill"] < 4 and 0 <= step["termination"] <= 1
     g = tmp_path / "graph"
     assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
