@@ -436,10 +436,8 @@ class Collector:
             self.ep_return[i] += float(reward[i])
             self.ep_len[i] += 1
             if self.on_episode_end is not None:
-                keys = ("obs", "actions", "rewards", "next_obs", "terminated", "logp", "values")
-                row = {k: rec[k][i] for k in keys}
-                row["extras"] = {k: v[i] for k, v in out.extras.items()}
-                self._buffers[i].append(row)
+                # keep a reference to the whole step; env i's slice is cut once per episode
+                self._buffers[i].append(rec)
         self.memory = out.memory
         self.prev = Prev(
             action.clone(), torch.tensor(reward), torch.tensor(done, dtype=torch.float32)
@@ -498,11 +496,11 @@ class Collector:
         return rec
 
     def _episode(self, i: int, st: EpisodeStats) -> Episode:
-        buf = self._buffers[i]
+        recs = self._buffers[i]
         self._buffers[i] = []
         keys = ("obs", "actions", "rewards", "next_obs", "terminated", "logp", "values")
-        cat = {k: torch.stack([b[k] for b in buf]) for k in keys}
-        extras = {k: torch.stack([b["extras"][k] for b in buf]) for k in buf[0]["extras"]}
+        cat = {k: torch.stack([r[k] for r in recs])[:, i] for k in keys}
+        extras = {k: torch.stack([r["extras"][k] for r in recs])[:, i] for k in recs[0]["extras"]}
         return Episode(**cat, stats=st, extras=extras)
 
     @staticmethod
