@@ -9,9 +9,15 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch, and make CPU kernels deterministic."""
+    """Seed Python, numpy and torch, and make CPU kernels deterministic.
+
+    The learner runs on one thread: results of some CPU kernels (e.g. the QR decomposition of
+    orthogonal initialisation) depend on the thread count, and the two cores here are shared
+    with the env workers anyway.
+    """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}; allowed: a non-negative integer")
+    torch.set_num_threads(1)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -93,3 +93,13 @@ def test_same_seed_same_parameters(tmp_path):
     c = fit(PPOModule(dict(TINY, seed=1)), tmp_path / "c", logger=False)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+
+
+def test_initialisation_does_not_depend_on_thread_count():
+    # orthogonal init (a QR decomposition) differs with the number of BLAS threads; modules
+    # pin the learner to one thread before they build, so the same seed gives the same weights
+    torch.set_num_threads(2)
+    a = PPOModule(TINY)
+    torch.set_num_threads(1)
+    b = PPOModule(TINY)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
