@@ -637,20 +637,13 @@ class PEARLModule(RLModule):
     def _log(self, ro, losses: dict[str, float], seconds: float) -> None:
         """``log_iteration``'s signals plus success of the prior-z episode (0) and of the last
         posterior-z episode, the adaptation signal of PEARL."""
-        self.iteration += 1
-        scalars = {f"losses/{k}": v for k, v in losses.items() if k != "loss"}
-        scalars["charts/SPS"] = ro.valid.sum().item() / max(seconds, 1e-9)
-        eps = ro.episodes
-        if eps:
-            scalars["charts/episodic_return"] = float(np.mean([e.ret for e in eps]))
-            scalars["charts/success"] = float(np.mean([e.success for e in eps]))
-            scalars["charts/episodic_length"] = float(np.mean([e.length for e in eps]))
-            last = self.cfg.episodes_per_trial - 1
-            for name, idx in (("prior", 0), ("posterior", last)):
-                s = [e.success for e in eps if e.episode_index == idx]
-                if s and (name == "prior" or last > 0):
-                    scalars[f"charts/success_{name}"] = float(np.mean(s))
-        self.log_scalars(scalars)
+        extra = {}
+        last = self.cfg.episodes_per_trial - 1
+        for name, idx in (("prior", 0), ("posterior", last)):
+            s = [e.success for e in ro.episodes if e.episode_index == idx]
+            if s and (name == "prior" or last > 0):
+                extra[f"charts/success_{name}"] = float(np.mean(s))
+        self.log_iteration(ro, losses, seconds, extra=extra)
 
     # -- checkpoint state -------------------------------------------------------------------------
     def extra_state(self) -> dict:

@@ -56,7 +56,6 @@ from primitives.discovery import (
     PhiEncoder,
     SkillTrainer,
     SkillTrainingConfig,
-    log_iteration_with,
     probe_env,
     save_heatmaps,
 )
@@ -763,8 +762,8 @@ class CompositionalAgent(RLModule):
             self.disc_collector, lib_opt, disc_opt, self.manual_backward, record_visits=record
         )
         stats = {f"skills_{k}": v for k, v in stats.items()}
-        log_iteration_with(
-            self, ro, stats, {**charts, "charts/phase": 1.0}, time.perf_counter() - t0
+        self.log_iteration(
+            ro, stats, time.perf_counter() - t0, extra={**charts, "charts/phase": 1.0}
         )
         if self.iteration >= self.n_disc:  # phase 1 done
             self._close_disc()
@@ -832,7 +831,7 @@ class CompositionalAgent(RLModule):
             eps = [e.success for e in ro.episodes if e.episode_index == e_idx]
             if eps:
                 charts[f"charts/success_ep{e_idx}"] = float(np.mean(eps))
-        log_iteration_with(self, ro, stats, charts, time.perf_counter() - t0)
+        self.log_iteration(ro, stats, time.perf_counter() - t0, extra=charts)
 
     # -- evaluation -------------------------------------------------------------------------------------
     @staticmethod

@@ -474,20 +474,6 @@ def save_heatmaps(visits: torch.Tensor, path: str | Path, title: str = "") -> No
     atomic_write_bytes(path, buf.getvalue())
 
 
-def log_iteration_with(module: RLModule, ro: Rollout, losses: dict, charts: dict, sec: float):
-    """``RLModule.log_iteration`` plus extra namespaced scalars in the same row."""
-    module.iteration += 1
-    scalars = {f"losses/{k}": v for k, v in losses.items() if k != "loss"}
-    scalars["charts/SPS"] = ro.valid.sum().item() / max(sec, 1e-9)
-    eps = ro.episodes
-    if eps:
-        scalars["charts/episodic_return"] = float(np.mean([e.ret for e in eps]))
-        scalars["charts/success"] = float(np.mean([e.success for e in eps]))
-        scalars["charts/episodic_length"] = float(np.mean([e.length for e in eps]))
-    scalars.update(charts)
-    module.log_scalars(scalars)
-
-
 # --- the LightningModule ------------------------------------------------------------------------------
 
 
@@ -554,7 +540,7 @@ class DiscoveryModule(RLModule):
         ro, stats, charts = self.trainer_.iteration(
             self.collector, lib_opt, disc_opt, self.manual_backward, record_visits=record
         )
-        log_iteration_with(self, ro, stats, charts, time.perf_counter() - t0)
+        self.log_iteration(ro, stats, time.perf_counter() - t0, extra=charts)
 
     def on_train_end(self) -> None:
         root = getattr(self.trainer, "default_root_dir", None)

@@ -143,8 +143,15 @@ class RLModule(L.LightningModule):
             with open(Path(log_dir) / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def log_iteration(self, ro: Rollout, losses: dict[str, float], seconds: float) -> None:
-        """The four PPO health signals, returns, success and steps per second."""
+    def log_iteration(
+        self,
+        ro: Rollout,
+        losses: dict[str, float],
+        seconds: float,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """The four PPO health signals, returns, success and steps per second, plus a method's
+        ``extra`` namespaced scalars in the same row."""
         self.iteration += 1
         eps = ro.episodes
         scalars = {f"losses/{k}": v for k, v in losses.items() if k != "loss"}
@@ -153,6 +160,7 @@ class RLModule(L.LightningModule):
             scalars["charts/episodic_return"] = float(np.mean([e.ret for e in eps]))
             scalars["charts/success"] = float(np.mean([e.success for e in eps]))
             scalars["charts/episodic_length"] = float(np.mean([e.length for e in eps]))
+        scalars.update(extra or {})
         self.log_scalars(scalars)
 
     def recent_success(self, last: int = 5) -> float:
