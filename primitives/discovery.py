@@ -58,6 +58,10 @@ class SkillTrainingConfig:
     """discriminator training pairs kept (FIFO over recent rollouts): one rollout holds only a few
     episodes, hence only some of the K skills, so training on it alone makes q forget the rest"""
     heatmap_fraction: float = 0.25
+    reward_floor: float | None = None
+    """DIAYN reward ``max(log q(k|phi) - log p(k), reward_floor)``; None: no floor. log q of a
+    state the discriminator gives to another skill is unbounded below (-20 and worse), which
+    makes returns, value targets and advantages dominated by a few such steps"""
     """visitation heatmaps are accumulated over this last share of the discovery iterations"""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=1e-3, ent_coef=0.01))
     """PPO hyper-parameters of the skills"""
@@ -375,7 +379,9 @@ class SkillTrainer:
                 # log q(k | phi(s')) - log p(k), p uniform (DIAYN eq. 3)
                 rewards = lq + math.log(self.k)
                 charts["charts/disc_accuracy"] = float((logq.argmax(-1) == skill).float().mean())
-                charts["charts/mi_estimate"] = float(rewards.mean())
+                charts["charts/mi_estimate"] = float(rewards.mean())  # before any floor
+                if self.cfg.reward_floor is not None:
+                    rewards = rewards.clamp(min=self.cfg.reward_floor)
             charts["losses/disc_loss"] = self._update_discriminator(x, skill, disc_opt, backward)
         else:
             rewards = ro.rewards

@@ -83,8 +83,37 @@ def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
         elif dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(value):
             kwargs[name] = value
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(f"{where}{name}", hint, value)
     return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Numbers for numeric fields: YAML reads ``1e-3`` (no dot) as the string '1e-3', and an
+    integer where a float is declared is harmless; anything else that is not a number for an
+    ``int``/``float`` field is refused by name."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    numeric = [t for t in (args or (hint,)) if t in (int, float)]
+    if not numeric or (args and len([a for a in args if a is not type(None)]) != 1):
+        return value
+    want = numeric[0]
+    if isinstance(value, bool):
+        raise ValueError(f"config key {key!r}={value!r}; allowed: a number ({want.__name__})")
+    if isinstance(value, str):
+        try:
+            value = float(value) if want is float else int(value)
+        except ValueError:
+            raise ValueError(
+                f"config key {key!r}={value!r}; allowed: a number ({want.__name__})"
+            ) from None
+    if want is float and isinstance(value, int):
+        return float(value)
+    if want is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"config key {key!r}={value!r}; allowed: an integer")
+        return int(value)
+    return value
 
 
 def config_to_dict(cfg: Any) -> dict:

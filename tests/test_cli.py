@@ -317,3 +317,31 @@ def test_compositional_trace_graph_embed(tmp_path):
         == 0
     )
     assert json.loads((e / "embed.json").read_text())["embedding_dim"] == 2 * 64
+
+
+def test_numeric_config_values_are_coerced_or_refused():
+    """YAML reads ``2e-3`` (no dot) as a string: numeric fields must still get numbers, and a
+    non-number for a numeric field is refused by name (it used to fail deep inside validation
+    with a TypeError)."""
+    from compositional.agent import CompositionalConfig
+    from rl.config import config_from_dict
+
+    c = config_from_dict(
+        CompositionalConfig,
+        {"library_lr": "2e-3", "ppo": {"lr": yaml.safe_load("1e-3")}, "hidden": 32.0},
+    )
+    assert c.library_lr == 0.002 and isinstance(c.library_lr, float)
+    assert c.ppo.lr == 0.001 and c.hidden == 32 and isinstance(c.hidden, int)
+    for bad, match in (
+        ({"library_lr": "fast"}, "'library_lr'='fast'; allowed: a number"),
+        ({"hidden": 2.5}, "'hidden'=2.5; allowed: an integer"),
+        ({"ppo": {"lr": True}}, "'ppo.lr'=True; allowed: a number"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            config_from_dict(CompositionalConfig, bad)
+
+
+def test_set_scientific_notation_reaches_the_config(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "ppo", "--out", str(out), *TINY, "--set", "ppo.lr=3e-4"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["ppo"]["lr"] == 0.0003
