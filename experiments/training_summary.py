@@ -3,7 +3,9 @@
 ``python -m experiments.training_summary RUN_DIR`` reads each method's
 ``<method>/seed<k>/train_log.jsonl`` and prints, per method, the mean training success (on
 *train* compositions, as logged in ``charts/success``) over the last ``--last`` logged
-iterations, with the spread over seeds, and the env steps reached.
+iterations, with the spread over seeds, and the env steps reached. ``--metric`` picks another
+logged scalar (e.g. ``charts/disc_accuracy`` for a folder of ``discovery`` runs laid out as
+``<variant>/seed<k>/train_log.jsonl``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 
-def summarize_run(run: Path, last: int = 10) -> list[dict]:
+def summarize_run(run: Path, last: int = 10, metric: str = "charts/success") -> list[dict]:
     rows = []
     for method_dir in sorted(p for p in run.iterdir() if p.is_dir()):
         seeds = sorted(method_dir.glob("seed*/train_log.jsonl"))
@@ -24,7 +26,7 @@ def summarize_run(run: Path, last: int = 10) -> list[dict]:
         per_seed, steps = [], []
         for log in seeds:
             hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            vals = [h["charts/success"] for h in hist if "charts/success" in h][-last:]
+            vals = [h[metric] for h in hist if metric in h][-last:]
             if vals:
                 per_seed.append(float(np.mean(vals)))
             steps.append(max(h["env_steps"] for h in hist) if hist else 0)
@@ -41,9 +43,10 @@ def summarize_run(run: Path, last: int = 10) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], last: int) -> str:
+def markdown(rows: list[dict], last: int, metric: str = "charts/success") -> str:
+    what = "training success" if metric == "charts/success" else f"`{metric}`"
     out = [
-        f"| method | training success, last {last} iterations (mean over seeds) [min, max] | seeds | env steps |",
+        f"| method | {what}, last {last} iterations (mean over seeds) [min, max] | seeds | env steps |",
         "|---|---|---|---|",
     ]
     for r in rows:
@@ -60,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a compo heldout / ablate run folder")
     p.add_argument("--last", type=int, default=10, help="iterations averaged at the end")
+    p.add_argument("--metric", default="charts/success", help="logged scalar to summarise")
     a = p.parse_args(argv)
     if not a.run.is_dir():
         raise SystemExit(f"training_summary: error: run folder {str(a.run)!r} does not exist")
-    print(markdown(summarize_run(a.run, a.last), a.last), end="")
+    print(markdown(summarize_run(a.run, a.last, a.metric), a.last, a.metric), end="")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -173,6 +174,16 @@ def test_heldout_end_to_end(tmp_path):
     assert [r["method"] for r in rows] == ["ppo"] and rows[0]["seeds"] == 2
     assert 0.0 <= rows[0]["train_success"] <= 1.0 and rows[0]["env_steps"] >= 256
     assert "| ppo |" in markdown(rows, 10)
+    # another logged scalar: the mean of the last 2 iterations' losses/approx_kl, per seed
+    kl = [
+        float(np.mean([json.loads(r)["losses/approx_kl"] for r in lines[-2:]]))
+        for lines in (
+            (out / "ppo" / f"seed{s}" / "train_log.jsonl").read_text().splitlines() for s in (0, 1)
+        )
+    ]
+    (kl_row,) = summarize_run(out, last=2, metric="losses/approx_kl")
+    assert kl_row["train_success"] == pytest.approx(np.mean(kl))
+    assert "`losses/approx_kl`, last 2" in markdown([kl_row], 2, "losses/approx_kl")
 
 
 def test_heldout_bad_method_writes_nothing(tmp_path, capsys):
