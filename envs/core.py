@@ -131,6 +131,39 @@ class Split:
         }
 
 
+@dataclass(frozen=True)
+class LayoutSplit(Split):
+    """A split whose train and held-out sides share their compositions and differ in layouts.
+
+    For families where the *hidden* thing is which of a few known compositions pays, and
+    generalisation is to new layouts/goals (Meta-World ML1; CompoGrid ``grid-layouts:``):
+    ``train == heldout``, and ``meta["train_layout_seeds"]`` / ``meta["heldout_layout_seeds"]``
+    (non-empty, disjoint) are what tells them apart.
+    """
+
+    def __post_init__(self) -> None:
+        # Replaces Split's disjointness check: the distinction lives in the layout seeds.
+        if not self.train or tuple(self.train) != tuple(self.heldout):
+            raise ValueError(
+                f"a layout split ({self.family!r}) needs train == heldout (non-empty), got "
+                f"train={[str(c) for c in self.train]}, heldout={[str(c) for c in self.heldout]}"
+            )
+        tr = set(self.meta.get("train_layout_seeds", ()))
+        he = set(self.meta.get("heldout_layout_seeds", ()))
+        if not tr or not he or tr & he:
+            raise ValueError(
+                f"a layout split ({self.family!r}) needs non-empty, disjoint "
+                "meta['train_layout_seeds'] and meta['heldout_layout_seeds']"
+            )
+
+    def to_dict(self) -> dict:
+        """``Split.to_dict`` plus the layout seeds, which are what tells train from held-out."""
+        d = super().to_dict()
+        d["train_layout_seeds"] = list(self.meta["train_layout_seeds"])
+        d["heldout_layout_seeds"] = list(self.meta["heldout_layout_seeds"])
+        return d
+
+
 def positions(compositions: Iterable[Composition]) -> set[tuple[Primitive, int]]:
     """Every (primitive, position) pair occurring in ``compositions``."""
     return {(p, i) for c in compositions for i, p in enumerate(c)}
@@ -179,8 +212,11 @@ def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:
     """Seeded train/held-out split of a task family.
 
     Args:
-        family: ``"grid"`` (CompoGrid), ``"metaworld"`` (compositional Meta-World verb x object),
-            ``"ML10"``, ``"ML45"`` or ``"ML1:<task-name>"`` (standard Meta-World splits).
+        family: ``"grid"`` (CompoGrid), ``"grid-layouts:<c1>;<c2>;..."`` (CompoGrid, the
+            listed compositions on both sides, held-out *layouts*: which composition pays is
+            what a trial must find out), ``"metaworld"`` (compositional Meta-World verb x
+            object), ``"ML10"``, ``"ML45"`` or ``"ML1:<task-name>"`` (standard Meta-World
+            splits).
         seed: seed of the partition.
         **kwargs: family options (see ``envs.grid.make_grid_split`` and
             ``envs.metaworld.make_metaworld_split``).
@@ -194,10 +230,16 @@ def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:
         from envs.grid import make_grid_split
 
         return make_grid_split(seed=seed, **kwargs)
+    if family.startswith("grid-layouts:"):
+        from envs.grid import make_grid_layout_split
+
+        texts = [t for t in family[len("grid-layouts:") :].split(";") if t.strip()]
+        return make_grid_layout_split(texts, seed=seed, **kwargs)
     if family == "metaworld" or family in ("ML10", "ML45") or family.startswith("ML1:"):
         from envs.metaworld import make_metaworld_split
 
         return make_metaworld_split(family, seed=seed, **kwargs)
     raise ValueError(
-        f"unknown task family {family!r}; allowed: 'grid', 'metaworld', 'ML10', 'ML45', 'ML1:<task>'"
+        f"unknown task family {family!r}; allowed: 'grid', 'grid-layouts:<c1>;<c2>', 'metaworld', "
+        "'ML10', 'ML45', 'ML1:<task>'"
     )

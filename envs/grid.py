@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -49,7 +50,7 @@ from minigrid.core.world_object import Ball, Door, Key, Wall
 from minigrid.core.world_object import Box as _MiniGridBox
 from minigrid.minigrid_env import MiniGridEnv
 
-from envs.core import Composition, Primitive, Split, Task, split_compositions
+from envs.core import Composition, LayoutSplit, Primitive, Split, Task, split_compositions
 
 # --- vocabulary ---------------------------------------------------------------------------------
 
@@ -202,6 +203,33 @@ def make_grid_split(
         pool += [cands[i] for i in rng.choice(len(cands), size=share, replace=False)]
     train, heldout = split_compositions(pool, seed=seed, train_fraction=train_fraction)
     return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta={"lengths": list(lengths)})
+
+
+def make_grid_layout_split(
+    compositions: Sequence[str | Composition], seed: int = 0, *, n_layouts: int = 1000
+) -> LayoutSplit:
+    """CompoGrid family ``grid-layouts:<c1>;<c2>;...``: the listed compositions on both sides,
+    ``n_layouts`` train and ``n_layouts`` disjoint held-out layout seeds (a seeded permutation
+    of ``0 .. 2 n_layouts - 1``). With ``task_info="reward"`` which composition pays is hidden:
+    the family for checking that a meta-learner uses a trial's reward at all.
+    """
+    comps = tuple(dict.fromkeys(Composition.parse(str(c)) for c in compositions))
+    if not comps:
+        raise ValueError(
+            "grid-layouts family with no compositions; allowed: 'grid-layouts:<c1>;<c2>'"
+        )
+    for c in comps:
+        validate_composition(str(c))
+    if n_layouts < 1:
+        raise ValueError(f"n_layouts={n_layouts}; allowed: an integer >= 1")
+    perm = np.random.default_rng(seed).permutation(2 * n_layouts)
+    meta = {
+        "train_layout_seeds": sorted(int(i) for i in perm[:n_layouts]),
+        "heldout_layout_seeds": sorted(int(i) for i in perm[n_layouts:]),
+    }
+    prims = tuple(sorted({p for c in comps for p in c}))
+    family = "grid-layouts:" + ";".join(str(c) for c in comps)
+    return LayoutSplit(family, comps, comps, prims, seed=seed, meta=meta)
 
 
 # --- environment --------------------------------------------------------------------------------

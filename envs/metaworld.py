@@ -66,7 +66,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.core import Composition, Primitive, Split, Task
+from envs.core import Composition, LayoutSplit, Primitive, Split, Task
 
 # --- vocabulary ---------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ def composition_for(env_name: str) -> Composition:
 
 
 @dataclass(frozen=True)
-class ML1Split(Split):
+class ML1Split(LayoutSplit):
     """``Split`` of Meta-World ML1: one composition, train and held-out differ only in goals.
 
     ``train == heldout == (composition,)``; ``meta["train_layout_seeds"]`` and
@@ -213,27 +213,16 @@ class ML1Split(Split):
     """
 
     def __post_init__(self) -> None:
-        # Replaces Split's disjointness check: the distinction lives in the goal seeds.
-        if len(self.train) != 1 or tuple(self.train) != tuple(self.heldout):
+        if len(self.train) != 1:
             raise ValueError(
                 "an ML1 split needs train == heldout == one composition, got "
                 f"train={[str(c) for c in self.train]}, heldout={[str(c) for c in self.heldout]}"
             )
-        tr = set(self.meta.get("train_layout_seeds", ()))
-        he = set(self.meta.get("heldout_layout_seeds", ()))
-        if not tr or not he or tr & he:
-            raise ValueError(
-                "an ML1 split needs non-empty, disjoint meta['train_layout_seeds'] and "
-                "meta['heldout_layout_seeds']"
-            )
+        super().__post_init__()
 
     def to_dict(self) -> dict:
-        """``Split.to_dict`` plus the goal seeds, which are what tells train from held-out."""
-        d = super().to_dict()
-        d["ml1"] = self.meta.get("ml1")
-        d["train_layout_seeds"] = list(self.meta["train_layout_seeds"])
-        d["heldout_layout_seeds"] = list(self.meta["heldout_layout_seeds"])
-        return d
+        """``LayoutSplit.to_dict`` plus the ML1 env name."""
+        return {**super().to_dict(), "ml1": self.meta.get("ml1")}
 
 
 def _compositional_heldout(seed: int, n_heldout: int) -> tuple[list[Primitive], list[Primitive]]:
