@@ -61,6 +61,8 @@ class SkillLibrary(nn.Module):
         self.obs_dim = int(obs_dim)
         self.head = ActionHead(action_space)
         k, n_out = self.num_skills, self.head.n_out
+        # the compositional agent's acting path fuses these layers and heads
+        # (``CompositionalAgent._packed``; a test checks it against this module)
         self.encoder = nn.Sequential(mlp([obs_dim, hidden, hidden]), nn.Tanh())
         self.skill_out = nn.Linear(hidden, k * n_out)
         nn.init.orthogonal_(self.skill_out.weight, 0.01)
@@ -85,7 +87,8 @@ class SkillLibrary(nn.Module):
     def skill_dist(self, out: torch.Tensor, skill: torch.Tensor) -> Distribution:
         """Distribution of skill ``skill`` (B,) given ``out`` (B, K, n_out) from ``forward``."""
         sel = out.gather(1, skill.view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
-        return self.head.dist(sel, self.log_std[skill])
+        # discrete heads ignore the log-std: skip its per-row lookup
+        return self.head.dist(sel, None if self.head.discrete else self.log_std[skill])
 
     def dist(self, obs: torch.Tensor, skill: torch.Tensor) -> Distribution:
         """pi(. | s, k) for a batch of observations and skill indices."""

@@ -476,3 +476,197 @@ def test_continuous_actions_compose_weighted_gaussians_and_recompute_log_probs()
     _, alpha, logp, ent = ag._joint(out, sel, p, start, r["switch"], r["skill"], r["action"])
     assert torch.allclose(logp, r["logp"], atol=1e-5) and ent.shape == (3,)
     assert torch.allclose(alpha.sum(-1), torch.ones(3))
+
+
+# --- fast paths against their references -------------------------------------------------------------
+
+
+def _randomise(ag: CompositionalAgent) -> None:
+    """Weights away from their initial values so every term (graph prior, terminations, skill
+    heads) matters."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ag.graph.adjacency_logits.copy_(torch.randn_like(ag.graph.adjacency_logits))
+        ag.library.termination.bias.copy_(torch.randn_like(ag.library.termination.bias))
+        ag.library.skill_out.weight.mul_(100.0)
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"composer": "hard"},
+        {"composer": "uniform", "graph": "none"},
+        {"fast_params": "full"},
+        {"continuous": True},
+    ],
+)
+def test_fused_acting_step_equals_the_reference_step(kw, adapted):
+    """The collector's no-grad step (fused layers) gives the reference step's numbers: the
+    same memory, value, weights and joint log-prob to 1e-5, and with the same random draws the
+    same switch, skill and action."""
+    kw = dict(kw)
+    continuous = kw.pop("continuous", False)
+    ag = agent(**kw)
+    if continuous:
+        import gymnasium as gym
+        import numpy as np
+
+        from primitives.library import SkillLibrary
+
+        box = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        ag.library = SkillLibrary(ag.obs_dim, box, ag.k, 16)
+    _randomise(ag)
+    n, k = 6, ag.k
+    pol = CompositionalPolicy(ag, inner=True)
+    mem = pol.initial_memory(n)
+    g = torch.Generator().manual_seed(0)
+    h, c = torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
+    pa = torch.softmax(torch.randn(n, k, generator=g), -1)
+    sk = torch.tensor([-1, 0, 1, 2, 3, 1])
+    st = torch.tensor([0, 1, 5, 8, 2, 9])
+    mem = (h, c, pa, sk, st)
+    prev = Prev(torch.zeros(n, dtype=torch.long), torch.rand(n, generator=g),
+                torch.tensor([1.0, 0, 0, 1, 0, 0]))  # fmt: skip
+    if adapted:
+        pol.table = [torch.zeros(ag.fast_size)] + [
+            torch.randn(ag.fast_size, generator=g) * 0.3 for _ in range(2)
+        ]
+        pol.fast_id = torch.tensor([0, 1, 2, 1, 0, 2])
+    obs = torch.rand(n, ag.obs_dim, generator=g)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        with torch.enable_grad():
+            ref = pol.step(obs, mem, prev)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            fast = pol.step(obs, mem, prev)
+        for a, b in zip(ref.memory[:3], fast.memory[:3]):
+            assert torch.allclose(a.detach(), b, atol=1e-5)
+        assert torch.allclose(ref.value.detach(), fast.value, atol=1e-5)
+        assert torch.allclose(ref.logp.detach(), fast.logp, atol=1e-5)
+        assert torch.allclose(ref.action.float(), fast.action.float(), atol=1e-5)
+        for key in ("skill", "switch"):
+            assert torch.equal(ref.extras[key], fast.extras[key]), key
+        for key in ("alpha", "termination"):
+            assert torch.allclose(ref.extras[key].detach(), fast.extras[key], atol=1e-5), key
+    # the fused weights follow in-place parameter changes (here an optimiser-like write)
+    with torch.no_grad():
+        ag.library.skill_out.bias.add_(1.0)
+        ag.controller.lstm.bias_hh.add_(0.5)
+    torch.manual_seed(0)
+    with torch.enable_grad():
+        ref = pol.step(obs, mem, prev)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        fast = pol.step(obs, mem, prev)
+    assert torch.allclose(ref.logp.detach(), fast.logp, atol=1e-5)
+    assert torch.allclose(ref.memory[0].detach(), fast.memory[0], atol=1e-5)
+
+
+def test_joint_log_prob_and_entropy_match_torch_distributions():
+    """``_joint`` (written out for speed) against the same policy built from
+    ``torch.distributions``: log-prob of (switch, skill, action) and the entropy term."""
+    from torch.distributions import Bernoulli, Categorical
+
+    ag = agent()
+    _randomise(ag)
+    g = torch.Generator().manual_seed(1)
+    b, k = 7, ag.k
+    out, _ = ag.library(torch.rand(b, ag.obs_dim, generator=g))
+    sel = torch.randn(b, k, generator=g)
+    p_sw = torch.rand(b, generator=g)
+    start = torch.tensor([True, False, False, False, True, False, False])
+    switch = start | torch.tensor([False, True, False, True, False, False, True])
+    skill = torch.randint(0, k, (b,), generator=g)
+    action = torch.randint(0, out.shape[-1], (b,), generator=g)
+    _, alpha, logp, ent = ag._joint(out, sel, p_sw, start, switch, skill, action)
+    mix = Categorical(probs=(alpha.unsqueeze(-1) * torch.softmax(out, -1)).sum(1))
+    expect = mix.log_prob(action)
+    expect = expect + torch.where(start, 0.0, Bernoulli(probs=p_sw).log_prob(switch.float()))
+    expect = expect + torch.where(switch, Categorical(logits=sel).log_prob(skill), 0.0)
+    assert torch.allclose(logp, expect, atol=1e-5)
+    ent_expect = mix.entropy() + switch.float() * Categorical(logits=sel).entropy()
+    assert torch.allclose(ent, ent_expect, atol=1e-5)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities():
+    from compositional.agent import _inverse_cdf
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [2.0, 2.0, 0.0, 4.0]])  # rows need not sum to 1
+    n = 40000
+    idx = _inverse_cdf(probs.repeat(n, 1), torch.rand(2 * n)).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(idx[:, row], minlength=4).float() / n
+        assert torch.allclose(freq, probs[row] / probs[row].sum(), atol=0.01)
+        assert int(idx[:, row].max()) <= 3 and (freq[probs[row] == 0] == 0).all()
+    # the largest uniform below 1 still lands inside the row
+    assert _inverse_cdf(probs, torch.full((2,), 1 - 2**-24)).tolist() == [3, 3]
+
+
+def _reference_inner_step(ag, delta, ep, trace):
+    """The inner policy-gradient step written plainly: returns-to-go by a reversed tensor loop,
+    the fast path through ``functional_call``, the action distribution from
+    ``AttentionComposer.mix``, the switch and skill terms from ``torch.distributions``."""
+    from torch.distributions import Bernoulli, Categorical
+    from torch.func import functional_call
+
+    cfg = ag.cfg
+    with torch.no_grad():
+        out, beta = ag.library(ep.obs)
+        p_sw = ag.graph.switch_prob(beta, trace["prev_skill"], trace["steps"], trace["start"])
+        r = ep.rewards.float()
+        ret, run = torch.zeros_like(r), 0.0
+        for t in reversed(range(r.shape[0])):
+            run = r[t] + cfg.ppo.gamma * run
+            ret[t] = run
+        adv = ret - ep.values
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    d = delta.clone().requires_grad_(True)
+    base = ag.fast_params()
+    params = {n: base[n].detach() + v for n, v in ag._unflatten(d).items()}
+    ctrl = functional_call(ag._fastpath, params, (trace["h"],))
+    sel = ag.graph.next_skill_logits(ctrl, trace["prev_skill"], trace["start"])
+    alpha = ag.composer.weights(sel, trace["skill"])
+    dist = ag.composer.mix(out, alpha, ag.library.head, ag.library.log_std)
+    logp = dist.log_prob(ep.actions)
+    sw = trace["switch"]
+    logp = logp + torch.where(trace["start"], 0.0, Bernoulli(probs=p_sw).log_prob(sw.float()))
+    logp = logp + torch.where(sw, Categorical(logits=sel).log_prob(trace["skill"]), 0.0)
+    (grad,) = torch.autograd.grad(-(logp * adv).mean(), d)
+    return delta - cfg.inner_lr * grad
+
+
+@pytest.mark.parametrize("fast", ["context", "full"])
+def test_inner_step_equals_the_plain_policy_gradient_step(fast):
+    ag = agent(inner_lr=1.0, fast_params=fast)
+    _randomise(ag)
+    pol, hook = ag.trial_policy(None)
+    ep = _episode(ag, pol, T=16)
+    n = ep.obs.shape[0]
+    trace = {k: torch.stack([r[k] for r in pol.rows[-n:]])[:, 0] for k in pol.rows[0]}
+    delta = torch.randn(ag.fast_size) * 0.1
+    got = ag.adapt_fast(delta, ep, trace)
+    want = _reference_inner_step(ag, delta, ep, trace)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, delta)
+
+
+def test_policy_state_keeps_only_unfinished_episodes_and_round_trips():
+    ag = agent()
+    pol, _ = ag.trial_policy(None)
+    _episode(ag, pol, T=12)  # env 0 and env 1 both start at row 0
+    pol.ep_start = [5, 9]  # as if env 0 restarted at row 5 and env 1 at row 9
+    st = pol.state_dict()
+    assert st["row_base"] == 5 and all(v.shape[0] == 7 for v in st["rows"].values())
+    assert len(pol.rows) == 12  # saving does not drop anything
+    new, _ = ag.trial_policy(None)
+    new.load_state_dict(st)
+    assert len(new.rows) == 7 and new.row_base == 5
+    for a, b in zip(pol.rows[5:], new.rows):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    # a state saved as a list of per-step dicts (older checkpoints) still loads
+    new.load_state_dict({**st, "rows": pol.rows[5:]})
+    assert len(new.rows) == 7
