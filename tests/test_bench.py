@@ -164,3 +164,23 @@ def test_method_sps_through_cli_continues_after_failure(tmp_path, monkeypatch):
     rows = _rows(path)
     assert [r["metric"] for r in rows] == ["ppo_env_steps_per_s", "error"]
     assert "training failed for x" in rows[1]["notes"]
+
+
+def test_paired_ratio_uses_the_ppo_runs_around_each_method_run(monkeypatch):
+    """PPO and the method alternate; each ratio divides by the mean of its two PPO neighbours,
+    and the row reports the median (here PPO speeds jump between 100 and 250 while the method runs at
+    half of its neighbours' mean: every paired ratio is 0.5, while its ratio to the first PPO run
+    alone would be 0.75-0.875)."""
+    speeds = iter([100.0, 75.0, 200.0, 75.0, 100.0, 87.5, 250.0])  # ppo, m, ppo, m, ppo, m, ppo
+    calls = []
+
+    def fake_train_sps(method, overrides, budget, out, seed=0):
+        calls.append(method)
+        return 1000, 1000 / next(speeds)
+
+    monkeypatch.setattr(bench_methods, "train_sps", fake_train_sps)
+    monkeypatch.setattr(bench_methods, "PAIRED_REPEATS", 3)
+    row = bench_methods.paired_row("compositional", "compositional", {}, False, None)
+    assert calls == ["ppo", "compositional"] * 3 + ["ppo"]
+    assert row.value == pytest.approx(0.5) and row.ratio == pytest.approx(0.5)
+    assert row.metric == "compositional_paired_ratio_to_ppo" and row.meets_target is False
