@@ -31,8 +31,8 @@ updates library, controller, composer and graph. The outer gradient through the 
 first-order (FOMAML-style: the adaptation offset is held fixed), which keeps PPO's minibatch
 epochs cheap; the second-order variant lives in ``baselines.maml``. The LSTM is trained by
 truncated BPTT from the hidden states stored while acting (``bptt_len``, default 1: one
-recurrent step, which keeps training within ~1.5x of plain PPO's env steps/s; 16 costs ~1.3x
-more time).
+recurrent step, the cheapest; 16 costs ~1.3x more time; the measured throughput against plain
+PPO is the ``method_sps`` benchmark's ``compositional_paired_ratio_to_ppo`` row).
 
 Per step the policy returns in ``StepOutput.extras``: ``skill`` (active skill), ``alpha`` (K
 composer weights), ``termination`` (beta of the active skill at s_t) and ``switch``, so
