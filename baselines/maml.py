@@ -31,8 +31,22 @@ What this file does, and why:
   loss ``-sum gamma^t log pi_phi(a_t|s_t) A_t`` evaluated with the adapted ``phi_i(theta)`` and
   differentiated back to ``theta`` through the inner steps (``create_graph=True``). Collection
   runs without grad, so the inner steps are *recomputed* with graph from the stored
-  pre-update episodes. The outer optimiser is Adam (TRPO, used by Finn et al., is not
-  implemented: ``outer_optimizer="trpo"`` raises).
+  pre-update episodes. The outer optimiser is Adam by default.
+* **TRPO outer step** (``outer_optimizer="trpo"``; ``trpo_step``). Finn et al. 2017 (sec. 5.3)
+  meta-train their RL experiments with TRPO (Schulman et al. 2015) as the outer optimiser,
+  and so do ProMP (Rothfuss et al. 2019), garage's and learn2learn's MAML-TRPO and the
+  Meta-World baselines. The outer objective is TRPO's importance-weighted surrogate of the
+  post-update episodes, ``mean_i E[pi_phi_i(theta)(a|s) / pi_phi_i(theta_old)(a|s) A]``,
+  maximised subject to ``mean KL(pi_phi(theta_old) || pi_phi(theta)) <= max_kl`` on the
+  post-update states, both differentiated through the inner adaptation (second order for
+  MAML, identity Jacobian for FOMAML). The natural gradient is solved by conjugate gradient
+  on Fisher-vector products (Hessian-vector products of that KL, by double
+  back-propagation through the adaptation: ``J^T F J v``) with damping, scaled to the trust
+  region, then backtracked until the surrogate improves within the KL bound; if no fraction
+  does, theta is kept (logged as ``trpo/accepted = 0``). The accepted step is applied as an
+  SGD step of rate 1 on the pseudo-gradient ``theta - theta_new``, so Lightning checkpoints
+  and resumes it like any optimiser step (TRPO itself keeps no state across iterations).
+  Reptile has no surrogate to constrain and rejects ``trpo``.
 * **Baseline.** A per-task linear feature baseline refitted on every batch by ridge
   regression, as in Finn et al. / garage ``LinearFeatureBaseline`` (Duan et al. 2016). Its
   default features are time only (1, t, t^2, t^3): CompoGrid observations have 125 dims,
@@ -58,6 +72,7 @@ What this file does, and why:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,10 +98,12 @@ from rl.module import RLModule
 from rl.nets import ActionHead, mlp
 
 Params = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 ALGOS = ("maml", "fomaml", "reptile")
 SURROGATES = ("dice", "lvc")
 BASELINES = ("time", "linear", "none")
+OUTER_OPTIMIZERS = ("adam", "trpo")
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -107,9 +124,19 @@ class MAMLConfig(BaseConfig):
     inner_lr: float = 0.5
     """inner-loop step size alpha (plain gradient ascent on the surrogate)"""
     outer_lr: float = 1e-3
-    """outer Adam learning rate"""
+    """outer Adam learning rate (unused by TRPO)"""
     outer_optimizer: str = "adam"
-    """outer optimiser; only 'adam' (TRPO is not implemented)"""
+    """outer optimiser of MAML/FOMAML: 'adam' or 'trpo' (Reptile has its own update)"""
+    max_kl: float = 0.01
+    """TRPO: trust region, mean KL(pi_phi_old || pi_phi_new) on the post-update states"""
+    cg_iters: int = 10
+    """TRPO: conjugate-gradient iterations for the natural gradient"""
+    cg_damping: float = 0.1
+    """TRPO: damping added to the Fisher-vector product (F + damping * I)"""
+    ls_steps: int = 10
+    """TRPO: backtracking line-search steps (step fractions 1, decay, decay^2, ...)"""
+    ls_decay: float = 0.5
+    """TRPO: backtracking factor of the line search"""
     reptile_eps: float = 0.1
     """Reptile's outer step size epsilon"""
     surrogate: str = "dice"
@@ -140,10 +167,25 @@ class MAMLConfig(BaseConfig):
         for k in ("outer_lr", "reptile_eps"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k}={getattr(self, k)}; allowed: a positive number")
-        if self.outer_optimizer != "adam":
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ValueError(
-                f"outer_optimizer={self.outer_optimizer!r}; allowed: 'adam' (TRPO is not implemented)"
+                f"outer_optimizer={self.outer_optimizer!r}; allowed: {', '.join(OUTER_OPTIMIZERS)}"
             )
+        if self.algo == "reptile" and self.outer_optimizer == "trpo":
+            raise ValueError(
+                "outer_optimizer='trpo' with algo='reptile'; allowed: 'adam' (Reptile's update "
+                "theta += eps * (phi - theta) is not a gradient step on a surrogate)"
+            )
+        if not self.max_kl > 0:
+            raise ValueError(f"max_kl={self.max_kl}; allowed: a positive number")
+        if int(self.cg_iters) < 1:
+            raise ValueError(f"cg_iters={self.cg_iters}; allowed: an integer >= 1")
+        if not self.cg_damping >= 0:
+            raise ValueError(f"cg_damping={self.cg_damping}; allowed: a number >= 0")
+        if int(self.ls_steps) < 1:
+            raise ValueError(f"ls_steps={self.ls_steps}; allowed: an integer >= 1")
+        if not 0 < self.ls_decay < 1:
+            raise ValueError(f"ls_decay={self.ls_decay}; allowed: a number in (0, 1)")
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate={self.surrogate!r}; allowed: {', '.join(SURROGATES)}")
         if self.baseline not in BASELINES:
@@ -456,7 +498,20 @@ def outer_loss(
     ``-sum_m w_m sum_t log pi_phi(a_t|s_t) gamma^t (G_t - V(s_t))`` (its gradient in ``phi`` is
     minus the policy gradient of the expected discounted return)."""
     logp = _log_probs(net, params, batch)
-    disc = gamma ** torch.arange(logp.shape[-1], dtype=logp.dtype)
+    adv = outer_advantages(batch, gamma=gamma, values=values, normalize_adv=normalize_adv)
+    return -(batch.weights * (logp * adv).sum(-1)).sum(-1)
+
+
+def outer_advantages(
+    batch: EpisodeBatch,
+    *,
+    gamma: float,
+    values: torch.Tensor | None = None,
+    normalize_adv: bool = False,
+) -> torch.Tensor:
+    """``gamma^t (G_t - V(s_t))`` of the post-update episodes, (N, M, T), detached, 0 on padding;
+    with ``normalize_adv`` standardised per task over its valid steps."""
+    disc = gamma ** torch.arange(batch.rewards.shape[-1], dtype=batch.rewards.dtype)
     v = torch.zeros_like(batch.rewards) if values is None else values
     adv = disc * (discounted_to_go(batch.rewards, gamma) - v) * batch.mask
     if normalize_adv:
@@ -464,7 +519,168 @@ def outer_loss(
         mean = adv.sum((1, 2), keepdim=True) / n
         var = (((adv - mean) * batch.mask) ** 2).sum((1, 2), keepdim=True) / n
         adv = (adv - mean) / (var.sqrt() + 1e-8) * batch.mask
-    return -(batch.weights * (logp * adv.detach()).sum(-1)).sum(-1)
+    return adv.detach()
+
+
+# --- TRPO outer step ------------------------------------------------------------------------------
+
+
+def conjugate_gradient(
+    avp: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    iters: int,
+    residual_tol: float = 1e-10,
+) -> torch.Tensor:
+    """Solve ``A x = b`` for symmetric positive-definite ``A`` given only ``avp(v) = A v``
+    (Hestenes & Stiefel 1952; the TRPO natural-gradient solve, Schulman et al. 2015, app. C).
+    Starts at x = 0 and stops after ``iters`` iterations or when ``|r|^2 < residual_tol``."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        if rr < residual_tol:
+            break
+        ap = avp(p)
+        alpha = rr / (p @ ap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def mean_kl(
+    net: MAMLPolicyNet, old_params: Params, new_params: Params, batch: EpisodeBatch
+) -> torch.Tensor:
+    """Mean over the valid steps of ``batch`` (all tasks) of ``KL(pi_old(.|s) || pi_new(.|s))``,
+    each task with its own stacked parameters; differentiable in ``new_params``."""
+    old = policy_dist(net, {k: v.detach() for k, v in old_params.items()}, batch.obs)
+    new = policy_dist(net, new_params, batch.obs)
+    kl = torch.distributions.kl_divergence(old, new)
+    return (kl * batch.mask).sum() / batch.mask.sum().clamp_min(1)
+
+
+def fisher_vector_product(
+    kl: torch.Tensor, params: Sequence[torch.Tensor], damping: float = 0.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> (H + damping I) v`` with ``H`` the Hessian of the scalar ``kl`` w.r.t. ``params``
+    (flattened and concatenated), by double back-propagation (Pearlmutter 1994). At the
+    old parameters the KL's gradient vanishes, so ``H`` is the Fisher information of the
+    policy *as a function of* ``params``: through the inner adaptation when ``kl`` was
+    computed from ``phi(theta)`` (``J^T F J``, as in ProMP / garage's MAML-TRPO)."""
+    grads = torch.autograd.grad(kl, list(params), create_graph=True)
+    flat_grad = torch.cat([g.reshape(-1) for g in grads])
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(flat_grad @ v, list(params), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]) + damping * v
+
+    return fvp
+
+
+def trpo_surrogate(
+    net: MAMLPolicyNet,
+    params: Params,
+    batch: EpisodeBatch,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+) -> torch.Tensor:
+    """TRPO's importance-weighted surrogate (Schulman et al. 2015, eq. 14), per task (N,):
+    ``sum_m w_m sum_t pi_params(a_t|s_t) / pi_old(a_t|s_t) A_t``, to maximise. At
+    ``params`` = old its gradient is minus ``outer_loss``'s."""
+    logp = _log_probs(net, params, batch)
+    ratio = torch.exp((logp - old_logp.detach()) * batch.mask)
+    return (batch.weights * (ratio * advantages * batch.mask).sum(-1)).sum(-1)
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def trpo_step(
+    net: MAMLPolicyNet,
+    theta: Params,
+    post: EpisodeBatch,
+    adapt_fn: Callable[[Params, bool], Params],
+    *,
+    advantages: torch.Tensor,
+    create_graph: bool,
+    max_kl: float,
+    cg_iters: int,
+    damping: float,
+    ls_steps: int,
+    ls_decay: float,
+) -> tuple[Params | None, dict[str, float]]:
+    """One TRPO step on the meta-parameters (the MAML-TRPO outer step of Finn et al. 2017,
+    sec. 5.3, as in ProMP, Rothfuss et al. 2019, and garage / learn2learn).
+
+    Maximise ``L(theta) = mean_i trpo_surrogate(phi_i(theta))`` on the post-update episodes
+    (sampled by ``phi_i(theta_old)``) subject to ``mean KL(pi_phi(theta_old) || pi_phi(theta))
+    <= max_kl`` on their states. ``phi(theta) = adapt_fn(stack_params(theta, N), create_graph)``
+    recomputes the inner steps from the pre-update episodes: with ``create_graph`` (MAML) both
+    the gradient and the KL's Hessian go through the adaptation (second order); without it
+    (FOMAML) ``d phi / d theta = I``. Natural gradient ``s = (H + damping I)^-1 g`` by
+    ``cg_iters`` conjugate-gradient iterations of Fisher-vector products, full step
+    ``sqrt(2 max_kl / s^T (H + damping I) s) s``, then backtracking by ``ls_decay`` for up to
+    ``ls_steps`` fractions: the first that improves ``L`` and satisfies the KL bound is taken.
+
+    Args:
+        theta: the current meta-parameters (unstacked; read, never modified).
+        adapt_fn: ``(stacked params, create_graph) -> stacked adapted params``.
+        advantages: (N, M, T) advantages of ``post`` (see ``outer_advantages``).
+
+    Returns:
+        ``(new theta, stats)``; new theta is None when no step was accepted (keep theta).
+    """
+    N = post.obs.shape[0]
+    keys = list(theta)
+    with torch.enable_grad():
+        th = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
+        phi = adapt_fn(stack_params(th, N), create_graph)
+        phi_old = {k: v.detach() for k, v in phi.items()}
+        with torch.no_grad():
+            old_logp = _log_probs(net, phi_old, post)
+        surr = trpo_surrogate(net, phi, post, old_logp, advantages).mean()
+        g = _flat(torch.autograd.grad(surr, [th[k] for k in keys], retain_graph=True))
+        kl = mean_kl(net, phi_old, phi, post)
+        fvp = fisher_vector_product(kl, [th[k] for k in keys], damping)
+        s = conjugate_gradient(fvp, g, cg_iters)
+        shs = float(s @ fvp(s))
+    surr0 = float(surr.detach())
+    stats = {
+        "trpo/surrogate_before": surr0,
+        "trpo/grad_norm": float(g.norm()),
+        "trpo/accepted": 0.0,
+        "trpo/step_fraction": 0.0,
+        "trpo/kl": 0.0,
+        "trpo/surrogate_gain": 0.0,
+        "trpo/ls_tries": 0.0,
+    }
+    if not (shs > 0 and np.isfinite(shs)):
+        return None, stats  # zero gradient (e.g. no advantage signal): nothing to step
+    full = (2 * max_kl / shs) ** 0.5 * s.detach()
+    sizes = [v.numel() for v in th.values()]
+    full_step = dict(zip(keys, (c.reshape(th[k].shape) for k, c in zip(keys, full.split(sizes)))))
+    frac = 1.0
+    for j in range(ls_steps):
+        cand = {k: theta[k].detach() + frac * full_step[k] for k in keys}
+        with torch.enable_grad():
+            start = {k: v.clone().requires_grad_() for k, v in cand.items()}
+            phi_new = {k: v.detach() for k, v in adapt_fn(stack_params(start, N), False).items()}
+        with torch.no_grad():
+            surr_new = float(trpo_surrogate(net, phi_new, post, old_logp, advantages).mean())
+            kl_new = float(mean_kl(net, phi_old, phi_new, post))
+        stats["trpo/ls_tries"] = float(j + 1)
+        if kl_new <= max_kl and surr_new > surr0 and np.isfinite(surr_new):
+            stats.update({
+                "trpo/accepted": 1.0, "trpo/step_fraction": frac, "trpo/kl": kl_new,
+                "trpo/surrogate_gain": surr_new - surr0,
+            })  # fmt: skip
+            return cand, stats
+        frac *= ls_decay
+    return None, stats
 
 
 # --- acting policies ------------------------------------------------------------------------------
@@ -534,6 +750,9 @@ class MAMLModule(RLModule):
         self.net = MAMLPolicyNet(obs_dim, self.action_space, cfg.hidden)
         self._acting = PerEnvPolicy(self.net)
         self._standalone_opt: torch.optim.Optimizer | None = None
+        # TRPO line-search outcomes so far (logged; kept in checkpoints)
+        self.trpo_accepted = 0
+        self.trpo_rejected = 0
 
     def make_collector(self) -> Collector:
         cfg: MAMLConfig = self.cfg
@@ -551,7 +770,19 @@ class MAMLModule(RLModule):
         if self.cfg.algo == "reptile":
             # theta - eps * (theta - mean phi) == theta + eps * (mean phi - theta)
             return torch.optim.SGD(self.net.parameters(), lr=self.cfg.reptile_eps)
+        if self.cfg.outer_optimizer == "trpo":
+            # TRPO's step is found by the line search (``trpo_step``); it is applied as an SGD
+            # step of rate 1 on the pseudo-gradient ``-step``, so Lightning counts it (its
+            # checkpointing keys on optimizer steps) and TRPO keeps no state beyond theta.
+            return torch.optim.SGD(self.net.parameters(), lr=1.0)
         return torch.optim.Adam(self.net.parameters(), lr=self.cfg.outer_lr)
+
+    def extra_state(self) -> dict:
+        return {"trpo_accepted": self.trpo_accepted, "trpo_rejected": self.trpo_rejected}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.trpo_accepted = int(state.get("trpo_accepted", 0))
+        self.trpo_rejected = int(state.get("trpo_rejected", 0))
 
     def iterations(self) -> int:
         """Upper bound on meta-iterations (every episode takes >= 1 step); training stops as
@@ -592,6 +823,31 @@ class MAMLModule(RLModule):
             normalize_adv=self.cfg.normalize_adv,
         ).mean()  # fmt: skip
         return loss, phi
+
+    def trpo_update(self, pre: EpisodeBatch, post: EpisodeBatch) -> tuple[Params | None, dict]:
+        """The TRPO outer step (``trpo_step``) with this config; counts accepted and rejected
+        line searches. Returns the new theta (None: keep theta) and the logged scalars."""
+        cfg: MAMLConfig = self.cfg
+        values_pre = self._values(pre)
+        new_theta, stats = trpo_step(
+            self.net, self.net.params(), post,
+            lambda p, graph: self.adapt(p, pre, create_graph=graph, values=values_pre),
+            advantages=outer_advantages(
+                post, gamma=cfg.gamma, values=self._values(post), normalize_adv=cfg.normalize_adv
+            ),
+            create_graph=cfg.algo == "maml", max_kl=cfg.max_kl, cg_iters=cfg.cg_iters,
+            damping=cfg.cg_damping, ls_steps=cfg.ls_steps, ls_decay=cfg.ls_decay,
+        )  # fmt: skip
+        if new_theta is None:
+            self.trpo_rejected += 1
+            log.info(
+                "TRPO: no step of the line search improved the surrogate within max_kl=%g "
+                "(%d tries); theta kept", cfg.max_kl, int(stats["trpo/ls_tries"]),
+            )  # fmt: skip
+        else:
+            self.trpo_accepted += 1
+        stats["trpo/rejected_total"] = float(self.trpo_rejected)
+        return new_theta, stats
 
     # -- one meta-iteration ------------------------------------------------------------------------
     def meta_step(
@@ -635,6 +891,7 @@ class MAMLModule(RLModule):
         # 4. outer update: recompute the inner steps with graph from the stored pre-update
         #    episodes (collection ran without grad) and differentiate the outer loss to theta
         optimizer.zero_grad()
+        extra: dict[str, float] = {}
         if cfg.algo == "reptile":
             phi_mean = {k: v.detach().mean(0) for k, v in phi_act.items()}
             for k, p in self.net.named_parameters():
@@ -643,6 +900,13 @@ class MAMLModule(RLModule):
                 self.net, phi_act, post, gamma=cfg.gamma, values=self._values(post),
                 normalize_adv=cfg.normalize_adv,
             ).mean().detach()  # fmt: skip
+        elif cfg.outer_optimizer == "trpo":
+            new_theta, trpo_stats = self.trpo_update(pre, post)
+            extra.update(trpo_stats)
+            loss = -torch.tensor(trpo_stats["trpo/surrogate_before"])
+            # theta + step as an SGD step of rate 1 (zero pseudo-gradient: keep theta)
+            for k, p in self.net.named_parameters():
+                p.grad = torch.zeros_like(p) if new_theta is None else p.detach() - new_theta[k]
         else:
             loss, _ = self.meta_loss(pre, post)
             backward(loss)
@@ -666,6 +930,7 @@ class MAMLModule(RLModule):
             "time/collect_post_s": t3 - t2,
             "time/update_s": t4 - t3,
             "time/meta_iteration_s": secs,
+            **extra,
         }
 
     def training_step(self, batch, batch_idx):
@@ -783,6 +1048,12 @@ __all__ = [
     "MAMLConfig",
     "MAMLModule",
     "MAMLPolicyNet",
+    "conjugate_gradient",
+    "fisher_vector_product",
+    "mean_kl",
+    "outer_advantages",
+    "trpo_step",
+    "trpo_surrogate",
     "PerEnvPolicy",
     "ReptileModule",
     "adapt",
