@@ -852,6 +852,7 @@ class CompositionalAgent(RLModule):
             envs, self.policy, episodes_per_trial=cfg.episodes_per_trial,
             task_sampler=uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds()), seed=cfg.seed,
             on_episode_end=self.policy.adapt if cfg.inner_loop == "on" else None,
+            hook_episodes=range(cfg.inner_episodes),
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:

@@ -13,7 +13,7 @@ fits in a checkpoint as plain data and is rebuilt exactly by replaying those act
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -304,6 +304,9 @@ class Collector:
         record_phi: store ``info["phi"]`` per step (skill discovery).
         on_episode_end: called as ``f(env_index, Episode)`` when an episode ends; storing the
             per-episode trajectories costs a little, so it is off unless given.
+        hook_episodes: if given, ``on_episode_end`` fires only for episodes whose index within
+            the trial is in this set (e.g. ``{0}`` for an inner loop that adapts on the first
+            episode), and only their steps are kept for it.
     """
 
     def __init__(
@@ -316,6 +319,7 @@ class Collector:
         seed: int = 0,
         record_phi: bool = False,
         on_episode_end: Callable[[int, Episode], None] | None = None,
+        hook_episodes: Collection[int] | None = None,
     ) -> None:
         if episodes_per_trial < 1:
             raise ValueError(f"episodes_per_trial={episodes_per_trial}; allowed: >= 1")
@@ -326,6 +330,7 @@ class Collector:
         self.rng = np.random.default_rng(seed)
         self.record_phi = record_phi
         self.on_episode_end = on_episode_end
+        self.hook_episodes = None if hook_episodes is None else frozenset(hook_episodes)
         self.n = envs.num_envs
         space = envs.single_action_space
         self.discrete = isinstance(space, gym.spaces.Discrete)
@@ -435,7 +440,7 @@ class Collector:
             )
             self.ep_return[i] += float(reward[i])
             self.ep_len[i] += 1
-            if self.on_episode_end is not None:
+            if self.on_episode_end is not None and self._hooked(i):
                 # keep a reference to the whole step; env i's slice is cut once per episode
                 self._buffers[i].append(rec)
         self.memory = out.memory
@@ -463,7 +468,7 @@ class Collector:
                     self.trial_ids[i],
                 )
                 finished.append(st)
-                if self.on_episode_end is not None:
+                if self.on_episode_end is not None and self._hooked(i):
                     self.on_episode_end(int(i), self._episode(i, st))
                 self.ep_in_trial[i] += 1
                 if self.ep_in_trial[i] >= self.E:
@@ -494,6 +499,10 @@ class Collector:
             self.prev.done[ts] = 0.0
         rec["finished"] = finished
         return rec
+
+    def _hooked(self, i: int) -> bool:
+        """Does ``on_episode_end`` want env ``i``'s current episode?"""
+        return self.hook_episodes is None or int(self.ep_in_trial[i]) in self.hook_episodes
 
     def _episode(self, i: int, st: EpisodeStats) -> Episode:
         recs = self._buffers[i]

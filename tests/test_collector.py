@@ -139,6 +139,29 @@ def test_collect_trials_exactly_one_trial_each():
     assert ro.valid.sum().item() == sum(e.length for e in ro.episodes)
 
 
+def test_hook_episodes_limits_the_hook_and_keeps_its_episodes_whole():
+    """hook_episodes={1}: the hook sees only each trial's second episode, with all its steps
+    (the same Episode as an unfiltered hook gets); the rollout itself is unchanged."""
+    got = {}
+    for filt in (None, {1}):
+        torch.manual_seed(0)
+        col = make(n=2, E=3)
+        col.hook_episodes = None if filt is None else frozenset(filt)
+        seen = []
+        col.on_episode_end = lambda i, ep, _s=seen: _s.append((i, ep))
+        ro = col.collect(60)
+        col.envs.close()
+        got[filt is None] = (seen, ro)
+    (all_eps, ro_all), (some, ro_some) = got[True], got[False]
+    assert torch.equal(ro_all.actions, ro_some.actions) and torch.equal(ro_all.obs, ro_some.obs)
+    assert some and all(ep.stats.episode_index == 1 for _, ep in some)
+    want = [(i, ep) for i, ep in all_eps if ep.stats.episode_index == 1]
+    assert len(some) == len(want) and len(all_eps) > len(some)
+    for (i, a), (j, b) in zip(some, want):
+        assert i == j and a.obs.shape[0] == a.stats.length
+        assert torch.equal(a.obs, b.obs) and torch.equal(a.actions, b.actions)
+
+
 @pytest.mark.parametrize("vectorization", ["sync", "async"])
 def test_exact_resume_from_state_dict(vectorization):
     net = ActorCritic(146, gym.spaces.Discrete(6))
