@@ -88,7 +88,19 @@ def run_trials(
     seed: int,
 ) -> dict[str, np.ndarray]:
     """One trial of ``episodes`` episodes per task; returns ``success`` and ``return`` arrays of
-    shape (len(tasks), episodes)."""
+    shape (len(tasks), episodes).
+
+    A pure function of (agent parameters, tasks, ``seed``): torch's global generator, which
+    policies sample actions from, is seeded from ``seed`` inside a forked RNG state, so an
+    evaluation right after training and one of the reloaded checkpoint agree, and the caller's
+    random stream is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed)
+
+
+def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed):
     n_tasks = len(tasks)
     success = np.full((n_tasks, episodes), np.nan)
     returns = np.full((n_tasks, episodes), np.nan)
