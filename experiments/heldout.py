@@ -126,6 +126,15 @@ def method_run_config(cfg: HeldoutConfig, spec: dict, seed: int) -> dict:
     return merge(shared, over)
 
 
+def eval_tasks(cfg: HeldoutConfig) -> tuple:
+    """The split and the held-out tasks (composition + layout seed) every row is evaluated on."""
+    split = envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
+    tasks = heldout_tasks(
+        split.heldout, cfg.eval.num_tasks, cfg.eval.seed, split.meta.get("heldout_layout_seeds")
+    )
+    return split, tasks
+
+
 def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False, log=print) -> dict:
     """Train and evaluate every method and reference; write the run folder; return results."""
     # validate every method config before anything is written
@@ -135,10 +144,7 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
     out = prepare_run_dir(out, overwrite=overwrite)
     command = " ".join(shlex.quote(a) for a in ["compo", *sys.argv[1:]]) if sys.argv else ""
     dump_yaml(out / "config.yaml", asdict(cfg))
-    split = envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
-    tasks = heldout_tasks(
-        split.heldout, cfg.eval.num_tasks, cfg.eval.seed, split.meta.get("heldout_layout_seeds")
-    )
+    split, tasks = eval_tasks(cfg)
     ev = cfg.eval
     methods: dict[str, dict] = {}
 

@@ -181,6 +181,15 @@ def test_heldout_end_to_end(tmp_path):
             (out / "ppo" / f"seed{s}" / "train_log.jsonl").read_text().splitlines() for s in (0, 1)
         )
     ]
+    # re-evaluating the saved checkpoints reproduces the run's own evaluation exactly
+    from experiments.trial_gain import markdown as gain_md
+    from experiments.trial_gain import trial_gain
+
+    (g,) = trial_gain(out, n_boot=200)
+    assert g["method"] == "ppo" and g["pairs"] == 2 * doc["config"]["eval"]["num_tasks"]
+    assert np.allclose(g["success_at"], doc["methods"]["ppo"]["success_at"])
+    assert g["gain_ci"][0] <= g["gain"] <= g["gain_ci"][1]
+    assert "| ppo |" in gain_md([g])
     (kl_row,) = summarize_run(out, last=2, metric="losses/approx_kl")
     assert kl_row["train_success"] == pytest.approx(np.mean(kl))
     assert "`losses/approx_kl`, last 2" in markdown([kl_row], 2, "losses/approx_kl")
