@@ -257,7 +257,8 @@ def ceiling(
     Returns:
         The report dict.
     """
-    from primitives.discovery import DiscoveryModule, Discriminator, next_phi
+    from experiments.disc_probe import fit_discriminator
+    from primitives.discovery import DiscoveryModule, next_phi
     from rl.config import merge
 
     for name, v in (("steps", steps), ("epochs", epochs), ("hidden", hidden)):
@@ -300,14 +301,7 @@ def ceiling(
     te = torch.nonzero(env_of >= n - test_envs).squeeze(-1)
 
     # a fresh discriminator, trained to convergence (as disc_probe's probe)
-    disc = Discriminator(enc.dim, K, hidden)
-    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in tr[torch.randperm(tr.numel())].split(512):
-            loss = nn.functional.cross_entropy(disc(x[idx]), k[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    disc = fit_discriminator(x, k, tr, K, hidden, epochs)
     with torch.no_grad():
         pred = disc(x).argmax(-1)
         final_loss = float(nn.functional.cross_entropy(disc(x[tr]), k[tr]))

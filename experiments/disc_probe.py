@@ -30,6 +30,24 @@ import torch
 from torch import nn
 
 
+def fit_discriminator(
+    x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, num_skills: int, hidden: int, epochs: int
+):
+    """A fresh ``Discriminator`` fitted on rows ``rows`` of inputs ``x`` and skills ``k`` (Adam,
+    lr 1e-3, minibatches of 512, ``epochs`` passes)."""
+    from primitives.discovery import Discriminator
+
+    disc = Discriminator(x.shape[-1], num_skills, hidden)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in rows[torch.randperm(rows.numel())].split(512):
+            loss = nn.functional.cross_entropy(disc(x[idx]), k[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return disc
+
+
 def probe(
     checkpoint: str | Path,
     steps: int = 1024,
@@ -40,7 +58,7 @@ def probe(
 ) -> dict:
     """Probe a ``discovery`` checkpoint (see the module docstring); returns the report dict."""
     from experiments.registry import REGISTRY
-    from primitives.discovery import Discriminator, next_phi
+    from primitives.discovery import next_phi
     from rl.seeding import seed_everything
     from rl.train import load_module
 
@@ -72,14 +90,7 @@ def probe(
     K = module.library.num_skills
     with torch.no_grad():
         online = float((module.discriminator(x).argmax(-1) == k).float().mean())
-    fresh = Discriminator(enc.dim, K, hidden)
-    opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for idx in tr[torch.randperm(tr.numel())].split(512):
-            loss = nn.functional.cross_entropy(fresh(x[idx]), k[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fresh = fit_discriminator(x, k, tr, K, hidden, epochs)
     with torch.no_grad():
         pred = fresh(x).argmax(-1)
     flat_phi = phi.reshape(-1, phi.shape[-1]).float()
