@@ -88,12 +88,17 @@ def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Numbers for numeric fields: YAML reads ``1e-3`` (no dot) as the string '1e-3', and an
+    """Numbers for numeric fields (and 'on'/'off' for str fields YAML read as booleans): YAML reads ``1e-3`` (no dot) as the string '1e-3', and an
     integer where a float is declared is harmless; anything else that is not a number for an
     ``int``/``float`` field is refused by name."""
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
+    if hint is str and isinstance(value, bool):
+        # YAML 1.1 (PyYAML, also for --set values) reads on/off/yes/no as booleans; the only
+        # str fields with such values are on/off switches (e.g. ``inner_loop``), so give the
+        # word back; any other field then refuses 'on'/'off' by name in its own check
+        return "on" if value else "off"
     numeric = [t for t in (args or (hint,)) if t in (int, float)]
     if not numeric or (args and len([a for a in args if a is not type(None)]) != 1):
         return value

@@ -352,6 +352,15 @@ def test_numeric_config_values_are_coerced_or_refused():
     )
     assert c.library_lr == 0.002 and isinstance(c.library_lr, float)
     assert c.ppo.lr == 0.001 and c.hidden == 32 and isinstance(c.hidden, int)
+    # YAML 1.1 reads off/on as booleans (``--set ...inner_loop=off`` used to fail with
+    # "inner_loop=False; allowed: on, off")
+    for word in ("off", "on"):
+        assert (
+            config_from_dict(CompositionalConfig, {"inner_loop": yaml.safe_load(word)}).inner_loop
+            == word
+        )
+    with pytest.raises(ValueError, match="composer='on'; allowed"):
+        config_from_dict(CompositionalConfig, {"composer": yaml.safe_load("on")})
     for bad, match in (
         ({"library_lr": "fast"}, "'library_lr'='fast'; allowed: a number"),
         ({"hidden": 2.5}, "'hidden'=2.5; allowed: an integer"),
