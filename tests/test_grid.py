@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -9,7 +11,14 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.core import Composition, Task
-from envs.grid import PRIMITIVES, Oracle, all_compositions, validate_composition
+from envs.grid import (
+    _DIRS,
+    ACTIONS,
+    PRIMITIVES,
+    Oracle,
+    all_compositions,
+    validate_composition,
+)
 
 
 def run_oracle(env: gym.Env, seed: int) -> tuple[bool, int, float]:
@@ -47,6 +56,69 @@ def test_oracle_other_sizes(size):
     for i, c in enumerate(all_compositions((3,))[::97]):
         env.unwrapped.set_task(Task(c))
         assert run_oracle(env, seed=100 + i)[0], str(c)
+
+
+def _clone(e):
+    """An independent copy of the unwrapped env's dynamic state (walls never change: shared)."""
+    c = copy.copy(e)
+    memo = {id(w): w for w in e.grid.grid if w is not None and w.type == "wall"}
+    c.grid, c.objects, c.carrying = copy.deepcopy((e.grid, e.objects, e.carrying), memo)
+    return c
+
+
+def fewest_steps_to_success(e, horizon: int) -> int | None:
+    """Brute force: BFS over every action sequence of length <= ``horizon`` on env copies
+    (states deduplicated); the fewest steps that complete the task, or None."""
+    frontier, seen = [e], set()
+    for depth in range(1, horizon + 1):
+        nxt = []
+        for s in frontier:
+            for a in range(len(ACTIONS)):
+                c = _clone(s)
+                *_, info = c.step(a)
+                if info["success"]:
+                    return depth
+                pos = tuple(int(v) for v in c.agent_pos)
+                key = (pos, c.agent_dir, c.carried_name(), c.progress, c.grid.encode().tobytes())
+                if key not in seen:
+                    seen.add(key)
+                    nxt.append(c)
+        frontier = nxt
+    return None
+
+
+def test_oracle_is_shortest_on_hidden_goal_family():
+    # goto a ball within 5 steps: picking up (or opening) an object in the way is sometimes the
+    # only way in time, so a planner treating every object as a wall is not an upper bound
+    split = envs.make_split("grid-layouts:goto(red ball);goto(blue ball)", seed=0)
+    solved = 0
+    for c in split.heldout:
+        for layout in split.meta["heldout_layout_seeds"][:75]:
+            kw = {"composition": str(c), "size": 7, "max_steps": 5, "layout_seed": layout}
+            env = gym.make("CompoGrid-v0", **kw)
+            env.reset(seed=0)
+            best = fewest_steps_to_success(_clone(env.unwrapped), 5)
+            ok, steps, _ = run_oracle(env, seed=0)
+            assert ok == (best is not None), f"{c} @ {layout}: oracle {ok}, brute force {best}"
+            if ok:
+                assert steps == best, f"{c} @ {layout}: oracle {steps} steps, shortest {best}"
+                solved += 1
+    assert 0 < solved < 2 * 75  # some layouts are out of reach in 5 steps, some are not
+
+
+def test_oracle_already_facing_goto_target_keeps_facing():
+    # goto is checked after a step: an oracle facing its target must not turn away
+    env = gym.make("CompoGrid-v0", composition="goto(red ball) > open(door)")
+    env.reset(seed=0)
+    e = env.unwrapped
+    bx, by = e.entity_cell("red ball")
+    for d, (dx, dy) in enumerate(_DIRS):
+        if e.grid.get(bx - dx, by - dy) is None:
+            e.agent_pos, e.agent_dir = (bx - dx, by - dy), d
+            break
+    assert e.front_entity() == "red ball"
+    _, r, *_ = env.step(Oracle().act(env))
+    assert r == pytest.approx(0.5) and e.progress == 1
 
 
 def test_reward_is_one_over_L_per_subtask_in_order():
