@@ -284,10 +284,11 @@ def test_fit_eval_reload_and_exact_resume(tmp_path):
 
 
 #: the meta-learning family: which of two objects pays is hidden (reward-only task info); one
-#: layout per trial; 5 steps per episode reach the paying object in 77% of layouts with the BFS
-#: oracle (size 7) but rarely both objects, so episode 0 is close to a coin flip unless the two
-#: are near each other, and later episodes can reach the oracle's 0.77 only if the hidden state
-#: remembers which object paid. (With 8 steps both objects fit in one episode: episode 0 then
+#: layout per trial; 5 steps per episode reach the paying object in ~87% of layouts (the BFS
+#: oracle, which may clear a blocking object, equals a brute-force search there; size 7) but
+#: rarely both objects, so episode 0 is close to a coin flip unless the two are near each
+#: other, and later episodes approach that limit only if the hidden state remembers which
+#: object paid. (With 8 steps both objects fit in one episode: episode 0 then
 #: succeeded 0.83 of the time and there was nothing left to learn between episodes.)
 META_ENV = {"task_info": "reward", "size": 7, "max_steps": 5}
 META_CFG = {
