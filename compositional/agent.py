@@ -62,6 +62,7 @@ from primitives.discovery import (
     save_heatmaps,
 )
 from primitives.library import SkillLibrary, check_num_skills
+from primitives.library import inverse_cdf as _inverse_cdf
 from rl.collect import Collector, Episode, Prev, StepOutput, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.gae import gae
@@ -181,14 +182,6 @@ class CompositionalConfig(BaseConfig):
 def _a_major(w: torch.Tensor, k: int) -> torch.Tensor:
     """Rows of the skill head (k-major: row k * A + a) reordered a-major (row a * K + k)."""
     return w.reshape(k, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Indices drawn from the rows of ``probs`` (B, n) (not necessarily normalised) with the
-    uniforms ``u`` (B,) in [0, 1): exactly Categorical(probs) (scaling u by the row total keeps
-    the index below n whatever the rounding of the cumulative sum)."""
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
 
 
 class _FastPath(nn.Module):
@@ -588,19 +581,21 @@ class CompositionalAgent(RLModule):
 
     def _joint(
         self, out, sel, p_switch, start, switch, skill, action=None, entropy=True, u=None,
-        lsel_all=None,
+        lsel_all=None, psel=None,
     ):  # fmt: skip
         """alpha, action, joint log-prob of (switch, skill, action) and entropy.
 
         The discrete case is written out (mixture probabilities, an inverse-CDF draw with the
         uniform ``u`` (B,) if given, ``gather``) rather than through ``Categorical`` objects:
-        same distribution, a third of the acting time. ``lsel_all``: ``log_softmax(sel)`` if
-        the caller has it.
+        same distribution, a third of the acting time. ``lsel_all``: ``log_softmax(sel)`` and
+        ``psel``: its ``exp`` if the caller has them.
         """
         if lsel_all is None:
             lsel_all = torch.log_softmax(sel, -1)
+        if psel is None and (entropy or self.composer.mode == "attention"):
+            psel = lsel_all.exp()
         if self.composer.mode == "attention":
-            alpha = lsel_all.exp()
+            alpha = psel
         else:
             alpha = self.composer.weights(sel, skill)
         if self.library.head.discrete:
@@ -612,8 +607,14 @@ class CompositionalAgent(RLModule):
             if action is None:
                 u = torch.rand(probs.shape[0]) if u is None else u
                 action = _inverse_cdf(probs, u)
-            logp = probs.gather(1, action.long().view(-1, 1)).squeeze(1).log()
-            ent_a = -(probs * probs.log()).sum(-1) if entropy else None
+            a_idx = action.long().view(-1, 1)
+            if entropy:  # one log of every probability serves log-prob and entropy
+                lprobs = probs.log()
+                logp = lprobs.gather(1, a_idx).squeeze(1)
+                ent_a = -(probs * lprobs).sum(-1)
+            else:
+                logp = probs.gather(1, a_idx).squeeze(1).log()
+                ent_a = None
         else:
             dist = self.composer.mix(out, alpha, self.library.head, self.library.log_std)
             if action is None:
@@ -628,7 +629,7 @@ class CompositionalAgent(RLModule):
         logp = logp + lsel * switch  # the skill's log-prob counts where it was drawn
         if not entropy:
             return action, alpha, logp, None
-        ent_sel = -(lsel_all.exp() * lsel_all).sum(-1)
+        ent_sel = -(psel * lsel_all).sum(-1)
         return action, alpha, logp, ent_a + switch.float() * ent_sel
 
     def _sample(self, sel, out, beta, p_switch, prev_skill, start, value) -> dict:
@@ -639,10 +640,11 @@ class CompositionalAgent(RLModule):
         # the next skill ~ Categorical(softmax(sel)), which is also what the forward pass of
         # hard mode's straight-through Gumbel-softmax samples (Jang et al. 2017)
         lsel_all = torch.log_softmax(sel, -1)
-        skill = torch.where(switch, _inverse_cdf(lsel_all.exp(), u[:, 1]), prev_skill)
+        psel = lsel_all.exp()
+        skill = torch.where(switch, _inverse_cdf(psel, u[:, 1]), prev_skill)
         action, alpha, logp, _ = self._joint(
             out, sel, p_switch, start, switch, skill, entropy=False, u=u[:, 2],
-            lsel_all=lsel_all,
+            lsel_all=lsel_all, psel=psel,
         )  # fmt: skip
         term = beta.gather(1, skill.view(-1, 1)).squeeze(1)
         return {
@@ -719,6 +721,15 @@ class CompositionalAgent(RLModule):
                 "w_v2": v2.weight.detach().t(),
                 "b_v2": v2.bias.detach(),
             }
+            # controller output and value hidden layer from [h, enc] in one product
+            # (columns :H: proj, reading h only; H:: the value head's first layer)
+            hdim = ctrl.proj.weight.shape[0]
+            w_p = torch.cat([cache["w_proj"], cache["w_proj"].new_zeros(hdim, hdim)])
+            cache["w_pv"] = torch.cat([w_p, cache["w_v1"]], 1)
+            cache["b_pv"] = torch.cat([cache["b_proj"], cache["b_v1"]])
+            # and their second layers block-diagonal: [u, v] -> [logits (K), value]
+            cache["w_uv"] = torch.block_diag(cache["w_uk"], cache["w_v2"])
+            cache["b_uv"] = torch.cat([cache["b_uk"], cache["b_v2"]])
         cache.update(mods=mods, params=params, versions=tuple(p._version for p in params))
         self._pack = cache
         return cache
@@ -729,8 +740,9 @@ class CompositionalAgent(RLModule):
         if self.cfg.fast_params != "context":
             return {"deltas": deltas}
         per = self._unflatten(deltas)
+        b_proj = w["b_proj"] + per["controller.proj.bias"]
         return {
-            "b_proj": w["b_proj"] + per["controller.proj.bias"],
+            "b_pv": torch.cat([b_proj, w["b_v1"].expand(len(b_proj), -1)], 1),
             "b_q": w["b_q"] + per["composer.query.bias"],
             "keys": w["keys"] + per["composer.keys"] / math.sqrt(self.cfg.key_dim),
         }
@@ -747,35 +759,37 @@ class CompositionalAgent(RLModule):
         H, k = self.cfg.hidden, self.k
         z = torch.tanh(torch.addmm(w["b_in"], obs, w["w_in"]))
         enc, l1 = z[:, :H], z[:, H:]
-        r, d = prev.reward.float().unsqueeze(-1), prev.done.float().unsqueeze(-1)
-        gates = torch.addmm(w["b_lstm"], torch.cat([enc, prev_alpha, r, d, h], 1), w["w_lstm"])
+        rd = torch.stack([prev.reward.float(), prev.done.float()], 1)
+        gates = torch.addmm(w["b_lstm"], torch.cat([enc, prev_alpha, rd, h], 1), w["w_lstm"])
         sg = torch.sigmoid(gates)  # LSTM gates in torch's order i, f, g, o
         c = torch.addcmul(sg[:, H : 2 * H] * c, sg[:, :H], torch.tanh(gates[:, 2 * H : 3 * H]))
         h = sg[:, 3 * H :] * torch.tanh(c)
         lib_h = torch.tanh(torch.addmm(w["b_l2"], l1, w["w_l2"]))
         heads = torch.addmm(w["b_heads"], lib_h, w["w_heads"])
         n_out = self.library.head.n_out
-        out = heads[:, : k * n_out].view(-1, n_out, k).transpose(1, 2)  # (N, K, A) view
+        # (N, K, A) view of a contiguous a-major copy: _joint's softmax over actions then
+        # runs on contiguous (N, A, K) memory (~3x faster than on the strided slice)
+        out = heads[:, : k * n_out].contiguous().view(-1, n_out, k).transpose(1, 2)
         beta = torch.sigmoid(heads[:, k * n_out :])
+        b_pv = w["b_pv"] if fast is None or "deltas" in fast else fast["b_pv"]
+        uv = torch.tanh(torch.addmm(b_pv, torch.cat([h, enc], 1), w["w_pv"]))
         if fast is None:
-            ctrl = torch.addmm(
-                w["b_uk"], torch.tanh(torch.addmm(w["b_proj"], h, w["w_proj"])), w["w_uk"]
-            )
-        elif "deltas" in fast:
-            ctrl = self.ctrl_logits(h, fast["deltas"])
+            o = torch.addmm(w["b_uv"], uv, w["w_uv"])
+            ctrl, value = o[:, :k], o[:, k]
         else:
-            u = torch.tanh(torch.addmm(fast["b_proj"], h, w["w_proj"]))
-            q = torch.addmm(fast["b_q"], u, w["w_q"])
-            ctrl = (fast["keys"] * q.unsqueeze(1)).sum(-1)
+            value = torch.addmm(w["b_v2"], uv[:, H:], w["w_v2"]).squeeze(-1)
+            if "deltas" in fast:
+                ctrl = self.ctrl_logits(h, fast["deltas"])
+            else:
+                q = torch.addmm(fast["b_q"], uv[:, :H], w["w_q"])
+                ctrl = (fast["keys"] * q.unsqueeze(1)).sum(-1)
         if self.graph.mode == "learned":
-            sel = ctrl + w["adj"][prev_skill.masked_fill(start, k)]
+            sel = ctrl + w["adj"].index_select(0, prev_skill.masked_fill(start, k))
             p_switch = beta.gather(1, prev_skill.clamp_min(0).view(-1, 1)).squeeze(1)
             p_switch = p_switch.masked_fill(start, 1.0)
         else:
             sel = self.graph.next_skill_logits(ctrl, prev_skill, start)
             p_switch = self.graph.switch_prob(beta, prev_skill, steps, start)
-        v = torch.tanh(torch.addmm(w["b_v1"], torch.cat([h, enc], 1), w["w_v1"]))
-        value = torch.addmm(w["b_v2"], v, w["w_v2"]).squeeze(-1)
         return h, c, self._sample(sel, out, beta, p_switch, prev_skill, start, value)
 
     def adapt_fast(self, delta: torch.Tensor, ep: Episode, trace: dict) -> torch.Tensor:
@@ -801,12 +815,20 @@ class CompositionalAgent(RLModule):
             adv = torch.tensor(ret[::-1], dtype=torch.float32) - ep.values.reshape(-1)
             if adv.numel() > 1:
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        base = {n: p.detach() for n, p in self.fast_params().items()}
+        # the fast path's layers written out (as in ``ctrl_logits``; ``functional_call`` gives
+        # the same numbers with more overhead than the inner step's maths)
+        base = {n: self._fp_params[n].detach() for n in FAST_PARAMS}
+        scale = math.sqrt(cfg.key_dim)
         for _ in range(cfg.inner_steps):
             d = delta.detach().requires_grad_(True)
-            per = self._unflatten(d)
-            params = {n: base[n] + per[n] for n in base}
-            ctrl = functional_call(self._fastpath, params, (trace["h"],))
+            p = {**base}
+            for n, v in self._unflatten(d).items():
+                p[n] = base[n] + v
+            u = torch.tanh(
+                torch.addmm(p["controller.proj.bias"], trace["h"], p["controller.proj.weight"].t())
+            )
+            q = torch.addmm(p["composer.query.bias"], u, p["composer.query.weight"].t())
+            ctrl = q @ p["composer.keys"].t() / scale
             sel = self.graph.next_skill_logits(ctrl, trace["prev_skill"], trace["start"])
             _, _, logp, _ = self._joint(
                 out, sel, p_switch, trace["start"], trace["switch"], trace["skill"], ep.actions,
@@ -994,15 +1016,10 @@ class CompositionalAgent(RLModule):
 
         def evaluate(mb: torch.Tensor):
             obs = b_obs[mb]
-            if cfg.bptt_len == 1:  # one recurrent step from the stored state, minibatch rows only
-                e = ctrl.encode(obs)
-                x = ctrl.inputs(e, flat["prev_alpha"][mb], b_prev_r[mb], b_prev_d[mb])
-                h, _ = ctrl.step(x, (b_h0[mb], b_c0[mb]))
-            else:
-                enc = ctrl.encode(ro.obs)
-                x = ctrl.inputs(enc, ex["prev_alpha"], ro.prev_reward, ro.prev_done)
-                hs = ctrl.unroll_chunked(x, ex["h_in"], ex["c_in"], ro.trial_start, cfg.bptt_len)
-                h, e = hs.reshape(T * N, -1)[mb], enc.reshape(T * N, -1)[mb]
+            enc = ctrl.encode(ro.obs)
+            x = ctrl.inputs(enc, ex["prev_alpha"], ro.prev_reward, ro.prev_done)
+            hs = ctrl.unroll_chunked(x, ex["h_in"], ex["c_in"], ro.trial_start, cfg.bptt_len)
+            h, e = hs.reshape(T * N, -1)[mb], enc.reshape(T * N, -1)[mb]
             sel, out, _, p_switch = self._core(
                 obs, h, e, flat["prev_skill"][mb], flat["steps"][mb], flat["start"][mb],
                 None, ids=flat["fast_id"][mb], table=table,
@@ -1013,6 +1030,10 @@ class CompositionalAgent(RLModule):
             )  # fmt: skip
             return logp, ent, ctrl.value(h, e)
 
+        if cfg.bptt_len == 1:  # one recurrent step from the stored state, minibatch rows only
+            evaluate = self._one_step_evaluator(
+                flat, b_obs, b_act, b_prev_r, b_prev_d, b_h0, b_c0, table
+            )
         params = [p for g in opt.param_groups for p in g["params"]]
         stats = ppo_update(
             ro, evaluate, params, opt, cfg.ppo, advantages=adv, returns=ret,
@@ -1032,6 +1053,81 @@ class CompositionalAgent(RLModule):
             if eps:
                 charts[f"charts/success_ep{e_idx}"] = float(np.mean(eps))
         self.log_iteration(ro, stats, time.perf_counter() - t0, extra=charts)
+
+    def _one_step_evaluator(self, flat, b_obs, b_act, prev_r, prev_d, h0, c0, table):
+        """The outer update's ``evaluate`` for ``bptt_len == 1``: one LSTM step from the stored
+        state, then ``_core`` + ``_joint`` + ``controller.value`` (the same maths). Built once
+        per update: the per-row inputs sit in one float and one integer block (one
+        ``index_select`` each per minibatch instead of a dozen indexings), the graph prior rows
+        come from the prior with a zero row K appended (``index_select``, as in ``act_fused``),
+        and in ``context`` mode every adapted set's keys are scored in one matmul and each row
+        picks its set's K scores (rather than a (B, K, d) tensor of per-row keys)."""
+        cfg: CompositionalConfig = self.cfg
+        ctrl, k = self.controller, self.k
+        n_tab = table.shape[0]
+        ids = flat["fast_id"]
+        # context mode with adapted sets: per-row bias offsets gathered once; the keys per set
+        context = cfg.fast_params == "context" and 1 < n_tab <= 64
+        discrete = self.library.head.discrete
+        fcols = [b_obs, flat["prev_alpha"], prev_r.float().unsqueeze(-1)]
+        fcols += [prev_d.float().unsqueeze(-1), h0, c0]
+        if context:
+            per = self._unflatten(table)
+            fcols += [per["controller.proj.bias"][ids], per["composer.query.bias"][ids]]
+            d_keys = per["composer.keys"]
+        if not discrete:
+            fcols.append(b_act.float())
+        widths = [c.shape[1] for c in fcols]
+        bounds = np.cumsum([0, *widths]).tolist()
+        fblock = torch.cat(fcols, 1)
+        learned = self.graph.mode == "learned"
+        prev_skill, start = flat["prev_skill"], flat["start"]
+        icols = [prev_skill, flat["steps"], start.long(), flat["switch"].long(), flat["skill"], ids]
+        icols.append(prev_skill.masked_fill(start, k))  # the graph prior's row (K: none)
+        if discrete:
+            icols.append(b_act.long().reshape(-1))
+        iblock = torch.stack(icols, 1)
+        col = torch.arange(k)
+        ctrl_fast = self._fastpath
+        lib, graph = self.library, self.graph
+        inv_sqrt_d = 1.0 / math.sqrt(cfg.key_dim)
+
+        def evaluate(mb: torch.Tensor):
+            f = fblock.index_select(0, mb)
+            iv = iblock.index_select(0, mb)
+            obs, pa, pr, pd, hb, cb = (f[:, bounds[j] : bounds[j + 1]] for j in range(6))
+            prev_sk, steps, start_b = iv[:, 0], iv[:, 1], iv[:, 2].bool()
+            switch, skill, ids_b = iv[:, 3].bool(), iv[:, 4], iv[:, 5]
+            e = ctrl.encode(obs)
+            h, _ = ctrl.step(torch.cat([e, pa, pr, pd], 1), (hb, cb))
+            if context:
+                b_p = f[:, bounds[6] : bounds[7]]
+                b_q = f[:, bounds[7] : bounds[8]]
+                cp, comp = ctrl.proj, self.composer
+                u = torch.tanh(torch.addmm(cp.bias + b_p, h, cp.weight.t()))
+                q = torch.addmm(comp.query.bias + b_q, u, comp.query.weight.t())
+                keys = (comp.keys.unsqueeze(0) + d_keys).reshape(n_tab * k, -1)
+                scores = (q @ keys.t()).gather(1, ids_b.unsqueeze(1) * k + col)
+                ctrl_l = scores * inv_sqrt_d
+            elif n_tab > 1:  # full fast parameters, or very many adapted sets
+                if cfg.fast_params == "full":
+                    ctrl_l = self.ctrl_logits_grouped(h, ids_b, table)
+                else:
+                    ctrl_l = self.ctrl_logits(h, table[ids_b])
+            else:
+                ctrl_l = ctrl_fast(h)
+            if learned:
+                adj = torch.cat([graph.adjacency_logits, graph.adjacency_logits.new_zeros(1, k)])
+                sel = ctrl_l + adj.index_select(0, iv[:, 6])
+            else:
+                sel = graph.next_skill_logits(ctrl_l, prev_sk, start_b)
+            out, beta = lib(obs)
+            p_switch = graph.switch_prob(beta, prev_sk, steps, start_b)
+            act = iv[:, 7] if discrete else f[:, bounds[-2] : bounds[-1]]
+            _, _, logp, ent = self._joint(out, sel, p_switch, start_b, switch, skill, act)
+            return logp, ent, ctrl.value(h, e)
+
+        return evaluate
 
     # -- evaluation -------------------------------------------------------------------------------------
     @staticmethod

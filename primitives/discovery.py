@@ -33,7 +33,7 @@ from rl.module import RLModule
 from rl.nets import mlp
 from rl.ppo import PPOConfig, ppo_update
 
-from .library import SkillLibrary, check_num_skills
+from .library import SkillLibrary, check_num_skills, inverse_cdf
 
 OBJECTIVES = ("diayn", "supervised")
 
@@ -192,6 +192,10 @@ class SkillPolicy:
         self.k = library.num_skills
         self.skill_of_env = skill_of_env
         self.greedy = greedy
+        self._pack: dict | None = None  # fused acting weights (``_packed``)
+        n_out = library.head.n_out
+        self._offset = torch.cat([torch.arange(n_out), torch.tensor([self.k * n_out])])
+        self._stride = torch.tensor([n_out] * n_out + [1])
 
     def _draw(self, idx: torch.Tensor) -> torch.Tensor:
         if self.skill_of_env is not None:
@@ -212,14 +216,73 @@ class SkillPolicy:
         new_ep = torch.nonzero(prev.done > 0).squeeze(-1)
         if new_ep.numel() and self.skill_of_env is None:
             skill[new_ep] = self._draw(new_ep)
-        out, _ = self.library(obs)
-        dist = self.library.skill_dist(out, skill)
-        if self.greedy:
-            action = dist.probs.argmax(-1) if hasattr(dist, "probs") else dist.mean
+        lib = self.library
+        if torch.is_grad_enabled():  # the reference path (module by module)
+            out, _ = lib(obs)
+            sel = out.gather(1, skill.view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
+            value = lib.value(obs, skill)
+        else:  # collectors act under no_grad: the same maths with fused layers
+            sel, value = self.fused_outputs(obs, skill)
+        if lib.head.discrete:
+            # Categorical(logits=sel) written out: log-probs by log_softmax, a draw by the
+            # inverse CDF of one uniform per env (the same distribution as ``sample``)
+            logp_all = torch.log_softmax(sel, -1)
+            if self.greedy:
+                action = logp_all.argmax(-1)
+            else:
+                action = inverse_cdf(logp_all.exp(), torch.rand(sel.shape[0]))
+            logp = logp_all.gather(1, action.view(-1, 1)).squeeze(1)
         else:
-            action = dist.sample()
-        value = self.library.value(obs, skill)
-        return StepOutput(action, dist.log_prob(action), value, skill, {"skill": skill.clone()})
+            dist = lib.head.dist(sel, lib.log_std[skill])
+            action = dist.mean if self.greedy else dist.sample()
+            logp = dist.log_prob(action)
+        return StepOutput(action, logp, value, skill, {"skill": skill.clone()})
+
+    def _packed(self) -> dict[str, torch.Tensor]:
+        """Acting weights of the library with layers that share an input fused into one
+        matrix each: actor and critic first layers (both read the observation), their second
+        layers (block-diagonal) and the skill and value heads (block-diagonal); the termination
+        heads are left out (acting does not use them). Rebuilt when a parameter is replaced
+        or its version counter moved (in-place writes: optimisers, ``load_state_dict``)."""
+        lib = self.library
+        l1, l2 = lib.encoder[0][0], lib.encoder[0][2]
+        c1, c2, c3 = lib.critic[0], lib.critic[2], lib.critic[4]
+        params = [
+            l1.weight, l1.bias, c1.weight, c1.bias, l2.weight, l2.bias, c2.weight, c2.bias,
+            lib.skill_out.weight, lib.skill_out.bias, c3.weight, c3.bias,
+        ]  # fmt: skip
+        versions = tuple(p._version for p in params)
+        cache = self._pack
+        if (
+            cache is not None
+            and all(a is b for a, b in zip(cache["params"], params))
+            and cache["versions"] == versions
+        ):
+            return cache
+        with torch.no_grad():
+            cache = {
+                "w_in": torch.cat([l1.weight, c1.weight]).t(),
+                "b_in": torch.cat([l1.bias, c1.bias]),
+                "w_2": torch.block_diag(l2.weight, c2.weight).t(),
+                "b_2": torch.cat([l2.bias, c2.bias]),
+                "w_out": torch.block_diag(lib.skill_out.weight, c3.weight).t(),
+                "b_out": torch.cat([lib.skill_out.bias, c3.bias]),
+            }
+        cache.update(params=params, versions=versions)
+        self._pack = cache
+        return cache
+
+    def fused_outputs(self, obs: torch.Tensor, skill: torch.Tensor):
+        """The active skills' action-distribution parameters (N, n_out) and values V(s, k)
+        (N,) through the fused weights of ``_packed`` (no grad)."""
+        w = self._packed()
+        n_out = self.library.head.n_out
+        z = torch.tanh(torch.addmm(w["b_in"], obs, w["w_in"]))
+        z = torch.tanh(torch.addmm(w["b_2"], z, w["w_2"]))
+        heads = torch.addmm(w["b_out"], z, w["w_out"])
+        # columns k * n_out + a (the skill's outputs) and K * n_out + k (its value)
+        both = heads.gather(1, torch.addcmul(self._offset, skill.view(-1, 1), self._stride))
+        return both[:, :n_out], both[:, n_out]
 
     def bootstrap_value(self, obs: torch.Tensor, memory: torch.Tensor, prev: Prev) -> torch.Tensor:
         return self.library.value(obs, memory)
@@ -396,15 +459,27 @@ class SkillTrainer:
         b_skill = skill.reshape(-1)
         lib = self.library
 
+        discrete = lib.head.discrete
+
         def evaluate(mb: torch.Tensor):
-            out, _ = lib(b_obs[mb])
-            dist = lib.skill_dist(out, b_skill[mb])
-            return dist.log_prob(b_act[mb]), dist.entropy(), lib.value(b_obs[mb], b_skill[mb])
+            obs, sk = b_obs.index_select(0, mb), b_skill.index_select(0, mb)
+            sel = lib.active_outputs(obs, sk)
+            if discrete:  # Categorical(logits=sel)'s log-prob and entropy, written out
+                lp_all = torch.log_softmax(sel, -1)
+                logp = lp_all.gather(1, b_act.index_select(0, mb).view(-1, 1)).squeeze(1)
+                ent = -(lp_all.exp() * lp_all).sum(-1)
+            else:
+                dist = lib.head.dist(sel, lib.log_std[sk])
+                act = b_act.index_select(0, mb)
+                logp, ent = dist.log_prob(act), dist.entropy()
+            return logp, ent, lib.value(obs, sk)
 
         stats = ppo_update(
             ro, evaluate, list(lib.parameters()), lib_opt, ppo,
             advantages=adv, returns=ret, backward=backward,
         )  # fmt: skip
+        if isinstance(col.policy, SkillPolicy):  # a fused optimiser may not bump versions
+            col.policy._pack = None
         return ro, stats, charts
 
     def _update_discriminator(

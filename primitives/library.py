@@ -28,6 +28,14 @@ def check_num_skills(k: int) -> int:
     return int(k)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Indices drawn from the rows of ``probs`` (B, n) (not necessarily normalised) with the
+    uniforms ``u`` (B,) in [0, 1): exactly Categorical(probs) (scaling u by the row total keeps
+    the index below n whatever the rounding of the cumulative sum)."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+
+
 class SkillLibrary(nn.Module):
     """K skills as K actor heads over a shared encoder, with termination and value heads.
 
@@ -89,6 +97,12 @@ class SkillLibrary(nn.Module):
         sel = out.gather(1, skill.view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
         # discrete heads ignore the log-std: skip its per-row lookup
         return self.head.dist(sel, None if self.head.discrete else self.log_std[skill])
+
+    def active_outputs(self, obs: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
+        """Action-distribution parameters (B, n_out) of skill ``skill`` (B,) only: the skill
+        heads of ``forward`` without the termination heads (for the skills' own PPO)."""
+        out = self.skill_out(self.encoder(obs)).view(-1, self.num_skills, self.head.n_out)
+        return out.gather(1, skill.view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
 
     def dist(self, obs: torch.Tensor, skill: torch.Tensor) -> Distribution:
         """pi(. | s, k) for a batch of observations and skill indices."""

@@ -192,6 +192,28 @@ def _rollout(ag: CompositionalAgent, steps: int = 40):
     return col, col.collect(steps)
 
 
+def _outer_update_args(ag: CompositionalAgent, ro) -> dict:
+    """Run the agent's outer update on rollout ``ro`` with ``ppo_update`` replaced by a
+    recorder; returns the ``evaluate`` closure and parameter list it was given."""
+    import compositional.agent as ca
+
+    captured = {}
+
+    def fake_update(ro_, evaluate, params, opt, cfg, **k):
+        captured.update(evaluate=evaluate, params=params, n=ro_.valid.numel())
+        return {}
+
+    orig, ca.ppo_update = ca.ppo_update, fake_update
+    ag.log_scalars = lambda s: None
+    try:
+        ag.policy.prune = lambda: None
+        ag.collector.collect = lambda n: ro  # re-run only the update part on this rollout
+        ag._meta_step(ag.configure_optimizers()[0])
+    finally:
+        ca.ppo_update = orig
+    return captured
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -211,27 +233,11 @@ def test_outer_update_recomputes_the_acting_log_probs(kw):
     try:
         if kw.get("inner_loop", "on") == "on":
             assert bool((ro.extras["fast_id"] != 0).any())  # some steps acted adapted
-        captured = {}
-
-        def fake_update(ro_, evaluate, params, opt, cfg, **k):
-            idx = torch.arange(ro_.valid.numel())
-            with torch.no_grad():
-                captured["logp"], _, captured["v"] = evaluate(idx)
-            return {}
-
-        import compositional.agent as ca
-
-        orig, ca.ppo_update = ca.ppo_update, fake_update
-        ag.log_scalars = lambda s: None
-        try:
-            ag.policy.prune = lambda: None
-            # re-run only the update part on this rollout
-            ag.collector.collect = lambda n: ro
-            ag._meta_step(ag.configure_optimizers()[0])
-        finally:
-            ca.ppo_update = orig
-        assert torch.allclose(captured["logp"], ro.logp.reshape(-1), atol=1e-4)
-        assert torch.allclose(captured["v"], ro.values.reshape(-1), atol=1e-4)
+        args = _outer_update_args(ag, ro)
+        with torch.no_grad():
+            logp, _, v = args["evaluate"](torch.arange(args["n"]))
+        assert torch.allclose(logp, ro.logp.reshape(-1), atol=1e-4)
+        assert torch.allclose(v, ro.values.reshape(-1), atol=1e-4)
     finally:
         col.envs.close()
 
@@ -670,3 +676,193 @@ def test_policy_state_keeps_only_unfinished_episodes_and_round_trips():
     # a state saved as a list of per-step dicts (older checkpoints) still loads
     new.load_state_dict({**st, "rows": pol.rows[5:]})
     assert len(new.rows) == 7
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_fused_skill_policy_step_equals_the_reference_step(continuous):
+    """Discovery's no-grad acting step (fused actor/critic layers, no termination heads) gives
+    the module path's numbers: with the same random draws the same actions, log-probs and
+    values to 1e-5, log-probs equal to ``SkillLibrary.dist``'s, and the fused weights follow
+    in-place parameter changes."""
+    import gymnasium as gym
+    import numpy as np
+
+    from primitives.discovery import SkillPolicy
+    from primitives.library import SkillLibrary
+
+    space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32) if continuous else gym.spaces.Discrete(5)
+    torch.manual_seed(0)
+    lib = SkillLibrary(9, space, num_skills=4, hidden=16)
+    with torch.no_grad():
+        lib.skill_out.weight.mul_(100.0)  # peaked, distinct skills
+    pol = SkillPolicy(lib)
+    n = 6
+    g = torch.Generator().manual_seed(1)
+    obs = torch.rand(n, 9, generator=g)
+    mem = torch.tensor([0, 1, 2, 3, 1, 2])
+    prev = Prev(torch.zeros(n, dtype=torch.long), torch.zeros(n),
+                torch.tensor([1.0, 0, 0, 1, 0, 0]))  # fmt: skip
+    for step in range(6):
+        if step == 3:  # an optimiser-like in-place write
+            with torch.no_grad():
+                lib.critic[2].bias.add_(0.5)
+                lib.encoder[0][0].weight.mul_(1.5)
+        torch.manual_seed(step)
+        with torch.enable_grad():
+            ref = pol.step(obs, mem, prev)
+        torch.manual_seed(step)
+        with torch.no_grad():
+            fast = pol.step(obs, mem, prev)
+        assert torch.equal(ref.memory, fast.memory)  # the same skills (re)drawn
+        assert torch.allclose(ref.action.float(), fast.action.float(), atol=1e-5)
+        assert torch.allclose(ref.logp.detach(), fast.logp, atol=1e-5)
+        assert torch.allclose(ref.value.detach(), fast.value, atol=1e-5)
+        with torch.no_grad():
+            want = lib.dist(obs, fast.memory).log_prob(fast.action)
+            assert torch.allclose(fast.logp, want, atol=1e-5)
+            assert torch.allclose(fast.value, lib.value(obs, fast.memory), atol=1e-5)
+    if not continuous:  # the draws follow Categorical(logits) of the active skill
+        lib2 = SkillLibrary(9, space, num_skills=4, hidden=16)
+        pol2 = SkillPolicy(lib2)
+        o = obs[:1].repeat(20000, 1)
+        m = torch.full((20000,), 2)
+        p0 = Prev(torch.zeros(20000, dtype=torch.long), torch.zeros(20000), torch.zeros(20000))
+        with torch.no_grad():
+            a = pol2.step(o, m, p0).action
+            probs = lib2.dist(o[:1], m[:1]).probs[0]
+        freq = torch.bincount(a, minlength=5).float() / 20000
+        assert torch.allclose(freq, probs, atol=0.015)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"composer": "hard"},
+        {"composer": "uniform", "graph": "none"},
+        {"fast_params": "full"},
+        {"inner_loop": "off"},
+    ],
+)
+def test_one_step_outer_evaluate_equals_the_module_path(kw):
+    """The outer update's ``evaluate`` for ``bptt_len=1`` (gathered input blocks, every
+    adapted set's keys in one matmul) gives the module-by-module maths' log-probs, entropies,
+    values and parameter gradients."""
+    torch.manual_seed(0)
+    ag = agent(bptt_len=1, **kw)
+    _randomise(ag)
+    col, ro = _rollout(ag)
+    try:
+        if kw.get("inner_loop", "on") == "on":
+            assert bool((ro.extras["fast_id"] != 0).any())
+        table = torch.stack(ag.policy.table)
+        captured = _outer_update_args(ag, ro)
+        T, N = ro.rewards.shape
+        flat = {k: v.reshape(T * N, *v.shape[2:]) for k, v in ro.extras.items()}
+        keep = (~ro.trial_start.reshape(-1)).float().unsqueeze(-1)
+        obs_all, act_all = ro.obs.reshape(T * N, -1), ro.actions.reshape(T * N)
+        ctrl = ag.controller
+
+        def reference(mb):
+            obs = obs_all[mb]
+            e = ctrl.encode(obs)
+            x = ctrl.inputs(
+                e, flat["prev_alpha"][mb], ro.prev_reward.reshape(-1)[mb],
+                ro.prev_done.reshape(-1)[mb],
+            )  # fmt: skip
+            h, _ = ctrl.step(x, ((flat["h_in"] * keep)[mb], (flat["c_in"] * keep)[mb]))
+            sel, out, _, p_sw = ag._core(
+                obs, h, e, flat["prev_skill"][mb], flat["steps"][mb], flat["start"][mb], None,
+                ids=flat["fast_id"][mb], table=table,
+            )  # fmt: skip
+            _, _, logp, ent = ag._joint(
+                out, sel, p_sw, flat["start"][mb], flat["switch"][mb], flat["skill"][mb],
+                act_all[mb],
+            )  # fmt: skip
+            return logp, ent, ctrl.value(h, e)
+
+        params = captured["params"]
+        g = torch.Generator().manual_seed(2)
+        for mb in (torch.randperm(T * N, generator=g)[:24], torch.arange(T * N)):
+            results = []
+            for fn in (captured["evaluate"], reference):
+                for p in params:
+                    p.grad = None
+                logp, ent, v = fn(mb)
+                w = torch.linspace(-1.0, 1.0, len(mb))
+                ((logp * w).sum() + ent.sum() + (v * w).sum()).backward()
+                grads = [None if p.grad is None else p.grad.clone() for p in params]
+                results.append((logp.detach(), ent.detach(), v.detach(), grads))
+            (a_lp, a_ent, a_v, a_g), (b_lp, b_ent, b_v, b_g) = results
+            assert torch.allclose(a_lp, b_lp, atol=1e-5)
+            assert torch.allclose(a_ent, b_ent, atol=1e-5)
+            assert torch.allclose(a_v, b_v, atol=1e-5)
+            for ga, gb in zip(a_g, b_g):
+                assert (ga is None) == (gb is None)
+                if ga is not None:
+                    assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)
+    finally:
+        col.envs.close()
+
+
+def test_one_step_outer_evaluate_continuous_actions_equal_the_module_path():
+    """The same check on synthetic stored steps with a continuous-action library (the float
+    action columns ride in the gathered float block)."""
+    import gymnasium as gym
+    import numpy as np
+
+    from primitives.library import SkillLibrary
+
+    torch.manual_seed(0)
+    ag = agent(bptt_len=1)
+    ag.library = SkillLibrary(ag.obs_dim, gym.spaces.Box(-1.0, 1.0, (3,), np.float32), ag.k, 16)
+    _randomise(ag)
+    n, k = 12, ag.k
+    g = torch.Generator().manual_seed(0)
+    table = torch.stack([torch.zeros(ag.fast_size), torch.randn(ag.fast_size, generator=g) * 0.3])
+    start = torch.tensor([True, False, False, True] * 3)
+    prev_skill = torch.randint(0, k, (n,), generator=g)
+    prev_skill[::4] = -1  # trial starts have no active skill; row 3 etc. restart with one
+    flat = {
+        "fast_id": torch.tensor([0, 1, 1] * 4),
+        "prev_alpha": torch.softmax(torch.randn(n, k, generator=g), -1),
+        "prev_skill": prev_skill,
+        "steps": torch.randint(0, 6, (n,), generator=g),
+        "start": start,
+        "switch": start | (torch.rand(n, generator=g) < 0.5),
+        "skill": torch.randint(0, k, (n,), generator=g),
+    }
+    obs, act = torch.rand(n, ag.obs_dim, generator=g), torch.randn(n, 3, generator=g)
+    pr, pd = torch.rand(n, generator=g), (torch.rand(n, generator=g) < 0.3).float()
+    h0, c0 = torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
+    evaluate = ag._one_step_evaluator(flat, obs, act, pr, pd, h0, c0, table)
+    ctrl, mb = ag.controller, torch.tensor([3, 0, 7, 7, 2, 11, 5])
+
+    def reference():
+        e = ctrl.encode(obs[mb])
+        h, _ = ctrl.step(ctrl.inputs(e, flat["prev_alpha"][mb], pr[mb], pd[mb]), (h0[mb], c0[mb]))
+        sel, out, _, p_sw = ag._core(
+            obs[mb], h, e, prev_skill[mb], flat["steps"][mb], start[mb], None,
+            ids=flat["fast_id"][mb], table=table,
+        )  # fmt: skip
+        _, _, logp, ent = ag._joint(
+            out, sel, p_sw, start[mb], flat["switch"][mb], flat["skill"][mb], act[mb]
+        )
+        return logp, ent, ctrl.value(h, e)
+
+    params = [p for p in ag.parameters() if p.requires_grad]
+    results = []
+    for fn in (lambda: evaluate(mb), reference):
+        for p in params:
+            p.grad = None
+        logp, ent, v = fn()
+        (logp.sum() + ent.sum() + v.sum()).backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in params]
+        results.append((logp.detach(), ent.detach(), v.detach(), grads))
+    (a_lp, a_ent, a_v, a_g), (b_lp, b_ent, b_v, b_g) = results
+    assert torch.allclose(a_lp, b_lp, atol=1e-5) and torch.allclose(a_ent, b_ent, atol=1e-5)
+    assert torch.allclose(a_v, b_v, atol=1e-5)
+    for ga, gb in zip(a_g, b_g):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)
