@@ -257,8 +257,8 @@ def ceiling(
     Returns:
         The report dict.
     """
-    from experiments.disc_probe import fit_discriminator
-    from primitives.discovery import DiscoveryModule, next_phi
+    from experiments.disc_probe import fit_discriminator, split_by_env
+    from primitives.discovery import DiscoveryModule
     from rl.config import merge
 
     for name, v in (("steps", steps), ("epochs", epochs), ("hidden", hidden)):
@@ -291,14 +291,8 @@ def ceiling(
         ro = col.collect(steps)
     finally:
         col.envs.close()
-    enc = module.trainer_.phi_encoder
-    phi = next_phi(ro)  # (T, N, phi_dim)
-    x = enc(phi).reshape(-1, enc.dim)
-    k = ro.extras["skill"].reshape(-1)
+    phi, x, k, tr, te = split_by_env(module.trainer_.phi_encoder, ro, test_envs)
     step_idx = _step_index(ro.episode_start).reshape(-1)
-    env_of = torch.arange(n).repeat(steps)
-    tr = torch.nonzero(env_of < n - test_envs).squeeze(-1)
-    te = torch.nonzero(env_of >= n - test_envs).squeeze(-1)
 
     # a fresh discriminator, trained to convergence (as disc_probe's probe)
     disc = fit_discriminator(x, k, tr, K, hidden, epochs)

@@ -30,6 +30,24 @@ import torch
 from torch import nn
 
 
+def split_by_env(phi_encoder, ro, test_envs: int):
+    """Discriminator data of a skill rollout ``ro`` (T steps x N envs): raw next-state phi
+    (T, N, .), encoded inputs and skill labels per row (env-minor), and the row indices of the
+    first N - ``test_envs`` envs (fit) and of the others (held-out). A split by env is a split by
+    episode: states of one episode share layout and start, a per-state split would score
+    memorised episodes."""
+    from primitives.discovery import next_phi
+
+    phi = next_phi(ro)
+    x = phi_encoder(phi).reshape(-1, phi_encoder.dim)
+    k = ro.extras["skill"].reshape(-1)
+    T, N = ro.rewards.shape
+    env_of = torch.arange(N).repeat(T)
+    tr = torch.nonzero(env_of < N - test_envs).squeeze(-1)
+    te = torch.nonzero(env_of >= N - test_envs).squeeze(-1)
+    return phi, x, k, tr, te
+
+
 def fit_discriminator(
     x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, num_skills: int, hidden: int, epochs: int
 ):
@@ -58,7 +76,6 @@ def probe(
 ) -> dict:
     """Probe a ``discovery`` checkpoint (see the module docstring); returns the report dict."""
     from experiments.registry import REGISTRY
-    from primitives.discovery import next_phi
     from rl.seeding import seed_everything
     from rl.train import load_module
 
@@ -80,13 +97,7 @@ def probe(
             ro = col.collect(steps)
     finally:
         col.envs.close()
-    enc = module.trainer_.phi_encoder
-    phi = next_phi(ro)  # (T, N, phi_dim)
-    x = enc(phi).reshape(-1, enc.dim)
-    k = ro.extras["skill"].reshape(-1)
-    env_of = torch.arange(n_envs).repeat(steps)
-    tr = torch.nonzero(env_of < n_envs - test_envs).squeeze(-1)
-    te = torch.nonzero(env_of >= n_envs - test_envs).squeeze(-1)
+    phi, x, k, tr, te = split_by_env(module.trainer_.phi_encoder, ro, test_envs)
     K = module.library.num_skills
     with torch.no_grad():
         online = float((module.discriminator(x).argmax(-1) == k).float().mean())
