@@ -21,7 +21,10 @@ entity (7) ``[on_grid, carried, x, y, ego_forward, ego_right, is_open, sign(ego_
 sign(ego_right), in_front]``; the agent's
 position, direction one-hot and front-cell one-hot; the number of completed sub-tasks
 (one-hot, it can be read off the summed reward anyway so it leaks nothing in ``reward`` mode);
-and, in ``instruction`` mode only, one one-hot primitive token per position.
+and, in ``instruction`` mode only, one one-hot primitive token per position. With
+``cell_onehot=True`` (default False) the agent's x and y are appended as two one-hots of
+``size`` entries each (``obs_dim`` + 2 * size): an MLP policy reads "which cell am I in" off
+them far faster than off the scaled coordinates (skill discovery over cells needs it).
 
 ## Rewards
 ``1/L`` each time the next sub-task in order completes; 0 otherwise.
@@ -32,7 +35,7 @@ and, in ``instruction`` mode only, one one-hot primitive token per position.
 
 ## Registered Configurations
 ``CompoGrid-v0`` with keyword arguments ``composition``, ``task_info``, ``size``,
-``max_steps``, ``layout_seed``.
+``max_steps``, ``layout_seed``, ``cell_onehot``.
 """
 
 from __future__ import annotations
@@ -248,7 +251,10 @@ class CompoGridEnv(MiniGridEnv):
         max_steps: int | None = None,
         layout_seed: int | None = None,
         render_mode: str | None = None,
+        cell_onehot: bool = False,
     ) -> None:
+        if not isinstance(cell_onehot, bool):
+            raise ValueError(f"cell_onehot={cell_onehot!r}; allowed: true or false")
         if task_info not in ("reward", "instruction"):
             raise ValueError(f"task_info={task_info!r}; allowed: 'reward', 'instruction'")
         if not isinstance(size, int | np.integer) or size < MIN_SIZE:
@@ -274,6 +280,9 @@ class CompoGridEnv(MiniGridEnv):
         self.action_space = gym.spaces.Discrete(len(ACTIONS))
         self.obs_dim = len(ENTITIES) * PER_ENTITY + 2 + 4 + (len(ENTITIES) + 2) + (MAX_LEN + 1)
         self.obs_dim += MAX_LEN * len(PRIMITIVES)
+        self.cell_onehot = cell_onehot
+        self._cell_at = self.obs_dim  # where the optional one-hot agent cell starts
+        self.obs_dim += 2 * self.size if cell_onehot else 0
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (self.obs_dim,), np.float32)
         self.progress = 0
         self.objects: dict[str, Any] = {}
@@ -478,6 +487,9 @@ class CompoGridEnv(MiniGridEnv):
         if self.task_info == "instruction":
             for k, p in enumerate(self.composition):
                 out[i + k * len(PRIMITIVES) + PRIMITIVE_INDEX[p]] = 1.0
+        if self.cell_onehot:
+            out[self._cell_at + ax] = 1.0
+            out[self._cell_at + self.size + ay] = 1.0
         return out
 
 

@@ -58,11 +58,21 @@ class SkillTrainingConfig:
     """discriminator training pairs kept (FIFO over recent rollouts): one rollout holds only a few
     episodes, hence only some of the K skills, so training on it alone makes q forget the rest"""
     heatmap_fraction: float = 0.25
+    """visitation heatmaps are accumulated over this last share of the discovery iterations"""
     reward_floor: float | None = None
     """DIAYN reward ``max(log q(k|phi) - log p(k), reward_floor)``; None: no floor. log q of a
     state the discriminator gives to another skill is unbounded below (-20 and worse), which
     makes returns, value targets and advantages dominated by a few such steps"""
-    """visitation heatmaps are accumulated over this last share of the discovery iterations"""
+    curriculum_threshold: float | None = None
+    """DIAYN skill curriculum (VALOR, Achiam et al. 2018): start with ``curriculum_start``
+    active skills and grow to ``min(int(1.5 K_active + 1), K)`` whenever the discriminator's
+    accuracy over the active skills, averaged over the last ``curriculum_window`` iterations
+    at the current K_active, reaches this; p(k) is uniform over the active skills. None: all K
+    skills from the first iteration (plain DIAYN)"""
+    curriculum_start: int = 2
+    """active skills at the start of the curriculum"""
+    curriculum_window: int = 5
+    """iterations averaged for the curriculum's accuracy test"""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=1e-3, ent_coef=0.01))
     """PPO hyper-parameters of the skills"""
 
@@ -80,6 +90,15 @@ class SkillTrainingConfig:
             raise ValueError(f"disc_lr={self.disc_lr}; allowed: a positive number")
         if not 0.0 < self.heatmap_fraction <= 1.0:
             raise ValueError(f"heatmap_fraction={self.heatmap_fraction}; allowed: (0, 1]")
+        if self.curriculum_threshold is not None and not 0.0 < self.curriculum_threshold <= 1.0:
+            raise ValueError(
+                f"curriculum_threshold={self.curriculum_threshold}; allowed: (0, 1] or None"
+            )
+        if self.curriculum_start < 1 or self.curriculum_window < 1:
+            raise ValueError(
+                f"curriculum_start={self.curriculum_start}, "
+                f"curriculum_window={self.curriculum_window}; allowed: integers >= 1"
+            )
 
 
 @dataclass
@@ -190,6 +209,8 @@ class SkillPolicy:
     ) -> None:
         self.library = library
         self.k = library.num_skills
+        #: skills drawn are 0 .. num_active - 1 (a DIAYN curriculum grows it; default all K)
+        self.num_active = self.k
         self.skill_of_env = skill_of_env
         self.greedy = greedy
         self._pack: dict | None = None  # fused acting weights (``_packed``)
@@ -200,7 +221,7 @@ class SkillPolicy:
     def _draw(self, idx: torch.Tensor) -> torch.Tensor:
         if self.skill_of_env is not None:
             return self.skill_of_env(idx)
-        return torch.randint(self.k, (idx.numel(),))
+        return torch.randint(self.num_active, (idx.numel(),))
 
     def initial_memory(self, n: int) -> torch.Tensor:
         return self._draw(torch.arange(n))
@@ -393,6 +414,10 @@ class SkillTrainer:
         self.visits = torch.zeros(self.k, self.grid_size, self.grid_size)
         self.buffer_x = torch.zeros(0, phi_encoder.dim)
         self.buffer_k = torch.zeros(0, dtype=torch.long)
+        #: DIAYN skills in use (skills 0 .. active - 1); grown by the curriculum
+        curriculum = objective == "diayn" and cfg.curriculum_threshold is not None
+        self.active = min(cfg.curriculum_start, self.k) if curriculum else self.k
+        self._acc_window: list[float] = []  # accuracies at the current ``active``
 
     def make_collector(self) -> Collector:
         comps = self.primitives if self.objective == "supervised" else self.compositions
@@ -415,7 +440,20 @@ class SkillTrainer:
                 )
 
         col.policy = SkillPolicy(self.library, skill_of_env)
+        col.policy.num_active = self.active
         return col
+
+    def _grow(self, accuracy: float) -> None:
+        """Curriculum step: record this iteration's accuracy over the active skills and grow
+        the active set when the window's mean reaches the threshold."""
+        thr = self.cfg.curriculum_threshold
+        if thr is None or self.active >= self.k:
+            return
+        w = self.cfg.curriculum_window
+        self._acc_window = (self._acc_window + [accuracy])[-w:]
+        if len(self._acc_window) == w and float(np.mean(self._acc_window)) >= thr:
+            self.active = min(int(1.5 * self.active + 1), self.k)
+            self._acc_window = []
 
     def iteration(
         self,
@@ -431,21 +469,27 @@ class SkillTrainer:
             (rollout, PPO loss stats, chart scalars).
         """
         ppo = self.cfg.ppo
+        if isinstance(col.policy, SkillPolicy):
+            col.policy.num_active = self.active
         ro = col.collect(ppo.num_steps)
         skill = ro.extras["skill"]
         charts: dict[str, float] = {}
         if self.objective == "diayn":
             x = self.phi_encoder(next_phi(ro, col.phi))
+            a = self.active  # q and p(k) over the active skills (all K without a curriculum)
             with torch.no_grad():
-                logq = torch.log_softmax(self.discriminator(x), -1)
+                logq = torch.log_softmax(self.discriminator(x)[..., :a], -1)
                 lq = logq.gather(-1, skill.unsqueeze(-1)).squeeze(-1)
                 # log q(k | phi(s')) - log p(k), p uniform (DIAYN eq. 3)
-                rewards = lq + math.log(self.k)
-                charts["charts/disc_accuracy"] = float((logq.argmax(-1) == skill).float().mean())
+                rewards = lq + math.log(a)
+                acc = float((logq.argmax(-1) == skill).float().mean())
+                charts["charts/disc_accuracy"] = acc
                 charts["charts/mi_estimate"] = float(rewards.mean())  # before any floor
+                charts["charts/active_skills"] = float(a)
                 if self.cfg.reward_floor is not None:
                     rewards = rewards.clamp(min=self.cfg.reward_floor)
             charts["losses/disc_loss"] = self._update_discriminator(x, skill, disc_opt, backward)
+            self._grow(acc)
         else:
             rewards = ro.rewards
         charts["charts/intrinsic_reward"] = float(rewards.mean())
@@ -499,7 +543,8 @@ class SkillTrainer:
             perm = torch.randperm(n)
             for s in range(0, n, mb):
                 i = perm[s : s + mb]
-                loss = nn.functional.cross_entropy(self.discriminator(x[i]), y[i])
+                logits = self.discriminator(x[i])[:, : self.active]
+                loss = nn.functional.cross_entropy(logits, y[i])
                 opt.zero_grad()
                 (backward or torch.Tensor.backward)(loss)
                 opt.step()
@@ -508,11 +553,17 @@ class SkillTrainer:
 
     def state_dict(self) -> dict:
         """Non-parameter training state (plain tensors, ``weights_only``-safe)."""
-        return {"visits": self.visits.clone(), "buffer_x": self.buffer_x, "buffer_k": self.buffer_k}
+        return {
+            "visits": self.visits.clone(), "buffer_x": self.buffer_x, "buffer_k": self.buffer_k,
+            "active": int(self.active), "acc_window": list(self._acc_window),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if "visits" in state and state["visits"].shape == self.visits.shape:
             self.visits = state["visits"].clone()
+        if "active" in state:
+            self.active = int(state["active"])
+            self._acc_window = [float(a) for a in state.get("acc_window", [])]
         if "buffer_x" in state:
             self.buffer_x, self.buffer_k = state["buffer_x"].clone(), state["buffer_k"].clone()
 

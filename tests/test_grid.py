@@ -162,6 +162,20 @@ def test_instruction_mode_reveals_tokens_reward_mode_hides_them():
     np.testing.assert_array_equal(a[:-n_instr], b[:-n_instr])
 
 
+def test_cell_onehot_appends_the_agent_cell_and_changes_nothing_else():
+    a = gym.make("CompoGrid-v0", cell_onehot=True, size=9)
+    b = gym.make("CompoGrid-v0", size=9)
+    oa, ob = a.reset(seed=3)[0], b.reset(seed=3)[0]
+    assert oa.shape == (ob.shape[0] + 18,) and a.observation_space.shape == oa.shape
+    for action in (2, 1, 2, 2, 0, 2):
+        oa, *_, info = a.step(action)
+        ob = b.step(action)[0]
+        np.testing.assert_array_equal(oa[: ob.shape[0]], ob)
+        x, y = info["phi"][:2]
+        assert oa[ob.shape[0] + x] == 1 and oa[ob.shape[0] + 9 + y] == 1
+        assert oa[ob.shape[0] :].sum() == 2
+
+
 def test_layout_from_seed_and_fixed_layout_seed():
     env = gym.make("CompoGrid-v0")
     o1 = env.reset(seed=1)[0]
@@ -184,6 +198,7 @@ def test_layout_from_seed_and_fixed_layout_seed():
         ({"composition": "pickup red ball"}, "cannot parse primitive"),
         ({"size": 6}, "size=6 is too small"),
         ({"task_info": "oracle"}, "task_info='oracle'"),
+        ({"cell_onehot": 1}, "cell_onehot=1; allowed: true or false"),
     ],
 )
 def test_bad_input_raises_one_clear_error(kwargs, match):

@@ -151,6 +151,62 @@ def test_config_bad_input():
         DiscoveryModule({"objective": "mi"})
 
 
+def test_skill_curriculum_grows_the_active_skills_and_resumes(tmp_path):
+    """VALOR curriculum: 2 active skills, then int(1.5 K + 1) capped at K each time the
+    window's accuracy reaches the threshold; skills drawn and q/p(k) stay within the active
+    set; the active set is part of the checkpoint."""
+    cfg = {
+        **TINY, "num_skills": 5, "total_env_steps": 4 * 32,
+        "training": {**TINY["training"], "curriculum_threshold": 1e-6, "curriculum_window": 1},
+    }  # fmt: skip
+    m = DiscoveryModule(cfg)
+    assert m.trainer_.active == 2
+    col = m.trainer_.make_collector()
+    opts = m.configure_optimizers()
+    seen = []
+    try:
+        for _ in range(4):
+            a = m.trainer_.active
+            ro, _, charts = m.trainer_.iteration(col, *opts)
+            assert int(ro.extras["skill"].max()) < a and charts["charts/active_skills"] == a
+            seen.append(a)
+    finally:
+        col.envs.close()
+    assert seen == [2, 4, 5, 5]  # accuracy is always >= 1e-6
+    state = m.trainer_.state_dict()
+    fresh = DiscoveryModule(cfg)
+    fresh.trainer_.load_state_dict(state)
+    assert fresh.trainer_.active == 5
+    # a window that never reaches the threshold keeps the active set
+    st = DiscoveryModule(
+        {
+            **cfg,
+            "training": {**cfg["training"], "curriculum_threshold": 0.9, "curriculum_window": 3},
+        }
+    ).trainer_
+    for acc in (0.95, 0.95, 0.5, 0.95):
+        st._grow(acc)
+    assert st.active == 2
+    st._grow(0.95)
+    st._grow(0.95)
+    assert st.active == 4 and st._acc_window == []
+    # without a curriculum every skill is active from the start
+    assert DiscoveryModule({**TINY, "num_skills": 5}).trainer_.active == 5
+
+
+@pytest.mark.parametrize(
+    "training, match",
+    [
+        ({"curriculum_threshold": 0.0}, "curriculum_threshold=0.0"),
+        ({"curriculum_threshold": 1.5}, "curriculum_threshold=1.5"),
+        ({"curriculum_start": 0}, "curriculum_start=0"),
+    ],
+)
+def test_curriculum_bad_input(training, match):
+    with pytest.raises(ValueError, match=match):
+        DiscoveryModule({"training": training})
+
+
 def test_discovery_train_heatmaps_reload(tmp_path):
     m = DiscoveryModule({**TINY, "num_skills": 3, "seed": 3})
     fit(m, tmp_path, logger=False)
