@@ -383,19 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=100, help="passes of the fresh discriminator")
     p.add_argument("--hidden", type=int, default=128, help="width of the fresh discriminator")
     p.add_argument("--family", choices=FAMILIES, default="cells", help="scripted skill family")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the report as JSON here")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override one DiscoveryConfig key (dotted for nested ones, YAML values)",
-    )  # fmt: skip
-    a = p.parse_args(argv)
+    a = parse_common_args(p, argv)
     try:
-        from experiments.cli import _overrides  # private, reused: the CLI's own --set syntax
-
         rep = ceiling(
             a.num_skills, a.steps, a.num_envs, a.test_envs, a.epochs, a.hidden, a.seed,
-            a.family, _overrides(a.set),
+            a.family, a.overrides,
         )  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"disc_ceiling: error: {e}") from None
@@ -412,10 +404,34 @@ def main(argv: list[str] | None = None) -> None:
         f"(train {rep['counting_train_accuracy']:.3f}); by step {bins}; reached target "
         f"{rep['reached_target']}, goal {rep['reached_goal']}"
     )
-    if a.out is not None:
+    write_report(a.out, rep)
+
+
+def parse_common_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the arguments every discovery diagnostic shares (``--seed``, ``--out``, ``--set``),
+    parse ``argv``; ``overrides`` holds the ``--set`` values as a nested dict."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one DiscoveryConfig key (dotted for nested ones, YAML values)",
+    )  # fmt: skip
+    a = p.parse_args(argv)
+    from experiments.cli import _overrides  # private, reused: the CLI's own --set syntax
+
+    try:
+        a.overrides = _overrides(a.set)
+    except ValueError as e:
+        p.error(str(e))  # one line, exit status 2
+    return a
+
+
+def write_report(out: str | None, rep: dict) -> None:
+    """Write the report ``rep`` atomically as JSON to ``out`` (nothing if None)."""
+    if out is not None:
         from rl.io import atomic_write_json
 
-        atomic_write_json(a.out, rep)
+        atomic_write_json(out, rep)
 
 
 if __name__ == "__main__":

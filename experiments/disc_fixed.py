@@ -133,21 +133,15 @@ def fixed_reward_run(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from experiments.disc_ceiling import parse_common_args, write_report
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-skills", type=int, default=12, help="K (= number of zones)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-steps", type=int, default=512, help="vector steps of the final rollout")
     p.add_argument("--logit", type=float, default=3.0, help="the fixed q's logit for the zone")
-    p.add_argument("--out", default=None, help="also write the report as JSON here")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override one DiscoveryConfig key (dotted for nested ones, YAML values)",
-    )  # fmt: skip
-    a = p.parse_args(argv)
+    a = parse_common_args(p, argv)
     try:
-        from experiments.cli import _overrides  # private, reused: the CLI's own --set syntax
-
-        rep = fixed_reward_run(a.num_skills, a.seed, _overrides(a.set), a.eval_steps, a.logit)
+        rep = fixed_reward_run(a.num_skills, a.seed, a.overrides, a.eval_steps, a.logit)
     except ValueError as e:
         raise SystemExit(f"disc_fixed: error: {e}") from None
     print(
@@ -156,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         f"final skills on a fresh rollout {rep['eval_accuracy']:.3f} "
         f"(greedy {rep['eval_accuracy_greedy']:.3f})"
     )
-    if a.out is not None:
-        from rl.io import atomic_write_json
-
-        atomic_write_json(a.out, rep)
+    write_report(a.out, rep)
 
 
 if __name__ == "__main__":
