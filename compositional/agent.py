@@ -839,6 +839,12 @@ class CompositionalAgent(RLModule):
             delta = (d - cfg.inner_lr * g).detach()
         return delta
 
+    def skill_names(self) -> list[str] | None:
+        """What each skill is, for plots: the primitive it was trained on (supervised library),
+        else None (discovered and random skills have only their index)."""
+        st = self.skill_trainer
+        return list(st.primitives) if st is not None and st.primitives else None
+
     def mean_termination(self, n: int = 8) -> torch.Tensor:
         """Mean beta_k(s) over ``n`` start states of the train compositions (for graph plots)."""
         import envs  # noqa: F401

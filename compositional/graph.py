@@ -131,7 +131,8 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = No
     out.mkdir(parents=True, exist_ok=True)
     graph: SkillGraph = agent.graph
     beta = agent.mean_termination() if hasattr(agent, "mean_termination") else None
-    g = graph.to_networkx(termination=beta)
+    names = agent.skill_names() if hasattr(agent, "skill_names") else None
+    g = graph.to_networkx(names=names, termination=beta)
     k = graph.num_skills
     thr = 1.5 / k if min_weight is None else min_weight
     P = np.array([[g[i][j]["weight"] for j in range(k)] for i in range(k)])
@@ -140,15 +141,17 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = No
     # barely moved still shows where it is heading
     im = hax.imshow(P * k, cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest")
     hax.set(xlabel="next skill", ylabel="current skill", xticks=range(k), yticks=range(k))
+    if names:
+        hax.set_yticklabels([f"{n} {name}" for n, name in enumerate(names)], fontsize=6)
     hax.set_title(f"p(next | current) × K  (1 = uniform; max {P.max() * k:.2f})", fontsize=9)
     fig.colorbar(im, ax=hax, fraction=0.046, pad=0.04)
     # right: the graph; edges clearly above uniform are drawn, and if none is, each skill's
     # most likely successor (thin, dashed) so the layout is never empty
     pos = nx.circular_layout(g)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ecae1", node_size=600)
-    labels = {n: str(n) for n in g.nodes}
+    labels = {n: str(n) if not names else f"{n}\n{names[n]}" for n in g.nodes}
     if beta is not None:
-        labels = {n: f"{n}\nβ={float(beta[n]):.2f}" for n in g.nodes}
+        labels = {n: f"{labels[n]}\nβ={float(beta[n]):.2f}" for n in g.nodes}
     nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=7)
     edges = [(i, j) for i, j, w in g.edges(data="weight") if w > thr + 1e-9]
     if edges:

@@ -100,6 +100,8 @@ def run_trace(
             for e in ro.episodes
         ],
         "steps": steps,
+        # what each skill is (supervised library: its primitive), else None
+        "skill_names": module.skill_names() if hasattr(module, "skill_names") else None,
     }
     atomic_write_json(out / "trace.json", doc)
     _plot_trace(doc, out / "trace.png")
@@ -129,6 +131,8 @@ def _plot_trace(doc: dict, path: Path) -> None:
         )
         ax.set_ylabel("skill")
         ax.set_yticks(range(alpha.shape[0]))
+        if doc.get("skill_names"):
+            ax.set_yticklabels([f"{n} {name}" for n, name in enumerate(doc["skill_names"])])
         ax.tick_params(axis="y", labelsize=6)
         ax.set_title(f"{doc['method']}: composer weights over skills — {doc['composition']}")
         fig.colorbar(im, ax=list(axes), pad=0.01, fraction=0.03, label="alpha")

@@ -291,6 +291,24 @@ def test_ablation_rows():
         ablation_config({"variants": ["composer=soft"]})
 
 
+def test_trace_and_graph_name_supervised_skills(tmp_path):
+    ck = tmp_path / "compo"
+    args = ["--set", "total_env_steps=512", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
+    args += ["--set", "discovery.ppo.num_steps=64", "--set", "num_skills=2"]
+    args += ["--set", "primitives=supervised"]
+    args += ["--set", "discovery.supervised_primitives=[goto(red ball),open(door)]"]
+    assert main(["train", "--method", "compositional", "--out", str(ck), *args]) == 0
+    ckpt = str(ck / "checkpoints" / "final.ckpt")
+    tr = tmp_path / "trace"
+    cmd = ["trace", "--checkpoint", ckpt, "--composition", "open(door)", "--out", str(tr)]
+    assert main(cmd) == 0
+    doc = json.loads((tr / "trace.json").read_text())
+    assert doc["skill_names"] == ["goto(red ball)", "open(door)"]
+    g = tmp_path / "graph"
+    assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
+    assert "goto(red ball)" in (g / "graph.graphml").read_text()
+
+
 def test_compositional_trace_graph_embed(tmp_path):
     ck = tmp_path / "compo"
     args = ["--set", "total_env_steps=1024", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
@@ -316,6 +334,7 @@ def test_compositional_trace_graph_embed(tmp_path):
     step = doc["steps"][0]
     assert len(step["alpha"]) == 4 and abs(sum(step["alpha"]) - 1) < 1e-3  # rounded to 4 digits
     assert 0 <= step["skill"] < 4 and 0 <= step["termination"] <= 1
+    assert doc["skill_names"] is None  # discovered skills have only their index
     g = tmp_path / "graph"
     assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
     assert (g / "graph.png").stat().st_size > 0 and "graphml" in (g / "graph.graphml").read_text()
