@@ -103,6 +103,8 @@ def run_trace(
         # what each skill is (supervised library: its primitive), else None
         "skill_names": module.skill_names() if hasattr(module, "skill_names") else None,
     }
+    if steps and "alpha" in steps[0]:  # the composer's mean weight per skill over the trial
+        doc["alpha_mean"] = _round(np.mean([s["alpha"] for s in steps], axis=0).tolist())
     atomic_write_json(out / "trace.json", doc)
     _plot_trace(doc, out / "trace.png")
     if rec.frames:

@@ -5,7 +5,9 @@
 *train* compositions, as logged in ``charts/success``) over the last ``--last`` logged
 iterations, with the spread over seeds, and the env steps reached. ``--metric`` picks another
 logged scalar (e.g. ``charts/disc_accuracy`` for a folder of ``discovery`` runs laid out as
-``<variant>/seed<k>/train_log.jsonl``).
+``<variant>/seed<k>/train_log.jsonl``). ``--phase N`` keeps only iterations logged with
+``charts/phase`` = N (the compositional agent: 1 = library training, 2 = meta-training), e.g.
+the supervised skills' success on their own primitives at the end of phase 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 
-def summarize_run(run: Path, last: int = 10, metric: str = "charts/success") -> list[dict]:
+def summarize_run(
+    run: Path, last: int = 10, metric: str = "charts/success", phase: int | None = None
+) -> list[dict]:
     rows = []
     for method_dir in sorted(p for p in run.iterdir() if p.is_dir()):
         seeds = sorted(method_dir.glob("seed*/train_log.jsonl"))
@@ -26,7 +30,8 @@ def summarize_run(run: Path, last: int = 10, metric: str = "charts/success") -> 
         per_seed, steps = [], []
         for log in seeds:
             hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            vals = [h[metric] for h in hist if metric in h][-last:]
+            rows_ = [h for h in hist if phase is None or h.get("charts/phase") == phase]
+            vals = [h[metric] for h in rows_ if metric in h][-last:]
             if vals:
                 per_seed.append(float(np.mean(vals)))
             steps.append(max(h["env_steps"] for h in hist) if hist else 0)
@@ -64,10 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run", type=Path, help="a compo heldout / ablate run folder")
     p.add_argument("--last", type=int, default=10, help="iterations averaged at the end")
     p.add_argument("--metric", default="charts/success", help="logged scalar to summarise")
+    p.add_argument(
+        "--phase", type=int, default=None, help="only iterations logged with charts/phase = N"
+    )
     a = p.parse_args(argv)
     if not a.run.is_dir():
         raise SystemExit(f"training_summary: error: run folder {str(a.run)!r} does not exist")
-    print(markdown(summarize_run(a.run, a.last, a.metric), a.last, a.metric), end="")
+    rows = summarize_run(a.run, a.last, a.metric, a.phase)
+    print(markdown(rows, a.last, a.metric), end="")
 
 
 if __name__ == "__main__":

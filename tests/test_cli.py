@@ -195,6 +195,21 @@ def test_heldout_end_to_end(tmp_path):
     assert "`losses/approx_kl`, last 2" in markdown([kl_row], 2, "losses/approx_kl")
 
 
+def test_training_summary_phase_filter(tmp_path):
+    from experiments.training_summary import summarize_run
+
+    log = tmp_path / "run" / "compositional" / "seed0" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    hist = [{"env_steps": i, "charts/phase": 1.0 if i < 3 else 2.0, "charts/success": i / 10}
+            for i in range(6)]  # fmt: skip
+    log.write_text("".join(json.dumps(h) + "\n" for h in hist))
+    (p1,) = summarize_run(tmp_path / "run", last=2, phase=1)
+    (p2,) = summarize_run(tmp_path / "run", last=2, phase=2)
+    (both,) = summarize_run(tmp_path / "run", last=2)
+    assert p1["train_success"] == pytest.approx(0.15)  # iterations 1, 2
+    assert p2["train_success"] == pytest.approx(0.45) == both["train_success"]
+
+
 def test_heldout_bad_method_writes_nothing(tmp_path, capsys):
     out = tmp_path / "x"
     assert main(["heldout", "--out", str(out), "--set", "methods=[nope]"]) == 2
@@ -304,6 +319,8 @@ def test_trace_and_graph_name_supervised_skills(tmp_path):
     assert main(cmd) == 0
     doc = json.loads((tr / "trace.json").read_text())
     assert doc["skill_names"] == ["goto(red ball)", "open(door)"]
+    alphas = np.array([st["alpha"] for st in doc["steps"]])
+    assert np.allclose(doc["alpha_mean"], alphas.mean(0), atol=1e-4)
     g = tmp_path / "graph"
     assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
     assert "goto(red ball)" in (g / "graph.graphml").read_text()
