@@ -119,6 +119,11 @@ class CompositionalConfig(BaseConfig):
     """graph 'none': steps between re-selections"""
     inner_loop: str = "on"
     """'on': adapt controller output + composer on the trial's first episode(s); 'off'"""
+    skill_credit: str = "off"
+    """'on': the controller's LSTM also reads the trial's reward credited to each skill,
+    C_k = sum over the trial so far of r_t * alpha_{t,k}, normalised to sum to 1 (zeros before
+    the first reward), so that which skills paid earlier in the trial is an input rather than
+    something the LSTM must carry across episodes by itself; 'off' (the issue's inputs)"""
     inner_lr: float = 0.5
     """inner-loop step size"""
     inner_steps: int = 1
@@ -157,6 +162,7 @@ class CompositionalConfig(BaseConfig):
         for name, allowed in (
             ("primitives", PRIMITIVE_MODES),
             ("inner_loop", INNER_MODES),
+            ("skill_credit", INNER_MODES),
             ("advantage", ADVANTAGE_MODES),
             ("fast_params", tuple(FAST_PARAM_SETS)),
         ):
@@ -227,7 +233,7 @@ class CompositionalPolicy:
         return (
             torch.zeros(n, hdim),
             torch.zeros(n, hdim),
-            torch.zeros(n, k),
+            torch.zeros(n, k * (2 if self.agent.cfg.skill_credit == "on" else 1)),
             torch.full((n,), -1, dtype=torch.long),
             torch.zeros(n, dtype=torch.long),
         )
@@ -264,6 +270,7 @@ class CompositionalPolicy:
     def step(self, obs: torch.Tensor, memory: tuple, prev: Prev) -> StepOutput:
         ag = self.agent
         h, c, pa, sk, st = memory
+        pa, credit = ag.skill_input(pa, prev.reward)
         start = (prev.done > 0) | (sk < 0)
         fast_id = self.fast_id
         if torch.is_grad_enabled():  # the reference path (module by module)
@@ -298,7 +305,8 @@ class CompositionalPolicy:
             )  # fmt: skip
             if len(self.rows) > 4096:  # long episodes: drop rows of finished ones now
                 self._drop_finished_rows()
-        memory = (h, c, r["alpha"], r["skill"], steps)
+        alpha = r["alpha"] if credit is None else torch.cat([r["alpha"], credit], 1)
+        memory = (h, c, alpha, r["skill"], steps)
         return StepOutput(r["action"], r["logp"], r["value"], memory, extras)
 
     def _drop_finished_rows(self) -> None:
@@ -311,6 +319,7 @@ class CompositionalPolicy:
     def bootstrap_value(self, obs: torch.Tensor, memory: tuple, prev: Prev) -> torch.Tensor:
         ag = self.agent
         h, c, pa, _, _ = memory
+        pa, _ = ag.skill_input(pa, prev.reward)
         enc = ag.controller.encode(obs)
         h2, _ = ag.controller.step(ag.controller.inputs(enc, pa, prev.reward, prev.done), (h, c))
         return ag.controller.value(h2, enc)
@@ -400,7 +409,9 @@ class CompositionalAgent(RLModule):
                 self._library_missing = True
         if cfg.primitives == "random-frozen":
             self.library.requires_grad_(False)
-        self.controller = MetaController(self.obs_dim, self.k, cfg.hidden)
+        self.controller = MetaController(
+            self.obs_dim, self.k, cfg.hidden, credit=cfg.skill_credit == "on"
+        )
         self.composer = AttentionComposer(
             cfg.hidden, self.k, cfg.key_dim, cfg.composer, cfg.gumbel_tau
         )
@@ -516,6 +527,28 @@ class CompositionalAgent(RLModule):
     def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         lead = flat.shape[:-1]
         return {n: flat[..., a:b].reshape(*lead, *shp) for n, shp, a, b in self._fast_slices}
+
+    def skill_input(
+        self, pa: torch.Tensor, prev_reward: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LSTM's skill input from the memory's ``pa`` and the previous reward.
+
+        Without skill credit ``pa`` is alpha_{t-1} and goes in as it is. With it, ``pa`` is
+        [alpha_{t-1}, C] (C: reward credited per skill so far in the trial); r_{t-1} is
+        credited to alpha_{t-1}, the weights that chose the action that earned it, and the
+        input is [alpha_{t-1}, C / sum |C|] (zeros while C is 0).
+
+        Returns:
+            (the input, stored as ``extras["prev_alpha"]``; the updated raw C or None).
+        """
+        if self.cfg.skill_credit != "on":
+            return pa, None
+        k = self.k
+        alpha = pa[:, :k]
+        credit = torch.addcmul(pa[:, k:], alpha, prev_reward.float().unsqueeze(-1))
+        total = credit.abs().sum(-1, keepdim=True)
+        share = torch.where(total > 0, credit / total.clamp_min(1e-12), torch.zeros_like(credit))
+        return torch.cat([alpha, share], 1), credit
 
     def ctrl_logits(self, h: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
         """Controller logits over skills (B, K); ``deltas`` (B, P): per-row fast-parameter

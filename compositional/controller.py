@@ -22,6 +22,8 @@ class MetaController(nn.Module):
         obs_dim: observation size.
         num_skills: K (size of the previous-weights input).
         hidden: encoder and LSTM width.
+        credit: also read the trial's per-skill reward credit (K more inputs; see
+            ``CompositionalConfig.skill_credit``).
 
     Attributes:
         proj: the controller's output layer h -> u (adapted by the inner loop together with the
@@ -36,12 +38,14 @@ class MetaController(nn.Module):
         (2, 8)
     """
 
-    def __init__(self, obs_dim: int, num_skills: int, hidden: int = 64) -> None:
+    def __init__(
+        self, obs_dim: int, num_skills: int, hidden: int = 64, credit: bool = False
+    ) -> None:
         super().__init__()
         self.hidden = hidden
         self.num_skills = num_skills
         self.encoder = nn.Sequential(mlp([obs_dim, hidden]), nn.Tanh())
-        self.lstm = nn.LSTMCell(hidden + num_skills + 2, hidden)
+        self.lstm = nn.LSTMCell(hidden + num_skills * (2 if credit else 1) + 2, hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.value_head = mlp([2 * hidden, hidden, 1], out_gain=1.0)
 
@@ -55,7 +59,8 @@ class MetaController(nn.Module):
         prev_reward: torch.Tensor,
         prev_done: torch.Tensor,
     ) -> torch.Tensor:
-        """The LSTM input [enc, alpha_{t-1}, r_{t-1}, done_{t-1}] (any leading shape)."""
+        """The LSTM input [enc, alpha_{t-1}, r_{t-1}, done_{t-1}] (any leading shape;
+        ``prev_alpha`` carries the skill credit after alpha_{t-1} when it is on)."""
         return torch.cat(
             [enc, prev_alpha, prev_reward.unsqueeze(-1).float(), prev_done.unsqueeze(-1).float()],
             dim=-1,

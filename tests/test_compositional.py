@@ -162,7 +162,9 @@ def test_controller_chunked_unroll_matches_stepping_from_stored_states():
 # --- agent ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{"num_skills": 0}, {"composer": "softmax"}, {"graph": "dag"}])
+@pytest.mark.parametrize(
+    "kw", [{"num_skills": 0}, {"composer": "softmax"}, {"graph": "dag"}, {"skill_credit": "yes"}]
+)
 def test_bad_input_names_the_value(kw, tmp_path):
     key, val = next(iter(kw.items()))
     with pytest.raises(ValueError, match=f"{key}={val!r}"):
@@ -222,6 +224,7 @@ def _outer_update_args(ag: CompositionalAgent, ro) -> dict:
         {"composer": "uniform", "graph": "none", "bptt_len": 1},
         {"inner_loop": "off", "bptt_len": 100},
         {"fast_params": "full", "graph": "none"},
+        {"skill_credit": "on", "bptt_len": 4},
     ],
 )
 def test_outer_update_recomputes_the_acting_log_probs(kw):
@@ -353,6 +356,48 @@ def test_inner_loop_off_and_other_switches_change_behaviour():
     assert torch.allclose(res["uniform"], torch.full((3, 4), 0.25))
     assert bool(((res["hard"] == 0) | (res["hard"] == 1)).all())
     assert not torch.allclose(res["attention"], res["uniform"])
+
+
+def test_skill_credit_accumulates_reward_per_skill_within_a_trial():
+    """With ``skill_credit='on'`` the LSTM reads [alpha_{t-1}, C / sum |C|] where C sums
+    r_{t-1} * alpha_{t-1} over the trial: checked by hand over three steps, the credit
+    survives an episode boundary (done) but not a trial reset, it changes the controller's
+    state, and with it 'off' the skill input is alpha_{t-1} alone."""
+    torch.manual_seed(0)
+    ag = agent(skill_credit="on", inner_loop="off")
+    assert ag.controller.lstm.input_size == 16 + 2 * 4 + 2
+    assert agent().controller.lstm.input_size == 16 + 4 + 2
+    pol = CompositionalPolicy(ag, inner=False)
+    n = 2
+    mem = pol.initial_memory(n)
+    assert mem[2].shape == (n, 8) and not bool(mem[2].any())
+    obs = torch.rand(n, ag.obs_dim)
+    expected = torch.zeros(n, 4)
+    rewards = [torch.tensor([0.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.25])]
+    dones = [torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])]
+    with torch.no_grad():
+        for r, d in zip(rewards, dones):
+            alpha_prev = mem[2][:, :4]
+            expected = expected + r.unsqueeze(1) * alpha_prev
+            out = pol.step(obs, mem, Prev(torch.zeros(n, dtype=torch.long), r, d))
+            share = out.extras["prev_alpha"][:, 4:]
+            assert torch.allclose(out.extras["prev_alpha"][:, :4], alpha_prev)
+            assert torch.allclose(out.memory[2][:, 4:], expected, atol=1e-6)
+            tot = expected.sum(-1, keepdim=True)
+            want = torch.where(tot > 0, expected / tot.clamp_min(1e-12), torch.zeros_like(tot))
+            assert torch.allclose(share, want, atol=1e-6)
+            mem = out.memory
+    assert bool((expected > 0).all()) and torch.allclose(share.sum(-1), torch.ones(n))
+    # the credit is part of the controller's input: other credit, other hidden state
+    other = (mem[0], mem[1], torch.cat([mem[2][:, :4], mem[2][:, 4:].flip(1)], 1), *mem[3:])
+    prev = Prev(torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n))
+    with torch.no_grad():
+        h_a = pol.step(obs, mem, prev).memory[0]
+        h_b = pol.step(obs, other, prev).memory[0]
+    assert not torch.allclose(h_a, h_b)
+    # a trial reset clears it
+    reset = pol.reset_memory(mem, torch.tensor([True, False]))
+    assert not bool(reset[2][0].any()) and torch.equal(reset[2][1], mem[2][1])
 
 
 def test_budget_counts_discovery_steps():
@@ -506,6 +551,7 @@ def _randomise(ag: CompositionalAgent) -> None:
         {"composer": "uniform", "graph": "none"},
         {"fast_params": "full"},
         {"continuous": True},
+        {"skill_credit": "on"},
     ],
 )
 def test_fused_acting_step_equals_the_reference_step(kw, adapted):
@@ -530,6 +576,8 @@ def test_fused_acting_step_equals_the_reference_step(kw, adapted):
     g = torch.Generator().manual_seed(0)
     h, c = torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
     pa = torch.softmax(torch.randn(n, k, generator=g), -1)
+    if kw.get("skill_credit") == "on":  # [alpha, credit so far]
+        pa = torch.cat([pa, torch.rand(n, k, generator=g) * (torch.arange(n) % 2).unsqueeze(1)], 1)
     sk = torch.tensor([-1, 0, 1, 2, 3, 1])
     st = torch.tensor([0, 1, 5, 8, 2, 9])
     mem = (h, c, pa, sk, st)
@@ -742,6 +790,7 @@ def test_fused_skill_policy_step_equals_the_reference_step(continuous):
         {"composer": "uniform", "graph": "none"},
         {"fast_params": "full"},
         {"inner_loop": "off"},
+        {"skill_credit": "on"},
     ],
 )
 def test_one_step_outer_evaluate_equals_the_module_path(kw):
