@@ -7,7 +7,9 @@ iterations, with the spread over seeds, and the env steps reached. ``--metric`` 
 logged scalar (e.g. ``charts/disc_accuracy`` for a folder of ``discovery`` runs laid out as
 ``<variant>/seed<k>/train_log.jsonl``). ``--phase N`` keeps only iterations logged with
 ``charts/phase`` = N (the compositional agent: 1 = library training, 2 = meta-training), e.g.
-the supervised skills' success on their own primitives at the end of phase 1.
+the supervised skills' success on their own primitives at the end of phase 1. ``--first N``
+averages the first N (kept) iterations instead of the last ones, e.g. the success at the start
+of the compositional agent's meta-training, to set beside its end.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ import numpy as np
 
 
 def summarize_run(
-    run: Path, last: int = 10, metric: str = "charts/success", phase: int | None = None
+    run: Path,
+    last: int = 10,
+    metric: str = "charts/success",
+    phase: int | None = None,
+    first: bool = False,
 ) -> list[dict]:
+    """Per method: ``metric`` averaged over the last ``last`` logged iterations (the first
+    ``last`` if ``first``) of each seed, then mean / min / max over seeds."""
     rows = []
     for method_dir in sorted(p for p in run.iterdir() if p.is_dir()):
         seeds = sorted(method_dir.glob("seed*/train_log.jsonl"))
@@ -31,7 +39,8 @@ def summarize_run(
         for log in seeds:
             hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             rows_ = [h for h in hist if phase is None or h.get("charts/phase") == phase]
-            vals = [h[metric] for h in rows_ if metric in h][-last:]
+            vals = [h[metric] for h in rows_ if metric in h]
+            vals = vals[:last] if first else vals[-last:]
             if vals:
                 per_seed.append(float(np.mean(vals)))
             steps.append(max(h["env_steps"] for h in hist) if hist else 0)
@@ -48,10 +57,12 @@ def summarize_run(
     return rows
 
 
-def markdown(rows: list[dict], last: int, metric: str = "charts/success") -> str:
+def markdown(
+    rows: list[dict], last: int, metric: str = "charts/success", first: bool = False
+) -> str:
     what = "training success" if metric == "charts/success" else f"`{metric}`"
     out = [
-        f"| method | {what}, last {last} iterations (mean over seeds) [min, max] | seeds | env steps |",
+        f"| method | {what}, {'first' if first else 'last'} {last} iterations (mean over seeds) [min, max] | seeds | env steps |",
         "|---|---|---|---|",
     ]
     for r in rows:
@@ -72,11 +83,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--phase", type=int, default=None, help="only iterations logged with charts/phase = N"
     )
+    p.add_argument(
+        "--first",
+        type=int,
+        default=None,
+        metavar="N",
+        help="average the first N iterations instead of the last (overrides --last)",
+    )
     a = p.parse_args(argv)
+    if a.first is not None and a.first < 1:
+        raise SystemExit(f"training_summary: error: --first {a.first}; allowed: an integer >= 1")
     if not a.run.is_dir():
         raise SystemExit(f"training_summary: error: run folder {str(a.run)!r} does not exist")
-    rows = summarize_run(a.run, a.last, a.metric, a.phase)
-    print(markdown(rows, a.last, a.metric), end="")
+    n, first = (a.first, True) if a.first is not None else (a.last, False)
+    rows = summarize_run(a.run, n, a.metric, a.phase, first)
+    print(markdown(rows, n, a.metric, first), end="")
 
 
 if __name__ == "__main__":

@@ -208,6 +208,14 @@ def test_training_summary_phase_filter(tmp_path):
     (both,) = summarize_run(tmp_path / "run", last=2)
     assert p1["train_success"] == pytest.approx(0.15)  # iterations 1, 2
     assert p2["train_success"] == pytest.approx(0.45) == both["train_success"]
+    (start,) = summarize_run(tmp_path / "run", last=2, phase=2, first=True)
+    assert start["train_success"] == pytest.approx(0.35)  # iterations 3, 4
+    from experiments.training_summary import main as summary_main
+    from experiments.training_summary import markdown
+
+    assert "first 2 iterations" in markdown([start], 2, first=True)
+    with pytest.raises(SystemExit, match="--first 0; allowed"):
+        summary_main([str(tmp_path / "run"), "--first", "0"])
 
 
 def test_heldout_bad_method_writes_nothing(tmp_path, capsys):
