@@ -9,7 +9,9 @@ logged scalar (e.g. ``charts/disc_accuracy`` for a folder of ``discovery`` runs 
 ``charts/phase`` = N (the compositional agent: 1 = library training, 2 = meta-training), e.g.
 the supervised skills' success on their own primitives at the end of phase 1. ``--first N``
 averages the first N (kept) iterations instead of the last ones, e.g. the success at the start
-of the compositional agent's meta-training, to set beside its end.
+of the compositional agent's meta-training, to set beside its end. ``--max-steps S`` keeps
+only iterations logged at or before S env steps (a run's state part-way, e.g. plain PPO after
+as many steps as the agent's phase 2 had).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def summarize_run(
     metric: str = "charts/success",
     phase: int | None = None,
     first: bool = False,
+    max_steps: int | None = None,
 ) -> list[dict]:
     """Per method: ``metric`` averaged over the last ``last`` logged iterations (the first
     ``last`` if ``first``) of each seed, then mean / min / max over seeds."""
@@ -38,7 +41,12 @@ def summarize_run(
         per_seed, steps = [], []
         for log in seeds:
             hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            rows_ = [h for h in hist if phase is None or h.get("charts/phase") == phase]
+            rows_ = [
+                h
+                for h in hist
+                if (phase is None or h.get("charts/phase") == phase)
+                and (max_steps is None or h["env_steps"] <= max_steps)
+            ]
             vals = [h[metric] for h in rows_ if metric in h]
             vals = vals[:last] if first else vals[-last:]
             if vals:
@@ -90,13 +98,20 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="average the first N iterations instead of the last (overrides --last)",
     )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="S",
+        help="only iterations logged at or before S env steps",
+    )
     a = p.parse_args(argv)
     if a.first is not None and a.first < 1:
         raise SystemExit(f"training_summary: error: --first {a.first}; allowed: an integer >= 1")
     if not a.run.is_dir():
         raise SystemExit(f"training_summary: error: run folder {str(a.run)!r} does not exist")
     n, first = (a.first, True) if a.first is not None else (a.last, False)
-    rows = summarize_run(a.run, n, a.metric, a.phase, first)
+    rows = summarize_run(a.run, n, a.metric, a.phase, first, a.max_steps)
     print(markdown(rows, n, a.metric, first), end="")
 
 

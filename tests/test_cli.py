@@ -210,6 +210,8 @@ def test_training_summary_phase_filter(tmp_path):
     assert p2["train_success"] == pytest.approx(0.45) == both["train_success"]
     (start,) = summarize_run(tmp_path / "run", last=2, phase=2, first=True)
     assert start["train_success"] == pytest.approx(0.35)  # iterations 3, 4
+    (upto,) = summarize_run(tmp_path / "run", last=2, max_steps=3)
+    assert upto["train_success"] == pytest.approx(0.25)  # iterations 2, 3
     from experiments.training_summary import main as summary_main
     from experiments.training_summary import markdown
 
