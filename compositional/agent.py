@@ -75,7 +75,7 @@ from .controller import MetaController
 from .graph import SkillGraph, check_graph_mode
 
 PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
-INNER_MODES = ("on", "off")
+ON_OFF = ("on", "off")  # inner_loop, skill_credit
 ADVANTAGE_MODES = ("trial", "episode")
 #: parameters the inner loop adapts, per ``fast_params`` setting: ``context`` adapts the
 #: controller's output bias, the query bias and the skill keys (a CAVIA-style context, Zintgraf
@@ -161,8 +161,8 @@ class CompositionalConfig(BaseConfig):
         check_graph_mode(self.graph)
         for name, allowed in (
             ("primitives", PRIMITIVE_MODES),
-            ("inner_loop", INNER_MODES),
-            ("skill_credit", INNER_MODES),
+            ("inner_loop", ON_OFF),
+            ("skill_credit", ON_OFF),
             ("advantage", ADVANTAGE_MODES),
             ("fast_params", tuple(FAST_PARAM_SETS)),
         ):
