@@ -613,24 +613,29 @@ class Oracle:
 
     def act(self, env: gym.Env) -> int:
         e: CompoGridEnv = env.unwrapped
-        if e.progress >= len(e.composition):
+        return self.act_for(e, e.composition[e.progress :])
+
+    def act_for(self, env: gym.Env, rest: Sequence[Primitive]) -> int:
+        """The next action towards completing the sub-tasks ``rest`` in order (for planners that
+        hold their own belief about the composition, e.g. an ideal observer)."""
+        e: CompoGridEnv = env.unwrapped
+        if not rest:
             return 0
-        p = e.composition[e.progress]
+        p = rest[0]
         carried = e.carried_name()
         if p.verb == "drop" or (p.verb == "pickup" and carried is not None):
             return self._drop(e)
         if p.verb == "toggle" or p.verb == "open":
-            return self._face_then(e, p.obj, 5)
+            return self._face_then(e, p.obj, 5, rest)
         if p.verb == "pickup":
-            return self._face_then(e, p.obj, 3)
-        return self._face_then(e, p.obj, None)
+            return self._face_then(e, p.obj, 3, rest)
+        return self._face_then(e, p.obj, None, rest)
 
     @staticmethod
-    def _removable(e: CompoGridEnv) -> dict:
+    def _removable(e: CompoGridEnv, rest: Sequence[Primitive]) -> dict:
         """Cells whose object the oracle may take off the grid on its way: no remaining sub-task
         names it; a box is opened (5); a portable object is picked up (3) only with empty hands
         and no pickup/drop left (a carried object must never be in the way of those)."""
-        rest = e.composition[e.progress :]
         named = {q.obj for q in rest}
         may_carry = e.carrying is None and all(q.verb not in ("pickup", "drop") for q in rest)
         out = {}
@@ -645,9 +650,11 @@ class Oracle:
         return out
 
     @staticmethod
-    def _face_then(e: CompoGridEnv, name: str, action: int | None) -> int:
+    def _face_then(
+        e: CompoGridEnv, name: str, action: int | None, rest: Sequence[Primitive]
+    ) -> int:
         path = approach_states(e, name)
-        removable = Oracle._removable(e)
+        removable = Oracle._removable(e, rest)
         if removable:
             short = _clearing_path(e, name, removable)
             if short is not None and (path is None or len(short) < len(path)):
