@@ -1,12 +1,14 @@
 """RL² (Duan et al. 2016, "RL²: Fast Reinforcement Learning via Slow Reinforcement Learning";
 Wang et al. 2016, "Learning to reinforcement learn").
 
-A recurrent policy reads ``[o_t, a_{t-1}, r_{t-1}, done_{t-1}]``; its hidden state is kept across
+A recurrent policy reads ``[o_t, a_{t-1}, r_{t-1}, done_{t-1}]`` (``a_{t-1}`` one-hot, all zeros
+at a trial's first step, where there is no previous action); its hidden state is kept across
 the episodes of a trial and reset only between trials, so whatever it learns about the task in
 episode 0 (which object pays, where the goal is) is available in episodes 1..E-1. The "fast"
 learner is the hidden-state dynamics; the "slow" learner is PPO over whole trials, with
 advantages whose lambda-trace and bootstrap span the episodes of a trial (``trial_cut`` /
-``trial_next_values``), so exploring in episode 0 is credited with the reward it earns later.
+``trial_next_values``), so exploring in episode 0 is credited with the reward it earns later;
+a trial's end is terminal, however its last episode ended.
 
 Training re-runs the recurrent net over each rollout from ``memory_start`` with truncated
 backpropagation through time: the sequence is cut into chunks of ``bptt_len`` steps (the hidden
@@ -150,11 +152,23 @@ class RL2Net(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def inputs(
-        self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor, prev_done
+        self,
+        obs: torch.Tensor,
+        prev_action: torch.Tensor,
+        prev_reward: torch.Tensor,
+        prev_done: torch.Tensor,
+        trial_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Concatenate the RL² input for any leading shape (..., obs_dim)."""
+        """Concatenate the RL² input for any leading shape (..., obs_dim).
+
+        ``trial_start`` (leading shape, bool) marks steps with no previous action: their action
+        encoding is all zeros. The collector stores action 0 there (its ``Prev`` convention),
+        which one-hot encoding would turn into "the agent just moved left".
+        """
         lead = obs.shape[:-1]
         a = self.head.encode_prev(prev_action).reshape(*lead, self.head.prev_dim)
+        if trial_start is not None:
+            a = a * (~trial_start.bool()).reshape(*lead, 1).to(a.dtype)
         return torch.cat(
             [obs, a, prev_reward.reshape(*lead, 1).float(), prev_done.reshape(*lead, 1).float()],
             dim=-1,
@@ -212,21 +226,34 @@ class RL2Policy:
     def __init__(self, net: RL2Net, greedy: bool = False) -> None:
         self.net = net
         self.greedy = greedy
+        # (N,) bool: envs whose next step is a trial's first (no previous action). ``Prev`` cannot
+        # say so (it holds action 0 there), so the policy keeps it: set where the memory is
+        # (re)initialised, cleared by the step that consumes it.
+        self.trial_first: torch.Tensor | None = None
 
     def initial_memory(self, n: int) -> Memory:
+        self.trial_first = torch.ones(n, dtype=torch.bool)
         return self.net.initial_memory(n)
 
     def reset_memory(self, memory: Memory, mask: torch.Tensor) -> Memory:
         """Called by the collector at trial starts only: zero the masked envs' hidden state."""
-        return self.net.mask_memory(memory, ~mask.bool())
+        mask = mask.bool()
+        self.trial_first = mask.clone() if self.trial_first is None else self.trial_first | mask
+        return self.net.mask_memory(memory, ~mask)
 
     def _features(self, obs: torch.Tensor, memory: Memory, prev: Prev):
-        x = self.net.inputs(obs, prev.action, prev.reward, prev.done).unsqueeze(0)
+        first = self.trial_first
+        if first is not None and first.shape[0] != obs.shape[0]:
+            raise ValueError(
+                f"memory set up for {first.shape[0]} envs, got a batch of {obs.shape[0]}"
+            )
+        x = self.net.inputs(obs, prev.action, prev.reward, prev.done, first).unsqueeze(0)
         out, memory = self.net.core(x, memory)
         return out[0], memory
 
     def step(self, obs: torch.Tensor, memory: Memory, prev: Prev) -> StepOutput:
         f, memory = self._features(obs, memory, prev)
+        self.trial_first = torch.zeros(obs.shape[0], dtype=torch.bool)
         dist = self.net.dist(f)
         if self.greedy:
             action = dist.probs.argmax(-1) if hasattr(dist, "probs") else dist.mean
@@ -246,14 +273,19 @@ def trial_advantages(
     ro: Rollout, next_trial_start: torch.Tensor | None, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over whole trials (RL²): episode ends inside a trial continue the trace into the next
-    episode; a trial end stops it (0 if terminated, V(final obs) if truncated).
+    episode; a trial end stops it with no bootstrap, whether its last episode terminated or was
+    truncated. A trial is RL²'s episode (Duan et al. 2016, sec. 2.2): once its E episodes are
+    done nothing more can be earned, so V(final obs) of a truncated last episode would credit
+    reward that never comes.
 
     ``next_trial_start`` (N,) says whether the rollout's last step ends a trial (the collector
     stores it as ``ro.next_trial_start``); pass None to use the rollout's own.
     """
     if next_trial_start is not None:
         ro.next_trial_start = next_trial_start
-    return gae(ro.rewards, ro.values, ro.trial_next_values(), ro.trial_cut(), gamma, lam)
+    cut = ro.trial_cut()
+    next_values = torch.where(cut.bool(), torch.zeros_like(ro.values), ro.trial_next_values())
+    return gae(ro.rewards, ro.values, next_values, cut, gamma, lam)
 
 
 # --- module -----------------------------------------------------------------------------------------
@@ -309,8 +341,9 @@ class RL2Module(RLModule):
         mem = ro.memory_start
         mem = tuple(m[:, idx] for m in mem) if isinstance(mem, tuple) else mem[:, idx]
         x = self.net.inputs(
-            ro.obs[:, idx], ro.prev_action[:, idx], ro.prev_reward[:, idx], ro.prev_done[:, idx]
-        )
+            ro.obs[:, idx], ro.prev_action[:, idx], ro.prev_reward[:, idx], ro.prev_done[:, idx],
+            ro.trial_start[:, idx],
+        )  # fmt: skip
         f = self.net.sequence(x, mem, ro.trial_start[:, idx], self.cfg.bptt_len)
         dist = self.net.dist(f)
         return dist.log_prob(ro.actions[:, idx]), dist.entropy(), self.net.value(f)

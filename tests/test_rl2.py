@@ -235,15 +235,78 @@ def test_trial_advantages_by_hand():
     assert abs(float(adv_cont[2, 0]) - (g * 9.0 - 0.4)) < 1e-6
 
 
-def test_trial_advantages_truncated_trial_end_uses_trunc_value():
-    ro = _rollout([0, 0], [0.1, 0.3], [0, 0], [0, 1], [0, 0], last_value=9.0, trunc_value=[0, 2.0])
-    adv, _ = trial_advantages(ro, torch.tensor([True]), 1.0, 1.0)
-    assert abs(float(adv[1, 0]) - (2.0 - 0.3)) < 1e-6
+def test_truncated_trial_end_is_terminal_but_truncation_inside_a_trial_continues():
+    # steps 0-1: episode 0, truncated at 1 (trial continues); step 2: episode 1 is truncated and
+    # ends the trial. The trial is over, so V(final obs) = 2.0 must not be used at step 2; at
+    # step 1 the trace continues into the next episode's first value (0.4), not trunc_value.
+    ro = _rollout(
+        [0, 1, 0.5], [0.1, 0.3, 0.4], [0, 0, 0], [0, 1, 1], [1, 0, 0], last_value=9.0,
+        trunc_value=[0, 5.0, 2.0],
+    )  # fmt: skip
+    g, lam = 0.9, 0.5
+    adv, ret = trial_advantages(ro, torch.tensor([True]), g, lam)
+    d2 = 0.5 - 0.4
+    d1 = 1 + g * 0.4 - 0.3
+    d0 = 0 + g * 0.3 - 0.1
+    a1 = d1 + g * lam * d2
+    torch.testing.assert_close(adv.squeeze(1), torch.tensor([d0 + g * lam * a1, a1, d2]))
+    torch.testing.assert_close(ret, adv + ro.values)
+    # a trial truncated in the middle of the rollout: same, the next trial's value is not used
+    ro = _rollout([0, 0], [0.1, 0.3], [0, 0], [1, 0], [0, 1], last_value=0.0, trunc_value=[7, 0])
+    adv, _ = trial_advantages(ro, torch.tensor([False]), 1.0, 1.0)
+    assert abs(float(adv[0, 0]) - (0 - 0.1)) < 1e-6
     # a cut between trials inside the rollout: episode ends at 0 and a new trial starts at 1
     ro = _rollout([1, 0], [0.1, 0.3], [1, 0], [0, 0], [0, 1], last_value=0.0)
     adv, _ = trial_advantages(ro, torch.tensor([False]), 1.0, 1.0)
     ref, _ = gae(ro.rewards, ro.values, torch.tensor([[0.0], [0.0]]), ro.trial_cut(), 1.0, 1.0)
     torch.testing.assert_close(adv, ref)
+
+
+# --- previous-action encoding -------------------------------------------------------------------
+
+
+def test_no_previous_action_encodes_as_zeros_and_action_zero_as_one_hot():
+    net = RL2Net(2, gym.spaces.Discrete(3), rnn="gru", hidden=4, num_layers=1, head_hidden=4)
+    obs = torch.tensor([[0.5, -1.0], [0.5, -1.0]])
+    a0 = torch.zeros(2, dtype=torch.long)  # the collector's Prev at a trial start: action 0
+    r, d = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
+    x = net.inputs(obs, a0, r, d, torch.tensor([True, False]))
+    assert x[0].tolist() == [0.5, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # no previous action
+    assert x[1].tolist() == [0.5, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # "left" was taken
+
+
+class _InputRecording(RL2Policy):
+    """Records the RL² input of every acting step."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.x = []
+
+    def step(self, obs, memory, prev):
+        first = self.trial_first
+        self.x.append(self.net.inputs(obs, prev.action, prev.reward, prev.done, first))
+        return super().step(obs, memory, prev)
+
+
+def test_collector_trial_first_steps_see_a_zero_previous_action():
+    torch.manual_seed(0)
+    envs = make_vector_env("CompoGrid-v0", 2, {**GRID7, "composition": GOTO2[0]})
+    obs_dim = envs.single_observation_space.shape[0]
+    net = RL2Net(obs_dim, envs.single_action_space, rnn="gru", hidden=8, num_layers=1)
+    pol = _InputRecording(net)
+    col = Collector(
+        envs, pol, episodes_per_trial=2, task_sampler=uniform_task_sampler(GOTO2, True), seed=1
+    )
+    ro = col.collect(40)
+    envs.close()
+    x = torch.stack(pol.x)
+    assert x.shape[0] == 40 and ro.trial_start[1:].any()
+    a = x[..., obs_dim : obs_dim + net.head.prev_dim]
+    assert (a[ro.trial_start] == 0).all()
+    assert (a[~ro.trial_start].sum(-1) == 1).all(), "every other step has a one-hot action"
+    # training recomputes exactly these inputs from the stored rollout
+    xs = net.inputs(ro.obs, ro.prev_action, ro.prev_reward, ro.prev_done, ro.trial_start)
+    torch.testing.assert_close(xs, x)
 
 
 # --- training smoke test + exact resume ---------------------------------------------------------
