@@ -269,6 +269,7 @@ def ceiling(
     raw = merge(dict(overrides or {}), {"num_skills": num_skills, "seed": seed})
     if num_envs is not None:
         raw["num_envs"] = num_envs
+    raw.setdefault("vectorization", "sync")  # the scripted skills read the env objects
     module = DiscoveryModule(raw)  # validates the config (num_skills >= 1, ...); seeds torch
     cfg = module.cfg
     if not cfg.env_id.startswith("CompoGrid"):

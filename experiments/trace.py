@@ -30,8 +30,16 @@ class _Recorder(PolicyWrapper):
         self.frames: list[np.ndarray] = []
         self.steps: list[dict] = []
 
+    def _env(self):
+        """Env 0 as a reference env: the batched CompoGrid loads its state into one (it is the
+        renderer); a per-env vector env holds it."""
+        if hasattr(self.envs, "env_at"):
+            self._ref = self.envs.env_at(0, getattr(self, "_ref", None))
+            return self._ref
+        return self.envs.envs[0].unwrapped
+
     def step(self, obs, memory, prev):
-        env = self.envs.envs[0].unwrapped
+        env = self._env()
         if self.render:
             self.frames.append(env.render())
         out = self.inner.step(obs, memory, prev)

@@ -54,21 +54,47 @@ class TrialEnv(gym.Wrapper):
         return self.env.reset(seed=seed, options=options or None)
 
 
+#: ``vectorization`` settings: ``auto`` is ``batched`` for CompoGrid and ``sync`` otherwise
+VECTORIZATIONS = ("auto", "batched", "sync", "async")
+#: env ids with an array-programmed batched implementation (``vector_entry_point``)
+BATCHED_ENVS = ("CompoGrid-v0",)
+
+
+def resolve_vectorization(env_id: str, vectorization: str) -> str:
+    """``batched``, ``sync`` or ``async`` for ``env_id``; one clear error for a bad setting."""
+    if vectorization not in VECTORIZATIONS:
+        raise ValueError(f"vectorization={vectorization!r}; allowed: {', '.join(VECTORIZATIONS)}")
+    if vectorization == "auto":
+        return "batched" if env_id in BATCHED_ENVS else "sync"
+    if vectorization == "batched" and env_id not in BATCHED_ENVS:
+        raise ValueError(
+            f"vectorization='batched' for env {env_id!r}; allowed only for {', '.join(BATCHED_ENVS)}"
+            " (use 'sync' or 'async')"
+        )
+    return vectorization
+
+
 def make_vector_env(
     env_id: str,
     num_envs: int,
     env_kwargs: dict | None = None,
     *,
-    vectorization: str = "sync",
+    vectorization: str = "auto",
 ) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``env_id`` in a sync or async vector env, autoreset disabled."""
+    """``num_envs`` envs of ``env_id``, autoreset disabled: the batched array implementation
+    (``envs.grid_batch``, CompoGrid) or per-env ``gym.make`` copies in a sync/async vector env.
+    Both take tasks and replays through ``reset`` options (see ``TrialEnv``)."""
     import envs  # noqa: F401  (registers the task families)
 
     if num_envs < 1:
         raise ValueError(f"num_envs={num_envs}; allowed: an integer >= 1")
-    if vectorization not in ("sync", "async"):
-        raise ValueError(f"vectorization={vectorization!r}; allowed: 'sync', 'async'")
+    vectorization = resolve_vectorization(env_id, vectorization)
     kwargs = dict(env_kwargs or {})
+    if vectorization == "batched":
+        return gym.make_vec(
+            env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+            autoreset_mode=gym.vector.AutoresetMode.DISABLED, **kwargs,
+        )  # fmt: skip
 
     def factory(i: int) -> Callable[[], gym.Env]:
         return lambda: TrialEnv(gym.make(env_id, disable_env_checker=True, **kwargs), i)
@@ -356,9 +382,9 @@ class Collector:
         self.trial_ids = [self._new_trial_id() for _ in range(self.n)]
         self.ep_in_trial = [0] * self.n
         self.ep_seed = [int(self.rng.integers(2**31)) for _ in range(self.n)]
-        self.ep_actions: list[list] = [[] for _ in range(self.n)]
-        self.ep_return = [0.0] * self.n
-        self.ep_len = [0] * self.n
+        self._set_actions([[] for _ in range(self.n)])
+        self.ep_return = np.zeros(self.n)
+        self.ep_len = np.zeros(self.n, dtype=np.int64)
         self.trial_start_flag = np.ones(self.n, dtype=bool)
         self.episode_start_flag = np.ones(self.n, dtype=bool)
         obs, info = self.envs.reset(
@@ -375,6 +401,30 @@ class Collector:
         if self.task_sampler is None:
             raise ValueError("continuous collection needs a task_sampler")
         return self.task_sampler(self.rng)
+
+    # actions since each env's last reset, kept for the checkpoint's exact replay: one array per
+    # vector step (no per-env Python on the step path), trimmed to the oldest running episode
+    def _set_actions(self, per_env: list[list]) -> None:
+        longest = max((len(a) for a in per_env), default=0)
+        shape = (self.n, *self.act_shape)
+        dtype = np.int64 if self.discrete else np.float32
+        self._hist = [np.zeros(shape, dtype=dtype) for _ in range(longest)]
+        for i, acts in enumerate(per_env):
+            for k, a in enumerate(acts):
+                self._hist[longest - len(acts) + k][i] = a
+        self._hist_base = 0  # global step index of self._hist[0]
+        self._t = longest  # global step index of the next step
+        self._ep_start = np.array([longest - len(a) for a in per_env], dtype=np.int64)
+
+    def _actions_of(self, i: int) -> list:
+        rows = self._hist[int(self._ep_start[i]) - self._hist_base :]
+        return [int(r[i]) if self.discrete else r[i].tolist() for r in rows]
+
+    def _trim_actions(self) -> None:
+        drop = int(self._ep_start.min()) - self._hist_base
+        if drop > 0:
+            del self._hist[:drop]
+            self._hist_base += drop
 
     def _new_trial_id(self) -> int:
         self._trial_counter += 1
@@ -434,15 +484,15 @@ class Collector:
             )
         success = np.asarray(info.get("success", np.zeros(self.n, dtype=bool)), dtype=bool)
         finished: list[EpisodeStats] = []
-        for i in range(self.n):
-            self.ep_actions[i].append(
-                env_action[i].tolist() if not self.discrete else int(env_action[i])
-            )
-            self.ep_return[i] += float(reward[i])
-            self.ep_len[i] += 1
-            if self.on_episode_end is not None and self._hooked(i):
-                # keep a reference to the whole step; env i's slice is cut once per episode
-                self._buffers[i].append(rec)
+        self._hist.append(np.array(env_action, dtype=np.int64 if self.discrete else np.float32))
+        self._t += 1
+        self.ep_return += reward
+        self.ep_len += 1
+        if self.on_episode_end is not None:
+            for i in range(self.n):
+                if self._hooked(i):
+                    # keep a reference to the whole step; env i's slice is cut once per episode
+                    self._buffers[i].append(rec)
         self.memory = out.memory
         self.prev = Prev(
             action.clone(), torch.tensor(reward), torch.tensor(done, dtype=torch.float32)
@@ -462,9 +512,9 @@ class Collector:
                     i,
                     self.tasks[i],
                     self.ep_in_trial[i],
-                    self.ep_return[i],
+                    float(self.ep_return[i]),
                     bool(success[i]),
-                    self.ep_len[i],
+                    int(self.ep_len[i]),
                     self.trial_ids[i],
                 )
                 finished.append(st)
@@ -483,9 +533,9 @@ class Collector:
                     new_tasks[int(i)] = self.tasks[i]
                 self.ep_seed[i] = int(self.rng.integers(2**31))
                 seeds[i] = self.ep_seed[i]
-                self.ep_actions[i] = []
                 self.ep_return[i] = 0.0
                 self.ep_len[i] = 0
+            self._ep_start[done] = self._t
             obs, rinfo = self.envs.reset(
                 seed=seeds, options={"reset_mask": done, "tasks": new_tasks}
             )
@@ -557,6 +607,7 @@ class Collector:
             self.memory = self.policy.reset_memory(self.memory, mask)
             self.trial_start_flag = self.trial_start_flag.copy()
         memory_start = self._clone_memory(self.memory)
+        self._trim_actions()
         recs = [self._step(lambda i: self._sample_task()) for _ in range(num_steps)]
         with torch.no_grad():
             last_value = self.policy.bootstrap_value(
@@ -629,9 +680,9 @@ class Collector:
             "trial_ids": list(self.trial_ids),
             "ep_in_trial": list(self.ep_in_trial),
             "ep_seed": list(self.ep_seed),
-            "ep_actions": [list(a) for a in self.ep_actions],
-            "ep_return": list(self.ep_return),
-            "ep_len": list(self.ep_len),
+            "ep_actions": [self._actions_of(i) for i in range(self.n)],
+            "ep_return": [float(x) for x in self.ep_return],
+            "ep_len": [int(x) for x in self.ep_len],
             "trial_start_flag": self.trial_start_flag.tolist(),
             "episode_start_flag": self.episode_start_flag.tolist(),
             "memory": mem(self.memory),
@@ -651,19 +702,17 @@ class Collector:
         self.trial_ids = list(state["trial_ids"])
         self.ep_in_trial = list(state["ep_in_trial"])
         self.ep_seed = list(state["ep_seed"])
-        self.ep_actions = [list(a) for a in state["ep_actions"]]
-        self.ep_return = list(state["ep_return"])
-        self.ep_len = list(state["ep_len"])
+        ep_actions = [list(a) for a in state["ep_actions"]]
+        self._set_actions(ep_actions)
+        self.ep_return = np.array(state["ep_return"], dtype=np.float64)
+        self.ep_len = np.array(state["ep_len"], dtype=np.int64)
         self.trial_start_flag = np.array(state["trial_start_flag"], dtype=bool)
         self.episode_start_flag = np.array(state["episode_start_flag"], dtype=bool)
         replay = {
             i: (
                 self.tasks[i],
                 self.ep_seed[i],
-                [
-                    a if self.discrete else np.asarray(a, dtype=np.float32)
-                    for a in self.ep_actions[i]
-                ],
+                [a if self.discrete else np.asarray(a, dtype=np.float32) for a in ep_actions[i]],
             )
             for i in range(self.n)
         }

@@ -29,8 +29,9 @@ class BaseConfig:
     """E: episodes per trial during training (memory persists over them)"""
     num_envs: int = 8
     """parallel envs"""
-    vectorization: str = "sync"
-    """'sync' or 'async' vector env"""
+    vectorization: str = "auto"
+    """'batched' (array-programmed envs: CompoGrid), 'sync' or 'async' (per-env gymnasium
+    copies), or 'auto': batched where it exists, else sync"""
     total_env_steps: int = 300_000
     """meta-training env-step budget"""
     seed: int = 0
@@ -40,8 +41,9 @@ class BaseConfig:
         for k in ("episodes_per_trial", "num_envs", "total_env_steps"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer >= 1")
-        if self.vectorization not in ("sync", "async"):
-            raise ValueError(f"vectorization={self.vectorization!r}; allowed: 'sync', 'async'")
+        from rl.collect import resolve_vectorization
+
+        resolve_vectorization(self.env_id, self.vectorization)
 
     def train_layout_seeds(self) -> list[int] | None:
         """Layout/goal seeds the split reserves for training (Meta-World), else None."""

@@ -91,7 +91,9 @@ def test_truncated_bootstraps_final_value_terminated_zero():
 def test_terminated_kept_apart():
     from envs.grid import Oracle
 
-    envs = make_vector_env("CompoGrid-v0", 2, {"size": 7})
+    envs = make_vector_env(
+        "CompoGrid-v0", 2, {"size": 7}, vectorization="sync"
+    )  # oracle reads envs
     oracle = Oracle()
 
     class OraclePolicy(CountingPolicy):
@@ -107,16 +109,17 @@ def test_terminated_kept_apart():
     assert torch.all(ro.rewards.sum(0) > 0)
 
 
-def test_sync_and_async_identical():
+def test_sync_async_and_batched_identical():
     outs = []
-    for vec in ("sync", "async"):
+    for vec in ("sync", "async", "batched"):
         torch.manual_seed(1)
         col = make(vectorization=vec, seed=4)
         ro = col.collect(40)
         outs.append((ro.obs, ro.actions, ro.rewards))
         col.envs.close()
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_collect_trials_exactly_one_trial_each():
@@ -162,7 +165,7 @@ def test_hook_episodes_limits_the_hook_and_keeps_its_episodes_whole():
         assert torch.equal(a.obs, b.obs) and torch.equal(a.actions, b.actions)
 
 
-@pytest.mark.parametrize("vectorization", ["sync", "async"])
+@pytest.mark.parametrize("vectorization", ["sync", "async", "batched"])
 def test_exact_resume_from_state_dict(vectorization):
     net = ActorCritic(146, gym.spaces.Discrete(6))
     torch.manual_seed(3)
@@ -200,6 +203,8 @@ def test_bad_arguments():
         make_vector_env("CompoGrid-v0", 0)
     with pytest.raises(ValueError, match="vectorization='threads'"):
         make_vector_env("CompoGrid-v0", 1, vectorization="threads")
+    with pytest.raises(ValueError, match="vectorization='batched' for env 'CompoMetaWorld-v0'"):
+        make_vector_env("CompoMetaWorld-v0", 1, vectorization="batched")
     envs = make_vector_env("CompoGrid-v0", 1)
     with pytest.raises(ValueError, match="episodes_per_trial=0"):
         Collector(envs, CountingPolicy(), episodes_per_trial=0)
@@ -211,7 +216,9 @@ def test_stored_rewards_match_episode_returns(E):
     # terminal reward of every trial when it was reset in place
     from envs.grid import Oracle
 
-    envs = make_vector_env("CompoGrid-v0", 2, {"size": 7})
+    envs = make_vector_env(
+        "CompoGrid-v0", 2, {"size": 7}, vectorization="sync"
+    )  # oracle reads envs
     oracle = Oracle()
 
     class OraclePolicy(CountingPolicy):

@@ -28,7 +28,9 @@ def test_zones_partition_the_room_into_contiguous_runs():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cells_skills_park_on_their_targets_in_a_free_room(seed):
-    envs = make_vector_env("CompoGrid-v0", 1, {"composition": "pickup(red ball) > open(door)"})
+    envs = make_vector_env(
+        "CompoGrid-v0", 1, {"composition": "pickup(red ball) > open(door)"}, vectorization="sync"
+    )
     try:
         pol = ScriptedSkills(envs, 4, "cells")
         targets = {pol.target(k) for k in range(4)}
