@@ -18,7 +18,7 @@ import numpy as np
 import envs
 from experiments.registry import METHODS, method_class
 from rl.config import config_from_dict, merge
-from rl.io import atomic_write_json, atomic_write_text, dump_yaml, prepare_run_dir
+from rl.io import atomic_write_text, dump_yaml, prepare_run_dir
 from rl.protocol import (
     EvalConfig,
     OracleAgent,
@@ -27,6 +27,7 @@ from rl.protocol import (
     heldout_tasks,
     plot_curves,
     results_document,
+    results_json_text,
     run_trials,
     summarize,
     table_markdown,
@@ -168,8 +169,9 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
                 f"[{spec['name']} seed {seed}] meta-train steps {steps:,}; success by episode {np.round(r['success'].mean(0), 2).tolist()}"
             )
         methods[spec["name"]] = summarize(
-            succ, ret, n_boot=ev.bootstrap, meta_train_env_steps=steps, wall_s=wall / len(cfg.seeds)
-        )
+            succ, ret, n_boot=ev.bootstrap, meta_train_env_steps=steps,
+            wall_s=wall / len(cfg.seeds), trained=True,
+        )  # fmt: skip
     for ref in cfg.references:
         succ, ret = {}, {}
         t0 = time.perf_counter()
@@ -189,10 +191,10 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
             succ, ret, n_boot=ev.bootstrap, wall_s=(time.perf_counter() - t0) / len(cfg.seeds)
         )
         log(f"[{ref}] success by episode {np.round(methods[ref]['success_at'], 2).tolist()}")
-    doc = results_document(asdict(cfg), split.to_dict(), methods)
-    doc["command"] = command
-    doc["heldout_tasks"] = [str(t) for t in tasks]
-    atomic_write_json(out / "results.json", doc)
-    atomic_write_text(out / "table.md", table_markdown(methods, ev.episodes, command))
-    plot_curves(methods, out / "curves.png", title=f"Held-out compositions ({cfg.family})")
+    doc = results_document(
+        asdict(cfg), split.to_dict(), methods, resamples=ev.bootstrap, tasks=tasks, command=command
+    )
+    atomic_write_text(out / "results.json", results_json_text(doc))
+    atomic_write_text(out / "table.md", table_markdown(doc))
+    plot_curves(doc["methods"], out / "curves.png", title=f"Held-out compositions ({cfg.family})")
     return doc

@@ -7,8 +7,9 @@ Re-evaluates every trained checkpoint of a ``compo heldout`` run folder
 (from its ``config.yaml``; ``run_trials`` is a function of agent, tasks and seed, so this
 reproduces the run's evaluation when the run was made with the current code), and reports per
 method the success per episode and the gain ``mean(success of episodes 1..E-1) - success of
-episode 0`` with a 95% percentile-bootstrap interval over (seed, task) pairs — the interval
-``compo heldout``'s table cannot give with one seed, since it bootstraps over seeds.
+episode 0`` with a 95% percentile-bootstrap interval over (seed, task) pairs, i.e. over the
+draw of tasks as well — an interval ``compo heldout``'s table does not give with fewer than 3
+seeds (its stratified bootstrap resamples seeds within each task and keeps the tasks fixed).
 """
 
 from __future__ import annotations

@@ -94,14 +94,9 @@ def run_trials(
     episodes: int,
     num_envs: int,
     seed: int,
-    vectorization: str = "auto",
 ) -> dict[str, np.ndarray]:
     """One trial of ``episodes`` episodes per task; returns ``success`` and ``return`` arrays of
     shape (len(tasks), episodes).
-
-    The envs are the batched implementation where one exists (``vectorization="auto"``), which
-    steps exactly as the per-env path does; agents that read the env objects themselves (the
-    scripted oracle, the ideal observer: ``needs_env_objects = True``) get a sync vector env.
 
     A pure function of (agent parameters, tasks, ``seed``): torch's global generator, which
     policies sample actions from, is seeded from ``seed`` inside a forked RNG state, so an
@@ -110,21 +105,15 @@ def run_trials(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if getattr(agent, "needs_env_objects", False):
-            vectorization = "sync"
-        return _run_trials(
-            agent, tasks, env_id, env_kwargs, episodes, num_envs, seed, vectorization
-        )
+        return _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed)
 
 
-def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed, vectorization):
+def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed):
     n_tasks = len(tasks)
     success = np.full((n_tasks, episodes), np.nan)
     returns = np.full((n_tasks, episodes), np.nan)
     k = min(num_envs, n_tasks)
-    envs = make_vector_env(
-        env_id, k, {**env_kwargs, "composition": tasks[0].composition}, vectorization=vectorization
-    )
+    envs = make_vector_env(env_id, k, {**env_kwargs, "composition": tasks[0].composition})
     try:
         for b, start in enumerate(range(0, n_tasks, k)):
             batch = list(tasks[start : start + k])
@@ -188,8 +177,6 @@ class RandomAgent:
 
 class OracleAgent:
     """CompoGrid's BFS oracle (the upper reference row); needs a sync vector env."""
-
-    needs_env_objects = True
 
     def trial_policy(self, envs):
         from envs.grid import Oracle

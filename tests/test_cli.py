@@ -148,7 +148,7 @@ def test_heldout_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["heldout", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == 1
+    assert doc["schema"] == 2 and doc["statistics"]["resamples"] == 50
     assert set(doc["methods"]) == {"ppo", "random", "oracle", "ppo_scratch"}
     for m in doc["methods"].values():
         for key in (
@@ -163,6 +163,14 @@ def test_heldout_end_to_end(tmp_path):
             assert key in m
         assert len(m["success_at"]) == 2
     assert doc["methods"]["oracle"]["success_at"] == [1.0, 1.0]
+    # two seeds: no interval (null), and the raw scores per (seed, task, episode index)
+    assert doc["methods"]["ppo"]["success_ci"] == [None, None]
+    assert np.asarray(doc["scores"]["methods"]["ppo"]["success"]).shape == (2, 2, 2)
+    assert doc["probability_of_improvement"]["rows"] == ["ppo"]
+    # an independent recomputation from the raw scores gives every stored number
+    from experiments.stats import main as stats_main
+
+    assert stats_main([str(out / "results.json"), "--check"]) == 0
     assert doc["methods"]["ppo"]["meta_train_env_steps"] >= 256
     assert set(doc["split"]["heldout"]).isdisjoint(doc["split"]["train"])
     assert (out / "table.md").read_text().startswith("| method")
