@@ -94,9 +94,14 @@ def run_trials(
     episodes: int,
     num_envs: int,
     seed: int,
+    vectorization: str = "auto",
 ) -> dict[str, np.ndarray]:
     """One trial of ``episodes`` episodes per task; returns ``success`` and ``return`` arrays of
     shape (len(tasks), episodes).
+
+    The envs are the batched implementation where one exists (``vectorization="auto"``), which
+    steps exactly as the per-env path does; agents that read the env objects themselves (the
+    scripted oracle, the ideal observer: ``needs_env_objects = True``) get a sync vector env.
 
     A pure function of (agent parameters, tasks, ``seed``): torch's global generator, which
     policies sample actions from, is seeded from ``seed`` inside a forked RNG state, so an
@@ -105,15 +110,21 @@ def run_trials(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed)
+        if getattr(agent, "needs_env_objects", False):
+            vectorization = "sync"
+        return _run_trials(
+            agent, tasks, env_id, env_kwargs, episodes, num_envs, seed, vectorization
+        )
 
 
-def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed):
+def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed, vectorization):
     n_tasks = len(tasks)
     success = np.full((n_tasks, episodes), np.nan)
     returns = np.full((n_tasks, episodes), np.nan)
     k = min(num_envs, n_tasks)
-    envs = make_vector_env(env_id, k, {**env_kwargs, "composition": tasks[0].composition})
+    envs = make_vector_env(
+        env_id, k, {**env_kwargs, "composition": tasks[0].composition}, vectorization=vectorization
+    )
     try:
         for b, start in enumerate(range(0, n_tasks, k)):
             batch = list(tasks[start : start + k])
@@ -177,6 +188,8 @@ class RandomAgent:
 
 class OracleAgent:
     """CompoGrid's BFS oracle (the upper reference row); needs a sync vector env."""
+
+    needs_env_objects = True
 
     def trial_policy(self, envs):
         from envs.grid import Oracle
