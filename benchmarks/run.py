@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "ppo_vs_sb3": "benchmarks.bench_ppo_sb3",
     "maml_vs_fomaml": "benchmarks.bench_maml",
     "method_sps": "benchmarks.bench_methods",
+    "batched_env": "benchmarks.bench_batched",
 }
 
 

@@ -91,6 +91,7 @@ def test_quick_suite_rows(tmp_path):
     assert got == {
         ("collector_throughput", "sync_env_steps_per_s"),
         ("collector_throughput", "async_env_steps_per_s"),
+        ("collector_throughput", "batched_env_steps_per_s"),
         ("maml_vs_fomaml", "seconds_per_meta_iteration"),
         ("maml_vs_fomaml", "outer_update_seconds_same_data"),
         ("maml_vs_fomaml", "graph_saved_MB"),
@@ -184,3 +185,22 @@ def test_paired_ratio_uses_the_ppo_runs_around_each_method_run(monkeypatch):
     assert calls == ["ppo", "compositional"] * 3 + ["ppo"]
     assert row.value == pytest.approx(0.5) and row.ratio == pytest.approx(0.5)
     assert row.metric == "compositional_paired_ratio_to_ppo" and row.meets_target is False
+
+
+def test_batched_env_rows(tmp_path):
+    """batched_env at smoke sizes for one method: the raw-env row and the training row."""
+    from benchmarks import bench_batched
+
+    rows = bench_batched.run(quick=True, workdir=str(tmp_path), methods=["ppo"])
+    got = {r.metric: r for r in rows}
+    assert set(got) == {
+        "raw_env_steps_per_s",
+        "ppo_train_env_steps_per_s",
+        "ppo_profile_env_steps_per_s",
+    }
+    assert "update" in got["ppo_profile_env_steps_per_s"].notes
+    assert got["raw_env_steps_per_s"].target == ">=30"
+    for r in rows:
+        assert r.value > 0 and (r.reference is None or r.reference > 0)
+    with pytest.raises(ValueError, match="unknown method label 'nope'"):
+        bench_batched.run(quick=True, methods=["nope"])
