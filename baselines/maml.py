@@ -47,13 +47,24 @@ What this file does, and why:
   SGD step of rate 1 on the pseudo-gradient ``theta - theta_new``, so Lightning checkpoints
   and resumes it like any optimiser step (TRPO itself keeps no state across iterations).
   Reptile has no surrogate to constrain and rejects ``trpo``.
-* **Baseline.** A per-task linear feature baseline refitted on every batch by ridge
-  regression, as in Finn et al. / garage ``LinearFeatureBaseline`` (Duan et al. 2016). Its
-  default features are time only (1, t, t^2, t^3): CompoGrid observations have 125 dims,
-  more than a task's few pre-update steps, so garage's observation features would interpolate
-  the returns and zero the advantages; ``baseline="linear"`` adds them (obs, obs^2) for
-  richer families. The baseline never depends on ``theta``, so it keeps every estimator
-  unbiased.
+* **Baseline.** A linear feature baseline fitted by ridge regression (garage's
+  ``LinearFeatureBaseline``, Duan et al. 2016) *across the meta-batch*: one fit on all tasks'
+  pre-update episodes (and one on the post-update episodes), not one per task. garage and
+  ProMP fit per task on 10-40 episodes; with our 1-4 a per-task cubic in t interpolates a
+  sparse terminal reward and cancels the inner signal (issue 12: one successful episode moved
+  phi by 1.5e-3 instead of 5.6). A learned value function would also avoid that, but it
+  adds a network, a loss and a learning rate to a baseline whose point is to be the
+  reference recipe; the pooled linear fit keeps the recipe and cannot fit one task's
+  episodes away. Default features are time only (1, t, t^2, t^3): CompoGrid observations
+  have 125 dims, so garage's observation features (``baseline="linear"``: obs, obs^2) would
+  nearly interpolate even a pooled batch. The baseline never depends on ``theta``, so every
+  estimator stays unbiased.
+* **Advantage normalisation.** The inner step uses advantages standardised over the
+  meta-batch's pre-update steps (``inner_normalize_adv``; ProMP's and learn2learn's inner
+  loops standardise theirs), fed to DiCE in its advantage form (``dice_advantage_objective``)
+  or to LVC; the outer advantages likewise over the post-update steps (``normalize_adv``).
+  Pooled for the reason above: standardising one task's 1-4 episodes turns fit residuals
+  into unit-size signal.
 * **FOMAML** (Finn et al. 2017, sec. 5.2): the inner gradient is taken without graph, so the
   outer gradient at ``phi`` is applied to ``theta`` unchanged. **Reptile** (Nichol et al.
   2018): ``theta += eps * (mean_i phi_i - theta)``, applied as an SGD step of learning rate
@@ -62,48 +73,83 @@ What this file does, and why:
 * **Meta-batch.** One vector env with one env per task (``num_envs = meta_batch_size``);
   pre-update episodes come from ``Collector.collect_trials`` with ``theta``; post-update
   episodes from the same collector with a policy acting with each env's own ``phi_i``.
-* **Evaluation** (``trial_policy``): episode 0 acts with ``theta``; after each episode the
-  hook adapts that env's parameters from ``theta`` on all of the trial's episodes so far
-  (K inner steps, no graph), so the adaptation curve shows MAML's test-time learning.
+* **Meta-test adaptation** (``trial_policy``), as in Finn et al. 2017 (sec. 5.3), ProMP and
+  garage's ``MetaEvaluator``: the trial's episodes come in batches of ``M`` (``eval_adapt_episodes``,
+  default the training ``episodes_per_trial``, so the inner step sees what it saw in training).
+  Episodes 0..M-1 act with ``theta``; when a batch is complete, the env's parameters take the
+  training inner step (K steps of ``adapt``) *from their current value* on that batch of fresh
+  episodes, which they sampled themselves; the next batch acts with the result. With
+  ``eval_reuse_episodes`` every earlier episode of the trial joins the batch, importance-weighted
+  by ``pi_current / pi_sampler`` (the log-probabilities the collector stored while acting).
+  One task cannot fit a baseline or advantage moments on its own (see above), so meta-test
+  uses moving averages (rate ``STAT_RATE``) of the pooled fits of training's pre-update
+  batches; they are saved in checkpoints.
+
+  On the adaptation curve, episodes 0..M-1 therefore all show theta (zero-shot); the
+  first adapted episode is M.
 
 ``meta_step()`` runs one meta-iteration outside Lightning (benchmarks: see
-``meta_iteration_cost``).
+``meta_iteration_cost``). The maths lives in ``baselines.maml_core``, the TRPO step in
+``baselines.maml_trpo``, the benchmark hooks in ``baselines.maml_bench``; this module re-exports
+them, so ``from baselines.maml import ...`` keeps working.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
-from rl.collect import (
-    Collector,
-    Episode,
-    Prev,
-    Rollout,
-    StepOutput,
-    make_vector_env,
-    uniform_task_sampler,
+from baselines.maml_bench import graph_saved_bytes, meta_iteration_cost
+from baselines.maml_core import (
+    BASELINES,
+    SURROGATES,
+    EpisodeBatch,
+    MAMLPolicyNet,
+    Params,
+    PerEnvPolicy,
+    adapt,
+    advantage_moments,
+    advantages_to_go,
+    baseline_values,
+    dice_advantage_objective,
+    dice_objective,
+    discounted_to_go,
+    fit_baseline,
+    inner_objective,
+    linear_baseline,
+    lvc_objective,
+    magic_box,
+    outer_advantages,
+    outer_loss,
+    policy_dist,
+    stack_params,
+    standardise,
 )
+from baselines.maml_trpo import (
+    conjugate_gradient,
+    fisher_vector_product,
+    mean_kl,
+    trpo_step,
+    trpo_surrogate,
+)
+from rl.collect import Collector, Episode, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.module import RLModule
-from rl.nets import ActionHead, mlp
 
-Params = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 ALGOS = ("maml", "fomaml", "reptile")
-SURROGATES = ("dice", "lvc")
-BASELINES = ("time", "linear", "none")
 OUTER_OPTIMIZERS = ("adam", "trpo")
+STAT_RATE = 0.1
+"""rate of the moving averages of the inner baseline and advantage moments that meta-test
+adaptation uses (about the last 10 meta-iterations)"""
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -146,7 +192,15 @@ class MAMLConfig(BaseConfig):
     gamma: float = 0.99
     """discount"""
     normalize_adv: bool = True
-    """normalise the outer loss's advantages per task (as garage's MAML does)"""
+    """standardise the outer loss's advantages over the meta-batch's post-update steps"""
+    inner_normalize_adv: bool = True
+    """standardise the inner step's advantages over the meta-batch's pre-update steps (ProMP,
+    learn2learn); meta-test uses the moving average of those moments"""
+    eval_adapt_episodes: int = 0
+    """meta-test: episodes per adaptation step (fresh, sampled by the current parameters);
+    0 = ``episodes_per_trial``, the number the inner step is trained with"""
+    eval_reuse_episodes: bool = False
+    """meta-test: also adapt on the trial's earlier episodes, importance-weighted"""
     hidden: int = 64
     """MLP width (two hidden layers)"""
     max_grad_norm: float = 1.0
@@ -194,529 +248,13 @@ class MAMLConfig(BaseConfig):
             raise ValueError(f"gamma={self.gamma}; allowed: a number in [0, 1]")
         if int(self.hidden) < 1:
             raise ValueError(f"hidden={self.hidden}; allowed: an integer >= 1")
+        if isinstance(self.eval_adapt_episodes, bool) or int(self.eval_adapt_episodes) < 0:
+            raise ValueError(
+                f"eval_adapt_episodes={self.eval_adapt_episodes!r}; allowed: an integer >= 0 "
+                "(0 = episodes_per_trial)"
+            )
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm}; allowed: a number >= 0")
-
-
-# --- policy -------------------------------------------------------------------------------------
-
-
-class MAMLPolicyNet(nn.Module):
-    """Feed-forward policy: ``forward(obs)`` gives logits (Discrete) or the Gaussian mean (Box);
-    ``log_std`` (Box only) is a state-independent meta-learned parameter (Finn et al. 2017)."""
-
-    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int = 64) -> None:
-        super().__init__()
-        self.head = ActionHead(action_space)
-        self.actor = mlp([obs_dim, hidden, hidden, self.head.n_out], out_gain=0.01)
-        if not self.head.discrete:
-            self.log_std = nn.Parameter(torch.full((self.head.n_out,), -0.5))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.actor(obs)
-
-    def params(self) -> Params:
-        """The meta-parameters ``theta`` as a name -> tensor dict (no copy: live parameters)."""
-        return dict(self.named_parameters())
-
-
-def stack_params(params: Params, n: int) -> Params:
-    """``n`` per-task views of ``params`` (leading dim n). ``expand`` keeps the graph to
-    ``params``, and the gradient w.r.t. the expanded tensor is per task."""
-    return {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in params.items()}
-
-
-def policy_dist(net: MAMLPolicyNet, params: Params, obs: torch.Tensor):
-    """Action distribution of each task's own parameters.
-
-    Args:
-        params: stacked parameters, leading dim N (tasks).
-        obs: (N, ..., obs_dim).
-    """
-    names = [k for k in params if k != "log_std"]
-    actor = {k: params[k] for k in names}
-    shape = obs.shape
-    flat = obs.reshape(shape[0], -1, shape[-1])
-    out = vmap(lambda p, x: functional_call(net, p, (x,)))(actor, flat)
-    out = out.reshape(*shape[:-1], out.shape[-1])
-    log_std = None
-    if "log_std" in params:
-        ls = params["log_std"]
-        log_std = ls.reshape(ls.shape[0], *([1] * (out.dim() - 2)), ls.shape[-1])
-    return net.head.dist(out, log_std)
-
-
-# --- episode batches ------------------------------------------------------------------------------
-
-
-@dataclass
-class EpisodeBatch:
-    """M episodes of each of N tasks, zero-padded to length T.
-
-    Attributes:
-        obs: (N, M, T, obs_dim); actions: (N, M, T[, act_dim]); rewards, mask: (N, M, T) float;
-        time: (N, M, T) step index within the episode.
-        weights: (N, M) weight of each episode in the task's objective (rows sum to 1; uniform
-            1/M for sampled episodes; exact probabilities when trajectories are enumerated).
-    """
-
-    obs: torch.Tensor
-    actions: torch.Tensor
-    rewards: torch.Tensor
-    mask: torch.Tensor
-    time: torch.Tensor
-    weights: torch.Tensor
-
-    @staticmethod
-    def from_episodes(episodes: Sequence[Sequence[Any]]) -> EpisodeBatch:
-        """From ``episodes[task][m]`` objects with ``.obs``, ``.actions``, ``.rewards`` (T, ...)."""
-        N = len(episodes)
-        M = max(len(e) for e in episodes)
-        if N == 0 or M == 0 or any(len(e) != M for e in episodes):
-            raise ValueError("every task needs the same number (>= 1) of episodes")
-        T = max(int(ep.rewards.shape[0]) for eps in episodes for ep in eps)
-        ep0 = episodes[0][0]
-        obs = torch.zeros(N, M, T, ep0.obs.shape[-1])
-        actions = torch.zeros(N, M, T, *ep0.actions.shape[1:], dtype=ep0.actions.dtype)
-        rewards = torch.zeros(N, M, T)
-        mask = torch.zeros(N, M, T)
-        for i, eps in enumerate(episodes):
-            for m, ep in enumerate(eps):
-                n = int(ep.rewards.shape[0])
-                obs[i, m, :n] = ep.obs
-                actions[i, m, :n] = ep.actions
-                rewards[i, m, :n] = ep.rewards
-                mask[i, m, :n] = 1.0
-        time_idx = torch.arange(T, dtype=torch.float32).expand(N, M, T).clone()
-        return EpisodeBatch(obs, actions, rewards, mask, time_idx, torch.full((N, M), 1.0 / M))
-
-    @staticmethod
-    def from_rollout(ro: Rollout, episodes_per_task: int) -> EpisodeBatch:
-        """Split a ``collect_trials`` rollout (T, N) into each env's ``episodes_per_task``."""
-        N = ro.valid.shape[1]
-        per_task = []
-        for i in range(N):
-            eps = []
-            for m in range(episodes_per_task):
-                idx = torch.nonzero(ro.valid[:, i] & (ro.episode_index[:, i] == m)).squeeze(-1)
-                eps.append(_Ep(ro.obs[idx, i], ro.actions[idx, i], ro.rewards[idx, i]))
-            per_task.append(eps)
-        return EpisodeBatch.from_episodes(per_task)
-
-
-@dataclass
-class _Ep:
-    obs: torch.Tensor
-    actions: torch.Tensor
-    rewards: torch.Tensor
-
-
-def discounted_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``G_t = sum_{t' >= t} gamma^(t'-t) r_t'`` along the last dim (padding must be 0)."""
-    out = torch.zeros_like(rewards)
-    run = torch.zeros_like(rewards[..., 0])
-    for t in reversed(range(rewards.shape[-1])):
-        run = rewards[..., t] + gamma * run
-        out[..., t] = run
-    return out
-
-
-def linear_baseline(
-    batch: EpisodeBatch, gamma: float, kind: str, reg: float = 1e-5
-) -> torch.Tensor:
-    """Per-task ridge regression of the return-to-go on features (garage LinearFeatureBaseline).
-
-    Returns:
-        (N, M, T) value estimates ``V(s_t)`` (0 on padding), detached.
-    """
-    if kind == "none":
-        return torch.zeros_like(batch.rewards)
-    with torch.no_grad():
-        al = (batch.time / 100.0).unsqueeze(-1)
-        feats = [torch.ones_like(al), al, al**2, al**3]
-        if kind == "linear":
-            o = batch.obs.clamp(-10, 10)
-            feats = [o, o**2, *feats]
-        X = torch.cat(feats, -1).double()  # (N, M, T, F)
-        N, F = X.shape[0], X.shape[-1]
-        w = (batch.mask * batch.weights.unsqueeze(-1)).double()
-        y = discounted_to_go(batch.rewards, gamma).double()
-        Xf, wf, yf = X.reshape(N, -1, F), w.reshape(N, -1, 1), y.reshape(N, -1, 1)
-        A = Xf.transpose(1, 2) @ (wf * Xf)
-        b = Xf.transpose(1, 2) @ (wf * yf)
-        scale = A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-8)
-        eye = torch.eye(F, dtype=A.dtype).expand(N, F, F)
-        coef = torch.linalg.solve(A + (reg * scale)[:, None, None] * eye, b)
-        return ((X @ coef.unsqueeze(1)).squeeze(-1) * batch.mask).float()
-
-
-# --- surrogates ---------------------------------------------------------------------------------
-
-
-def magic_box(x: torch.Tensor) -> torch.Tensor:
-    """DiCE's magic box (Foerster et al. 2018): value 1, derivative ``[x] * dx``."""
-    return torch.exp(x - x.detach())
-
-
-def dice_objective(
-    logp: torch.Tensor,
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    values: torch.Tensor | None = None,
-    behaviour_logp: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DiCE surrogate of each episode's discounted return, with Mao et al.'s baseline.
-
-    ``sum_t gamma^t [ rho_t r_t + (rho_{t-1} - rho_t) V(s_t) ]`` with
-    ``rho_t = exp(sum_{t'<=t} logp_t' - stop_grad(sum_{t'<=t} behaviour_logp_t'))``. On-policy
-    (``behaviour_logp`` None = ``logp`` detached) ``rho_t`` is DiCE's magic box of the cumulative
-    log-probability (Foerster et al. 2018, eq. 4): the value is the discounted return and
-    derivatives of every order are unbiased estimates of those of the expected return. The
-    baseline term ``[W_{t-1}] (1 - [logp_t]) V(s_t)`` (Mao et al. 2019, eq. 7) has value 0 and
-    zero-mean derivatives of every order. With ``behaviour_logp`` from the policy that
-    sampled the episodes, ``rho`` is the importance weight, so later inner steps (K > 1) that
-    reuse the pre-update episodes stay unbiased too (the detached denominator is exactly the
-    magic box of the sampling distribution times the full importance weight).
-
-    Args:
-        logp, rewards, mask, values, behaviour_logp: (..., T); padding must have mask 0.
-    """
-    logp = logp * mask
-    ref = logp.detach() if behaviour_logp is None else behaviour_logp.detach() * mask
-    disc = gamma ** torch.arange(logp.shape[-1], dtype=logp.dtype)
-    rho = torch.exp(torch.cumsum(logp, -1) - torch.cumsum(ref, -1))
-    obj = (disc * rho * rewards * mask).sum(-1)
-    if values is not None:
-        rho_prev = torch.cat([torch.ones_like(rho[..., :1]), rho[..., :-1]], -1)
-        obj = obj + (disc * (rho_prev - rho) * values * mask).sum(-1)
-    return obj
-
-
-def lvc_objective(
-    logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    behaviour_logp: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ProMP's low-variance curvature surrogate (Rothfuss et al. 2019, eq. 10):
-    ``sum_t pi(a_t|s_t) / stop_grad(pi_behaviour(a_t|s_t)) * A_t``; unbiased gradient,
-    low-variance (biased) Hessian. Its value is ``sum_t A_t``, not the return."""
-    ref = logp.detach() if behaviour_logp is None else behaviour_logp.detach()
-    return (torch.exp((logp - ref) * mask) * advantages * mask).sum(-1)
-
-
-def _log_probs(net: MAMLPolicyNet, params: Params, batch: EpisodeBatch) -> torch.Tensor:
-    return policy_dist(net, params, batch.obs).log_prob(batch.actions) * batch.mask
-
-
-def inner_objective(
-    net: MAMLPolicyNet,
-    params: Params,
-    batch: EpisodeBatch,
-    *,
-    gamma: float,
-    surrogate: str = "dice",
-    values: torch.Tensor | None = None,
-    behaviour_logp: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-task inner surrogate objective (to maximise), shape (N,).
-
-    ``behaviour_logp``: log-probabilities of the policy that sampled ``batch`` (None: the
-    current ``params``, i.e. on-policy)."""
-    logp = _log_probs(net, params, batch)
-    if surrogate == "dice":
-        per_ep = dice_objective(logp, batch.rewards, batch.mask, gamma, values, behaviour_logp)
-    elif surrogate == "lvc":
-        disc = gamma ** torch.arange(logp.shape[-1], dtype=logp.dtype)
-        v = torch.zeros_like(batch.rewards) if values is None else values
-        adv = disc * (discounted_to_go(batch.rewards, gamma) - v) * batch.mask
-        per_ep = lvc_objective(logp, adv, batch.mask, behaviour_logp)
-    else:
-        raise ValueError(f"surrogate={surrogate!r}; allowed: {', '.join(SURROGATES)}")
-    return (batch.weights * per_ep).sum(-1)
-
-
-def adapt(
-    net: MAMLPolicyNet,
-    params: Params,
-    batch: EpisodeBatch,
-    *,
-    steps: int,
-    lr: float,
-    gamma: float,
-    surrogate: str = "dice",
-    values: torch.Tensor | None = None,
-    create_graph: bool = True,
-) -> Params:
-    """K inner policy-gradient steps, one per task: ``phi_i <- phi_i + lr * grad J_i(phi_i)``.
-
-    All K steps reuse the pre-update episodes (sampled by ``params``); steps after the first
-    weight them by ``pi_phi / pi_params`` (see ``dice_objective``).
-
-    Args:
-        params: stacked per-task parameters (leading dim N = tasks), e.g.
-            ``stack_params(theta, N)``; the result keeps its graph to them.
-        create_graph: True for MAML (second order); False gives FOMAML/Reptile's first-order
-            step (``phi`` depends on ``params`` only through the identity).
-
-    Returns:
-        The adapted stacked parameters (new tensors; ``params`` is never modified).
-    """
-    if steps < 1:
-        raise ValueError(f"inner_steps={steps}; allowed: an integer >= 1")
-    phi = dict(params)
-    keys = list(phi)
-    # the pre-update episodes were sampled by ``params``: later steps importance-weight them
-    with torch.no_grad():
-        behaviour = _log_probs(net, params, batch)
-    for _ in range(steps):
-        # J_i depends only on task i's slice, so d(sum_i J_i)/d(phi) is the per-task gradient
-        obj = inner_objective(
-            net, phi, batch, gamma=gamma, surrogate=surrogate, values=values,
-            behaviour_logp=behaviour,
-        )  # fmt: skip
-        grads = torch.autograd.grad(
-            obj.sum(), [phi[k] for k in keys], create_graph=create_graph, allow_unused=True
-        )
-        phi = {
-            k: phi[k] if g is None else phi[k] + lr * g for k, g in zip(keys, grads, strict=True)
-        }
-    return phi
-
-
-def outer_loss(
-    net: MAMLPolicyNet,
-    params: Params,
-    batch: EpisodeBatch,
-    *,
-    gamma: float,
-    values: torch.Tensor | None = None,
-    normalize_adv: bool = False,
-) -> torch.Tensor:
-    """Per-task score-function loss on post-update episodes, shape (N,):
-    ``-sum_m w_m sum_t log pi_phi(a_t|s_t) gamma^t (G_t - V(s_t))`` (its gradient in ``phi`` is
-    minus the policy gradient of the expected discounted return)."""
-    logp = _log_probs(net, params, batch)
-    adv = outer_advantages(batch, gamma=gamma, values=values, normalize_adv=normalize_adv)
-    return -(batch.weights * (logp * adv).sum(-1)).sum(-1)
-
-
-def outer_advantages(
-    batch: EpisodeBatch,
-    *,
-    gamma: float,
-    values: torch.Tensor | None = None,
-    normalize_adv: bool = False,
-) -> torch.Tensor:
-    """``gamma^t (G_t - V(s_t))`` of the post-update episodes, (N, M, T), detached, 0 on padding;
-    with ``normalize_adv`` standardised per task over its valid steps."""
-    disc = gamma ** torch.arange(batch.rewards.shape[-1], dtype=batch.rewards.dtype)
-    v = torch.zeros_like(batch.rewards) if values is None else values
-    adv = disc * (discounted_to_go(batch.rewards, gamma) - v) * batch.mask
-    if normalize_adv:
-        n = batch.mask.sum((1, 2), keepdim=True).clamp_min(1)
-        mean = adv.sum((1, 2), keepdim=True) / n
-        var = (((adv - mean) * batch.mask) ** 2).sum((1, 2), keepdim=True) / n
-        adv = (adv - mean) / (var.sqrt() + 1e-8) * batch.mask
-    return adv.detach()
-
-
-# --- TRPO outer step ------------------------------------------------------------------------------
-
-
-def conjugate_gradient(
-    avp: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    iters: int,
-    residual_tol: float = 1e-10,
-) -> torch.Tensor:
-    """Solve ``A x = b`` for symmetric positive-definite ``A`` given only ``avp(v) = A v``
-    (Hestenes & Stiefel 1952; the TRPO natural-gradient solve, Schulman et al. 2015, app. C).
-    Starts at x = 0 and stops after ``iters`` iterations or when ``|r|^2 < residual_tol``."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
-    rr = r @ r
-    for _ in range(iters):
-        if rr < residual_tol:
-            break
-        ap = avp(p)
-        alpha = rr / (p @ ap)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
-
-
-def mean_kl(
-    net: MAMLPolicyNet, old_params: Params, new_params: Params, batch: EpisodeBatch
-) -> torch.Tensor:
-    """Mean over the valid steps of ``batch`` (all tasks) of ``KL(pi_old(.|s) || pi_new(.|s))``,
-    each task with its own stacked parameters; differentiable in ``new_params``."""
-    old = policy_dist(net, {k: v.detach() for k, v in old_params.items()}, batch.obs)
-    new = policy_dist(net, new_params, batch.obs)
-    kl = torch.distributions.kl_divergence(old, new)
-    return (kl * batch.mask).sum() / batch.mask.sum().clamp_min(1)
-
-
-def fisher_vector_product(
-    kl: torch.Tensor, params: Sequence[torch.Tensor], damping: float = 0.0
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v -> (H + damping I) v`` with ``H`` the Hessian of the scalar ``kl`` w.r.t. ``params``
-    (flattened and concatenated), by double back-propagation (Pearlmutter 1994). At the
-    old parameters the KL's gradient vanishes, so ``H`` is the Fisher information of the
-    policy *as a function of* ``params``: through the inner adaptation when ``kl`` was
-    computed from ``phi(theta)`` (``J^T F J``, as in ProMP / garage's MAML-TRPO)."""
-    grads = torch.autograd.grad(kl, list(params), create_graph=True)
-    flat_grad = torch.cat([g.reshape(-1) for g in grads])
-
-    def fvp(v: torch.Tensor) -> torch.Tensor:
-        hv = torch.autograd.grad(flat_grad @ v, list(params), retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv]) + damping * v
-
-    return fvp
-
-
-def trpo_surrogate(
-    net: MAMLPolicyNet,
-    params: Params,
-    batch: EpisodeBatch,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-) -> torch.Tensor:
-    """TRPO's importance-weighted surrogate (Schulman et al. 2015, eq. 14), per task (N,):
-    ``sum_m w_m sum_t pi_params(a_t|s_t) / pi_old(a_t|s_t) A_t``, to maximise. At
-    ``params`` = old its gradient is minus ``outer_loss``'s."""
-    logp = _log_probs(net, params, batch)
-    ratio = torch.exp((logp - old_logp.detach()) * batch.mask)
-    return (batch.weights * (ratio * advantages * batch.mask).sum(-1)).sum(-1)
-
-
-def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def trpo_step(
-    net: MAMLPolicyNet,
-    theta: Params,
-    post: EpisodeBatch,
-    adapt_fn: Callable[[Params, bool], Params],
-    *,
-    advantages: torch.Tensor,
-    create_graph: bool,
-    max_kl: float,
-    cg_iters: int,
-    damping: float,
-    ls_steps: int,
-    ls_decay: float,
-) -> tuple[Params | None, dict[str, float]]:
-    """One TRPO step on the meta-parameters (the MAML-TRPO outer step of Finn et al. 2017,
-    sec. 5.3, as in ProMP, Rothfuss et al. 2019, and garage / learn2learn).
-
-    Maximise ``L(theta) = mean_i trpo_surrogate(phi_i(theta))`` on the post-update episodes
-    (sampled by ``phi_i(theta_old)``) subject to ``mean KL(pi_phi(theta_old) || pi_phi(theta))
-    <= max_kl`` on their states. ``phi(theta) = adapt_fn(stack_params(theta, N), create_graph)``
-    recomputes the inner steps from the pre-update episodes: with ``create_graph`` (MAML) both
-    the gradient and the KL's Hessian go through the adaptation (second order); without it
-    (FOMAML) ``d phi / d theta = I``. Natural gradient ``s = (H + damping I)^-1 g`` by
-    ``cg_iters`` conjugate-gradient iterations of Fisher-vector products, full step
-    ``sqrt(2 max_kl / s^T (H + damping I) s) s``, then backtracking by ``ls_decay`` for up to
-    ``ls_steps`` fractions: the first that improves ``L`` and satisfies the KL bound is taken.
-
-    Args:
-        theta: the current meta-parameters (unstacked; read, never modified).
-        adapt_fn: ``(stacked params, create_graph) -> stacked adapted params``.
-        advantages: (N, M, T) advantages of ``post`` (see ``outer_advantages``).
-
-    Returns:
-        ``(new theta, stats)``; new theta is None when no step was accepted (keep theta).
-    """
-    N = post.obs.shape[0]
-    keys = list(theta)
-    with torch.enable_grad():
-        th = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
-        phi = adapt_fn(stack_params(th, N), create_graph)
-        phi_old = {k: v.detach() for k, v in phi.items()}
-        with torch.no_grad():
-            old_logp = _log_probs(net, phi_old, post)
-        surr = trpo_surrogate(net, phi, post, old_logp, advantages).mean()
-        g = _flat(torch.autograd.grad(surr, [th[k] for k in keys], retain_graph=True))
-        kl = mean_kl(net, phi_old, phi, post)
-        fvp = fisher_vector_product(kl, [th[k] for k in keys], damping)
-        s = conjugate_gradient(fvp, g, cg_iters)
-        shs = float(s @ fvp(s))
-    surr0 = float(surr.detach())
-    stats = {
-        "trpo/surrogate_before": surr0,
-        "trpo/grad_norm": float(g.norm()),
-        "trpo/accepted": 0.0,
-        "trpo/step_fraction": 0.0,
-        "trpo/kl": 0.0,
-        "trpo/surrogate_gain": 0.0,
-        "trpo/ls_tries": 0.0,
-    }
-    if not (shs > 0 and np.isfinite(shs)):
-        return None, stats  # zero gradient (e.g. no advantage signal): nothing to step
-    full = (2 * max_kl / shs) ** 0.5 * s.detach()
-    sizes = [v.numel() for v in th.values()]
-    full_step = dict(zip(keys, (c.reshape(th[k].shape) for k, c in zip(keys, full.split(sizes)))))
-    frac = 1.0
-    for j in range(ls_steps):
-        cand = {k: theta[k].detach() + frac * full_step[k] for k in keys}
-        with torch.enable_grad():
-            start = {k: v.clone().requires_grad_() for k, v in cand.items()}
-            phi_new = {k: v.detach() for k, v in adapt_fn(stack_params(start, N), False).items()}
-        with torch.no_grad():
-            surr_new = float(trpo_surrogate(net, phi_new, post, old_logp, advantages).mean())
-            kl_new = float(mean_kl(net, phi_old, phi_new, post))
-        stats["trpo/ls_tries"] = float(j + 1)
-        if kl_new <= max_kl and surr_new > surr0 and np.isfinite(surr_new):
-            stats.update({
-                "trpo/accepted": 1.0, "trpo/step_fraction": frac, "trpo/kl": kl_new,
-                "trpo/surrogate_gain": surr_new - surr0,
-            })  # fmt: skip
-            return cand, stats
-        frac *= ls_decay
-    return None, stats
-
-
-# --- acting policies ------------------------------------------------------------------------------
-
-
-class PerEnvPolicy:
-    """A ``RolloutPolicy`` acting in env i with parameters ``params[k][i]`` (vmap over envs),
-    or with the shared ``theta`` (plain forward) when ``params`` is None."""
-
-    def __init__(self, net: MAMLPolicyNet, params: Params | None = None) -> None:
-        self.net = net
-        self.params = params
-
-    def initial_memory(self, n: int) -> None:
-        return None
-
-    def reset_memory(self, memory: Any, mask: torch.Tensor) -> None:
-        return None
-
-    def step(self, obs: torch.Tensor, memory: Any, prev: Prev) -> StepOutput:
-        if self.params is None:
-            ls = getattr(self.net, "log_std", None)
-            dist = self.net.head.dist(self.net(obs), ls)
-        else:
-            dist = policy_dist(self.net, self.params, obs.unsqueeze(1))
-            # drop the singleton batch dim of each env
-            action = dist.sample().squeeze(1)
-            return StepOutput(
-                action, dist.log_prob(action.unsqueeze(1)).squeeze(1), torch.zeros(obs.shape[0])
-            )
-        action = dist.sample()
-        return StepOutput(action, dist.log_prob(action), torch.zeros(obs.shape[0]))
-
-    def bootstrap_value(self, obs: torch.Tensor, memory: Any, prev: Prev) -> torch.Tensor:
-        # MAML uses Monte-Carlo returns within an episode (truncation is treated as the end)
-        return torch.zeros(obs.shape[0])
 
 
 # --- module -------------------------------------------------------------------------------------
@@ -753,6 +291,11 @@ class MAMLModule(RLModule):
         # TRPO line-search outcomes so far (logged; kept in checkpoints)
         self.trpo_accepted = 0
         self.trpo_rejected = 0
+        # moving averages of the pooled inner-step baseline coefficients and advantage moments
+        # (mean, std) of training's pre-update batches: meta-test adapts one task at a time and
+        # cannot fit either on its own episodes (kept in checkpoints)
+        self.eval_baseline: torch.Tensor | None = None
+        self.eval_adv_moments: tuple[float, float] | None = None
 
     def make_collector(self) -> Collector:
         cfg: MAMLConfig = self.cfg
@@ -778,11 +321,23 @@ class MAMLModule(RLModule):
         return torch.optim.Adam(self.net.parameters(), lr=self.cfg.outer_lr)
 
     def extra_state(self) -> dict:
-        return {"trpo_accepted": self.trpo_accepted, "trpo_rejected": self.trpo_rejected}
+        return {
+            "trpo_accepted": self.trpo_accepted,
+            "trpo_rejected": self.trpo_rejected,
+            "eval_baseline": None if self.eval_baseline is None else self.eval_baseline.clone(),
+            "eval_adv_moments": None
+            if self.eval_adv_moments is None
+            else list(self.eval_adv_moments),
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self.trpo_accepted = int(state.get("trpo_accepted", 0))
         self.trpo_rejected = int(state.get("trpo_rejected", 0))
+        # absent in checkpoints written before issue 12: meta-test then adapts without them
+        b = state.get("eval_baseline")
+        self.eval_baseline = None if b is None else torch.as_tensor(b, dtype=torch.float64)
+        mo = state.get("eval_adv_moments")
+        self.eval_adv_moments = None if mo is None else (float(mo[0]), float(mo[1]))
 
     def iterations(self) -> int:
         """Upper bound on meta-iterations (every episode takes >= 1 step); training stops as
@@ -792,7 +347,46 @@ class MAMLModule(RLModule):
 
     # -- the maths, bound to this module's config ------------------------------------------------
     def _values(self, batch: EpisodeBatch) -> torch.Tensor:
+        """The baseline fitted across ``batch`` (all its tasks pooled), evaluated on it."""
         return linear_baseline(batch, self.cfg.gamma, self.cfg.baseline)
+
+    def inner_signal(
+        self, batch: EpisodeBatch, update_eval_stats: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, advantages) for the inner step on a meta-batch of pre-update episodes: the
+        baseline fitted across the meta-batch and, with ``inner_normalize_adv``, the advantages
+        standardised over its steps (None otherwise: ``adapt`` derives them from the values).
+        ``update_eval_stats`` folds this batch's fit and moments into the moving averages that
+        meta-test adaptation uses."""
+        cfg: MAMLConfig = self.cfg
+        coef = fit_baseline(batch, cfg.gamma, cfg.baseline)
+        values = baseline_values(coef, batch, cfg.baseline)
+        raw = advantages_to_go(batch, cfg.gamma, values)
+        mean, std = advantage_moments(raw, batch.mask)
+        adv = standardise(raw, batch.mask, mean, std) if cfg.inner_normalize_adv else None
+        if update_eval_stats:
+            if coef is not None:
+                self.eval_baseline = (
+                    coef.clone() if self.eval_baseline is None
+                    else (1 - STAT_RATE) * self.eval_baseline + STAT_RATE * coef
+                )  # fmt: skip
+            if std > 1e-8:  # a batch without any return spread says nothing about the scale
+                old = self.eval_adv_moments
+                self.eval_adv_moments = (mean, std) if old is None else (
+                    (1 - STAT_RATE) * old[0] + STAT_RATE * mean,
+                    (1 - STAT_RATE) * old[1] + STAT_RATE * std,
+                )  # fmt: skip
+        return values, adv
+
+    def eval_signal(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Advantages of one task's meta-test batch, with training's moving-average baseline
+        and moments (raw ``gamma^t (G_t - V)`` before any training batch has been seen)."""
+        cfg: MAMLConfig = self.cfg
+        values = baseline_values(self.eval_baseline, batch, cfg.baseline)
+        raw = advantages_to_go(batch, cfg.gamma, values)
+        if not cfg.inner_normalize_adv or self.eval_adv_moments is None:
+            return raw
+        return standardise(raw, batch.mask, *self.eval_adv_moments)
 
     def adapt(
         self,
@@ -800,38 +394,56 @@ class MAMLModule(RLModule):
         batch: EpisodeBatch,
         create_graph: bool | None = None,
         values: torch.Tensor | None = None,
+        advantages: torch.Tensor | None = None,
+        behaviour_logp: torch.Tensor | None = None,
     ) -> Params:
         """``adapt(params, episodes) -> params`` with this config's K, alpha and surrogate;
-        ``create_graph`` defaults to True for MAML only."""
+        ``create_graph`` defaults to True for MAML only. Without ``values`` and
+        ``advantages``, both come from ``inner_signal(batch)``."""
         cfg: MAMLConfig = self.cfg
         if create_graph is None:
             create_graph = cfg.algo == "maml"
+        if values is None and advantages is None:
+            values, advantages = self.inner_signal(batch)
         return adapt(
             self.net, params, batch, steps=cfg.inner_steps, lr=cfg.inner_lr, gamma=cfg.gamma,
-            surrogate=cfg.surrogate,
-            values=self._values(batch) if values is None else values,
-            create_graph=create_graph,
+            surrogate=cfg.surrogate, values=values, create_graph=create_graph,
+            advantages=advantages, behaviour_logp=behaviour_logp,
         )  # fmt: skip
 
-    def meta_loss(self, pre: EpisodeBatch, post: EpisodeBatch) -> tuple[torch.Tensor, Params]:
+    def meta_loss(
+        self,
+        pre: EpisodeBatch,
+        post: EpisodeBatch,
+        signal: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, Params]:
         """Outer loss (mean over tasks) of the adapted parameters, with graph back to theta
-        (second order for MAML, identity Jacobian for FOMAML)."""
+        (second order for MAML, identity Jacobian for FOMAML). ``signal``: ``inner_signal(pre)``
+        if already computed."""
         theta = self.net.params()
-        phi = self.adapt(stack_params(theta, pre.obs.shape[0]), pre)
+        values, adv = self.inner_signal(pre) if signal is None else signal
+        phi = self.adapt(stack_params(theta, pre.obs.shape[0]), pre, values=values, advantages=adv)
         loss = outer_loss(
             self.net, phi, post, gamma=self.cfg.gamma, values=self._values(post),
             normalize_adv=self.cfg.normalize_adv,
         ).mean()  # fmt: skip
         return loss, phi
 
-    def trpo_update(self, pre: EpisodeBatch, post: EpisodeBatch) -> tuple[Params | None, dict]:
+    def trpo_update(
+        self,
+        pre: EpisodeBatch,
+        post: EpisodeBatch,
+        signal: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> tuple[Params | None, dict]:
         """The TRPO outer step (``trpo_step``) with this config; counts accepted and rejected
         line searches. Returns the new theta (None: keep theta) and the logged scalars."""
         cfg: MAMLConfig = self.cfg
-        values_pre = self._values(pre)
+        values_pre, adv_pre = self.inner_signal(pre) if signal is None else signal
         new_theta, stats = trpo_step(
             self.net, self.net.params(), post,
-            lambda p, graph: self.adapt(p, pre, create_graph=graph, values=values_pre),
+            lambda p, graph: self.adapt(
+                p, pre, create_graph=graph, values=values_pre, advantages=adv_pre
+            ),
             advantages=outer_advantages(
                 post, gamma=cfg.gamma, values=self._values(post), normalize_adv=cfg.normalize_adv
             ),
@@ -877,10 +489,14 @@ class MAMLModule(RLModule):
         t1 = time.perf_counter()
 
         # 2. adapt per task (no graph: only to act), 3. post-update trials with phi_i
+        signal = self.inner_signal(pre, update_eval_stats=True)
         with torch.enable_grad():
             theta = {k: v.detach() for k, v in self.net.params().items()}
             theta = {k: v.requires_grad_() for k, v in theta.items()}
-            phi_act = self.adapt(stack_params(theta, cfg.meta_batch_size), pre, create_graph=False)
+            phi_act = self.adapt(
+                stack_params(theta, cfg.meta_batch_size), pre, create_graph=False,
+                values=signal[0], advantages=signal[1],
+            )  # fmt: skip
         self._acting.params = {k: v.detach() for k, v in phi_act.items()}
         t2 = time.perf_counter()
         ro_post = col.collect_trials(tasks)
@@ -901,14 +517,14 @@ class MAMLModule(RLModule):
                 normalize_adv=cfg.normalize_adv,
             ).mean().detach()  # fmt: skip
         elif cfg.outer_optimizer == "trpo":
-            new_theta, trpo_stats = self.trpo_update(pre, post)
+            new_theta, trpo_stats = self.trpo_update(pre, post, signal)
             extra.update(trpo_stats)
             loss = -torch.tensor(trpo_stats["trpo/surrogate_before"])
             # theta + step as an SGD step of rate 1 (zero pseudo-gradient: keep theta)
             for k, p in self.net.named_parameters():
                 p.grad = torch.zeros_like(p) if new_theta is None else p.detach() - new_theta[k]
         else:
-            loss, _ = self.meta_loss(pre, post)
+            loss, _ = self.meta_loss(pre, post, signal)
             backward(loss)
             if cfg.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
@@ -942,24 +558,44 @@ class MAMLModule(RLModule):
 
     # -- evaluation ----------------------------------------------------------------------------------
     def trial_policy(self, envs: gym.vector.VectorEnv):
-        """Fresh per-env parameters (= theta) for every call; after each episode of env i, its
-        parameters are re-adapted from theta on all of the trial's episodes so far."""
+        """Meta-test adaptation on fresh episodes (see the module docstring): every env starts
+        at theta; each time it completes ``M`` more episodes, its parameters take the inner
+        step from their current value on those episodes (plus, with ``eval_reuse_episodes``,
+        the trial's earlier ones, importance-weighted)."""
+        cfg: MAMLConfig = self.cfg
         n = envs.num_envs
+        per_step = cfg.eval_adapt_episodes or cfg.episodes_per_trial
         theta = {k: v.detach().clone() for k, v in self.net.params().items()}
         policy = PerEnvPolicy(
             self.net, {k: v.unsqueeze(0).repeat(n, *[1] * v.dim()) for k, v in theta.items()}
         )
-        seen: list[list[Episode]] = [[] for _ in range(n)]
+        fresh: list[list[Episode]] = [[] for _ in range(n)]
+        used: list[list[Episode]] = [[] for _ in range(n)]
 
         def hook(i: int, ep: Episode) -> None:
-            seen[i].append(ep)
-            batch = EpisodeBatch.from_episodes([seen[i]])
+            fresh[i].append(ep)
+            if len(fresh[i]) < per_step:
+                return
+            episodes = used[i] + fresh[i] if cfg.eval_reuse_episodes else fresh[i]
+            batch = EpisodeBatch.from_episodes([episodes])
+            behaviour = None
+            if len(episodes) > len(fresh[i]):
+                # reused episodes were sampled by earlier parameters: weight by the stored
+                # log-probabilities of the policy that acted
+                behaviour = torch.zeros_like(batch.rewards)
+                for m, e in enumerate(episodes):
+                    behaviour[0, m, : e.logp.shape[0]] = e.logp
             with torch.enable_grad():
-                start = {k: v.clone().requires_grad_() for k, v in theta.items()}
-                phi = self.adapt(stack_params(start, 1), batch, create_graph=False)
+                start = {k: v[i].clone().requires_grad_() for k, v in policy.params.items()}
+                phi = self.adapt(
+                    stack_params(start, 1), batch, create_graph=False,
+                    advantages=self.eval_signal(batch), behaviour_logp=behaviour,
+                )  # fmt: skip
             with torch.no_grad():
                 for k, v in phi.items():
                     policy.params[k][i] = v[0]
+            used[i] += fresh[i]
+            fresh[i] = []
 
         return policy, hook
 
@@ -981,90 +617,38 @@ class ReptileModule(MAMLModule):
     algo = "reptile"
 
 
-# --- benchmark hook -------------------------------------------------------------------------------
-
-
-def graph_saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Run ``fn`` and add up the bytes of the tensors autograd saves for backward (the memory
-    a second-order graph costs), via ``torch.autograd.graph.saved_tensors_hooks``."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
-
-
-def meta_iteration_cost(module: MAMLModule, iterations: int = 3, warmup: int = 1) -> dict:
-    """Time ``iterations`` meta-iterations of ``module`` (after ``warmup``) and measure the
-    autograd memory of its meta-loss on the last batch.
-
-    Returns:
-        ``{"method", "seconds_per_iteration", "phase_seconds": {...}, "graph_saved_MB",
-        "env_steps_per_iteration"}``.
-    """
-    for _ in range(warmup):
-        module.meta_step()
-    rows = []
-    steps0 = module.env_steps
-    for _ in range(iterations):
-        rows.append(module.meta_step())
-    steps = (module.env_steps - steps0) / max(iterations, 1)
-    # the graph of one meta-loss on fresh episodes (theta-shared pre and post batches)
-    col = module.collector
-    tasks = [col.task_sampler(col.rng) for _ in range(module.cfg.meta_batch_size)]
-    module._acting.params = None
-    pre = EpisodeBatch.from_rollout(col.collect_trials(tasks), module.cfg.episodes_per_trial)
-    post = EpisodeBatch.from_rollout(col.collect_trials(tasks), module.cfg.episodes_per_trial)
-    if module.cfg.algo == "reptile":
-        saved = 0
-    else:
-        _, saved = graph_saved_bytes(lambda: module.meta_loss(pre, post)[0])
-    phases = {
-        k.removeprefix("time/"): float(np.mean([r[k] for r in rows]))
-        for k in rows[0]
-        if k.startswith("time/")
-    }
-    return {
-        "method": module.method,
-        "seconds_per_iteration": phases["meta_iteration_s"],
-        "phase_seconds": phases,
-        "graph_saved_MB": saved / 2**20,
-        "env_steps_per_iteration": steps,
-    }
-
-
 __all__ = [
+    "BASELINES",
+    "SURROGATES",
     "EpisodeBatch",
     "FOMAMLModule",
     "MAMLConfig",
     "MAMLModule",
     "MAMLPolicyNet",
-    "conjugate_gradient",
-    "fisher_vector_product",
-    "mean_kl",
-    "outer_advantages",
-    "trpo_step",
-    "trpo_surrogate",
     "PerEnvPolicy",
     "ReptileModule",
     "adapt",
+    "advantage_moments",
+    "advantages_to_go",
+    "baseline_values",
+    "conjugate_gradient",
+    "dice_advantage_objective",
     "dice_objective",
+    "discounted_to_go",
+    "fisher_vector_product",
+    "fit_baseline",
     "graph_saved_bytes",
     "inner_objective",
     "linear_baseline",
     "lvc_objective",
     "magic_box",
+    "mean_kl",
     "meta_iteration_cost",
+    "outer_advantages",
     "outer_loss",
     "policy_dist",
     "stack_params",
+    "standardise",
+    "trpo_step",
+    "trpo_surrogate",
 ]
