@@ -1,0 +1,102 @@
+"""CompoGrid's object-centric outcome features, read off the observation vector.
+
+CompoGrid is fully observable and its observation (``CompoGridEnv.gen_obs``) carries every
+object's on-grid and carried flags, the door state and the entity the agent faces, so what a
+step or a skill *did to objects* is a function of two observations. These functions work on
+numpy arrays and torch tensors alike, on any leading batch shape, and are what skills
+terminate on, what skill discovery discriminates and what the controller reads as a skill's
+outcome.
+
+- ``object_state(obs)``: (..., 22) = on-grid x7, carried x7, door open, faced entity x7: a
+  compact, discrete description of the objects (no agent position).
+- ``completed(obs0, obs1)``: (..., 19) bool, which primitives of ``envs.grid.PRIMITIVES`` the
+  step (or segment) obs0 -> obs1 completes, by the env's own completion rules
+  (``CompoGridEnv._completed``).
+- ``events(obs0, obs1)``: the completions that are *changes* (a goto that starts facing a new
+  entity, a pickup of a new object, ...): a skill's outcome.
+- ``feasible(obs)``: (..., 19) bool, primitives that can still complete from this state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from envs.grid import BOXES, DOOR, ENTITIES, PER_ENTITY, PORTABLE, PRIMITIVES
+
+N_ENT = len(ENTITIES)
+FRONT_AT = N_ENT * PER_ENTITY + 6  # front-cell one-hot: 7 entities, wall, other
+DOOR_I = ENTITIES.index(DOOR)
+_V = {v: i for i, v in enumerate(("goto", "pickup", "drop", "open", "toggle"))}
+PRIM_VERB = np.array([_V[p.verb] for p in PRIMITIVES])
+PRIM_OBJ = np.array([ENTITIES.index(p.obj) for p in PRIMITIVES])
+NUM_PRIMITIVES = len(PRIMITIVES)
+
+
+def _lib(x):
+    return torch if isinstance(x, torch.Tensor) else np
+
+
+def _parts(obs):
+    """on-grid (..., 7), carried (..., 7), door open (...), faced entity one-hot (..., 7)."""
+    ent = obs[..., : N_ENT * PER_ENTITY].reshape(*obs.shape[:-1], N_ENT, PER_ENTITY)
+    on = ent[..., 0] > 0.5
+    carried = ent[..., 1] > 0.5
+    door = ent[..., DOOR_I, 6] > 0.5
+    front = obs[..., FRONT_AT : FRONT_AT + N_ENT] > 0.5
+    return on, carried, door, front
+
+
+def object_state(obs):
+    """(..., 22) float: on-grid x7, carried x7, door open, faced entity x7 (one-hot or zeros)."""
+    on, carried, door, front = _parts(obs)
+    xp = _lib(obs)
+    cat = xp.cat if xp is torch else np.concatenate
+    return cat([on, carried, door[..., None], front], -1) * 1.0
+
+
+def completed(obs0, obs1):
+    """(..., 19) bool: the primitives the transition obs0 -> obs1 completes (env rules)."""
+    xp = _lib(obs0)
+    on0, car0, door0, _ = _parts(obs0)
+    on1, car1, door1, front1 = _parts(obs1)
+    verb = xp.asarray(PRIM_VERB) if xp is np else torch.as_tensor(PRIM_VERB)
+    obj = xp.asarray(PRIM_OBJ) if xp is np else torch.as_tensor(PRIM_OBJ)
+    goto = front1[..., obj]
+    pickup = car1[..., obj]
+    drop = car0[..., obj] & on1[..., obj]
+    is_door = obj == DOOR_I
+    opened = xp.where(is_door, door1[..., None], ~on1[..., obj])
+    toggle = (door0 != door1)[..., None]
+    return xp.where(
+        verb == 0,
+        goto,
+        xp.where(verb == 1, pickup, xp.where(verb == 2, drop, xp.where(verb == 3, opened, toggle))),
+    )
+
+
+def events(obs0, obs1):
+    """(..., 19) bool: completions that are changes of the object state (a skill's outcome)."""
+    return completed(obs0, obs1) & ~completed(obs0, obs0)
+
+
+def feasible(obs):
+    """(..., 19) bool: primitives that can complete from this state (a goto needs its entity on
+    the grid, a pickup its object on the grid, a drop that object carried, an open its box on
+    the grid or the door closed; toggling the door is always possible)."""
+    xp = _lib(obs)
+    on, carried, door, _ = _parts(obs)
+    verb = np.asarray(PRIM_VERB) if xp is np else torch.as_tensor(PRIM_VERB)
+    obj = np.asarray(PRIM_OBJ) if xp is np else torch.as_tensor(PRIM_OBJ)
+    is_door = obj == DOOR_I
+    open_ok = xp.where(is_door, ~door[..., None], on[..., obj])
+    out = xp.where(
+        verb == 2,
+        carried[..., obj],
+        xp.where(verb == 3, open_ok, xp.where(verb == 4, True, on[..., obj])),
+    )
+    return out
+
+
+# the observation layout this module reads (portable objects first, boxes after them)
+assert tuple(ENTITIES[: len(PORTABLE)]) == tuple(PORTABLE) and set(BOXES) < set(ENTITIES)
