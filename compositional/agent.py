@@ -942,7 +942,11 @@ class CompositionalAgent(RLModule):
         super().on_train_start()
         st, self._stash = self._stash, None
         if self.iteration >= self.n_disc:
+            # setup() made this collector before the checkpoint was restored: it has counted
+            # nothing, so keep the restored count of discovery steps (issue 14)
+            disc_steps = self._disc_steps
             self._close_disc()
+            self._disc_steps = disc_steps
         if st is None:
             return
         if st.get("disc_collector") is not None and self.disc_collector is not None:

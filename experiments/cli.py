@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from rl.config import config_from_dict, merge
-from rl.io import dump_yaml, load_yaml, prepare_run_dir
+from rl.io import load_yaml
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -50,20 +50,26 @@ def _config(args) -> dict:
 
 def cmd_train(args) -> None:
     from experiments.registry import method_class
-    from rl.train import fit
+    from rl.train import fit, prepare_train_dir
 
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}; allowed: an integer >= 1")
     cls = method_class(args.method)
     raw = _config(args)
     if args.composition:
         raw["compositions"] = list(args.composition)
-    module = cls(raw)  # validates before anything is written
-    out = prepare_run_dir(
-        args.out or Path("runs") / args.method, overwrite=args.overwrite, resume=args.resume
+    module = cls(raw)  # validates the config before anything is written
+    out = Path(args.out or Path("runs") / args.method)
+    # validates the folder (another run's config, foreign files, unreadable checkpoint)
+    # before its first write; clears the old run under --overwrite
+    resume = prepare_train_dir(
+        out,
+        {"method": args.method, **module.hparams["config"]},
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
-    if not args.resume:
-        dump_yaml(out / "config.yaml", {"method": args.method, **module.hparams["config"]})
     t0 = time.perf_counter()
-    fit(module, out, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    fit(module, out, resume=resume, checkpoint_every=args.checkpoint_every)
     wall = time.perf_counter() - t0
     msg = f"{args.method}: {module.env_steps:,} env steps, {module.iteration} iterations"
     sr = module.recent_success()
@@ -140,6 +146,7 @@ def cmd_embed(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from experiments.registry import METHODS
+    from rl.train import CHECKPOINT_EVERY
 
     parser = argparse.ArgumentParser(prog="compo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,12 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method")
     p.add_argument("--method", required=True, choices=list(METHODS), help="method to train")
     p.add_argument("--composition", action="append", help="train on this composition (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument(
-        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from OUT/checkpoints/last.ckpt (same method, config, seed)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the compo train run in OUT")
     p.add_argument(
-        "--checkpoint-every", type=int, default=10, help="iterations between checkpoints"
+        "--checkpoint-every",
+        type=int,
+        default=CHECKPOINT_EVERY,
+        help=f"iterations between checkpoints (default {CHECKPOINT_EVERY})",
     )
     _common(p)
     p.set_defaults(func=cmd_train)

@@ -10,12 +10,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+#: temporary files of ``atomic_write_bytes`` are ``.<name>.<random>.tmp`` beside the target
+TEMP_GLOB = ".*.tmp"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -54,11 +59,72 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint without unpickling arbitrary objects."""
+    """Load a checkpoint without unpickling arbitrary objects.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable torch checkpoint (empty, truncated, random
+            bytes, or holding objects ``weights_only`` refuses).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        # torch's own message suggests ``weights_only=False``, i.e. trusting the file: never
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a readable checkpoint ({type(e).__name__})"
+        ) from None
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor.
+
+    A killed process leaves either the whole line or none of it (one small ``write`` to a
+    local file is not interrupted half-way by a signal); ``read_jsonl`` still skips a torn
+    last line, which only a crash of the machine can leave.
+    """
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines log; a torn last line (a crash mid-write) is skipped.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (the file is damaged, not torn).
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{str(path)!r} line {i + 1} is not JSON") from None
+    return rows
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed ``atomic_write_bytes`` calls left under
+    ``folder`` (recursively); return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.rglob(TEMP_GLOB) if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

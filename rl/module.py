@@ -8,7 +8,6 @@ the last reset, policy memory), the RNG states and the counters all live in the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from rl.collect import Collector, Rollout
 from rl.config import config_from_dict, config_to_dict
+from rl.io import append_jsonl
 from rl.seeding import rng_state, seed_everything, set_rng_state
 
 
@@ -47,6 +47,9 @@ class RLModule(L.LightningModule):
         self.iteration = 0
         self._resume_state: dict | None = None
         self.history: list[dict] = []
+        # set by rl.train's checkpoint callback when the run has reached its budget: a
+        # finished run resumed with the same config has nothing left to train
+        self.finished = False
         self.build()
 
     # -- to implement ------------------------------------------------------------------------------
@@ -101,6 +104,7 @@ class RLModule(L.LightningModule):
             "method": self.method,
             "iteration": self.iteration,
             "env_steps": self.env_steps,
+            "finished": bool(self.finished),
             "collector": None if self.collector is None else self.collector.state_dict(),
             "rng": rng_state(),
             "extra": self.extra_state(),
@@ -112,6 +116,7 @@ class RLModule(L.LightningModule):
             found = None if st is None else st.get("method")
             raise ValueError(f"checkpoint holds method {found!r}; expected {self.method!r}")
         self.iteration = int(st["iteration"])
+        self.finished = bool(st.get("finished", False))
         self._env_steps = int(st.get("env_steps", 0))
         self.load_extra_state(st.get("extra") or {})
         if st.get("collector") is not None:
@@ -140,8 +145,9 @@ class RLModule(L.LightningModule):
             getattr(self.trainer, "default_root_dir", None) if self._trainer is not None else None
         )
         if log_dir:
-            with open(Path(log_dir) / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # one write per row, so a kill never leaves half a line (rl.train trims the rows
+            # after the checkpoint on resume)
+            append_jsonl(Path(log_dir) / "train_log.jsonl", row)
 
     def log_iteration(
         self,

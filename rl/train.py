@@ -1,10 +1,25 @@
 """Training entry: Lightning ``Trainer`` with TensorBoard logs and atomic, safely loaded
-checkpoints; exact resume from ``checkpoints/last.ckpt``."""
+checkpoints; exact resume after a kill at any moment.
+
+A run folder (``compo train --out DIR``) holds one run:
+
+- ``config.yaml``: the method and its resolved config;
+- ``train_log.jsonl``: one row per iteration (env steps, losses, success);
+- ``tb/``: TensorBoard events;
+- ``checkpoints/last.ckpt``: the whole training state, rewritten atomically every
+  ``checkpoint_every`` iterations and when training ends (one name, so ``--resume`` always
+  finds it);
+- ``checkpoints/final.ckpt``: written when the run has finished; a hard link to that
+  ``last.ckpt`` (the same bytes on disk once, not a copy), kept as the name that says
+  "finished" for ``compo trace``/``graph``/``embed``/``eval``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,15 +27,34 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from rl.io import atomic_torch_save, safe_torch_load
+from rl.io import (
+    TEMP_GLOB,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    dump_yaml,
+    load_yaml,
+    read_jsonl,
+    remove_temp_files,
+    safe_torch_load,
+)
 from rl.module import RLModule
 
 # Lightning's start-up banners (accelerator, tips) drown the run's own output
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+#: iterations between checkpoints by default: every iteration costs < 5% of PPO's training
+#: time here (benchmarks/bench_checkpoint.py), so a kill loses at most one iteration
+CHECKPOINT_EVERY = 1
+LAST = "last.ckpt"
+FINAL = "final.ckpt"
+LOG = "train_log.jsonl"
+#: everything ``fit`` writes into a run folder; ``--overwrite`` removes exactly these
+RUN_ENTRIES = ("checkpoints", LOG, "tb", "heatmaps.png", "config.yaml")
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -49,35 +83,263 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+class LastCheckpoint(Callback):
+    """Write ``checkpoints/last.ckpt`` every ``every`` iterations and when training ends.
+
+    Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes ``last`` only when a
+    top-k checkpoint is saved (Lightning 2.6), i.e. never before the end, and versions the name
+    (``last-v1.ckpt``) when the file exists; this callback has one name and one rule.
+    The write happens at the end of an iteration (epoch), where the collector, RNG states and
+    counters resume exactly (see ``rl.module``).
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, every: int) -> None:
+        self.dir = Path(ckpt_dir)
+        self.every = every
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: RLModule) -> None:
+        # a run resumed with a larger budget is no longer finished; nor is its old final.ckpt
+        pl_module.finished = False
+        (self.dir / FINAL).unlink(missing_ok=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: RLModule) -> None:
+        last_epoch = trainer.should_stop or trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        if (trainer.current_epoch + 1) % self.every == 0 and not last_epoch:
+            self._save(trainer)  # the last epoch is saved once, by on_train_end
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: RLModule) -> None:
+        pl_module.finished = True
+        self._save(trainer)
+        _link_or_copy(self.dir / LAST, self.dir / FINAL)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        log = Path(trainer.default_root_dir) / LOG
+        if log.is_file():
+            # the rows up to this checkpoint reach the disk before it does (a crash of the
+            # machine must not leave a checkpoint whose iterations are missing from the log)
+            fd = os.open(log, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        trainer.save_checkpoint(str(self.dir / LAST))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` name the same file as ``src`` (hard link, atomically replaced); copy on a
+    file system without hard links."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_write_bytes(dst, src.read_bytes())
+        return
+    os.replace(tmp, dst)
+
+
+# -- run folders ---------------------------------------------------------------------------------
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The run's checkpoint to resume from: ``checkpoints/last.ckpt``, or for folders written
+    by earlier versions (Lightning's ``last-v1.ckpt``...), the newest ``last*.ckpt``."""
+    ckpt_dir = Path(out) / "checkpoints"
+    found = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    return found[-1] if found else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint of ours, loaded ``weights_only``; one-line ``ValueError`` for
+    anything else."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("rl_state"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} is not a compo training checkpoint")
+    hp = ckpt.get("hyper_parameters") or {}
+    if "method" not in hp or "config" not in hp:
+        raise ValueError(f"checkpoint {str(path)!r} has no method/config; is it one of ours?")
+    return ckpt
+
+
+def _canonical(x: Any) -> Any:
+    # YAML and checkpoints hold tuples as lists; compare values, not container types
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """Dotted key of the first value that differs between two nested configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def _lookup(cfg: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        cfg = cfg.get(k) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def check_same_run(saved: dict, wanted: dict, where: str) -> None:
+    """Raise a one-line ``ValueError`` if ``saved`` (the folder's method + config) is not
+    ``wanted`` (the command's)."""
+    saved, wanted = _canonical(saved), _canonical(wanted)
+    # the method first: another method's config differs in many keys, and says less
+    key = _first_difference(saved.get("method"), wanted.get("method"), "method.")
+    key = key or _first_difference(saved, wanted)
+    if key is not None:
+        raise ValueError(
+            f"--resume: {where} belongs to another run ({key}={_lookup(saved, key)!r}, this "
+            f"command has {key}={_lookup(wanted, key)!r}); repeat that run's command or pass "
+            "--overwrite"
+        )
+
+
+def _check_entries(out: Path) -> None:
+    """Refuse to clear a folder that holds anything ``fit`` did not write."""
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.match(TEMP_GLOB)
+    )
+    if foreign:
+        raise ValueError(
+            f"--out {str(out)!r} holds {foreign[0]!r}, which compo train did not write; "
+            "--overwrite only replaces a compo train run: choose another --out"
+        )
+
+
+def _clear_run(out: Path, keep: tuple[str, ...] = ()) -> None:
+    # checkpoints first: a kill half-way leaves nothing a --resume could continue from, and
+    # config.yaml last, so whatever is left still names its run
+    for name in RUN_ENTRIES:
+        p = out / name
+        if name in keep or not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def prepare_train_dir(
+    out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False
+) -> bool:
+    """Validate ``out`` for a ``compo train`` run of ``config`` (``{"method": ..., **cfg}``),
+    then make it ready; return whether ``fit`` should resume from a checkpoint.
+
+    Everything is checked before the first write: a folder of another run, a non-folder
+    ``--out``, foreign files under ``--overwrite``, an unreadable checkpoint. Then leftover
+    temporary files are removed; ``overwrite`` clears the old run; a ``resume`` of a run
+    killed before its first checkpoint starts it again from scratch.
+
+    Raises:
+        ValueError: ``resume`` and ``overwrite`` together, a folder of another run, foreign
+            files, an unreadable checkpoint.
+        FileExistsError: a folder holding a run without ``resume``/``overwrite``.
+        FileNotFoundError: ``resume`` of a folder holding no run.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue or replace")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    has_files = out.is_dir() and any(out.iterdir())
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume:
+        saved_yaml = out / "config.yaml"
+        if ckpt is None and not saved_yaml.is_file():
+            raise FileNotFoundError(f"--resume: {str(out)!r} holds no run to resume")
+        if saved_yaml.is_file():
+            check_same_run(load_yaml(saved_yaml), config, repr(str(saved_yaml)))
+        if ckpt is not None:
+            hp = read_checkpoint(ckpt)["hyper_parameters"]
+            check_same_run({"method": hp["method"], **hp["config"]}, config, repr(str(ckpt)))
+    elif has_files and not overwrite:
+        raise FileExistsError(
+            f"--out {str(out)!r} already holds a run; pass --overwrite, --resume or another --out"
+        )
+    elif has_files:
+        _check_entries(out)
+    # -- writes from here on -------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)
+    if resume and ckpt is not None:
+        if not (out / "config.yaml").is_file():
+            dump_yaml(out / "config.yaml", config)
+        return True
+    if resume:  # killed before its first checkpoint: the same run again, from the start
+        _clear_run(out, keep=("config.yaml",))
+    elif overwrite and has_files:
+        _clear_run(out)
+    dump_yaml(out / "config.yaml", config)
+    return False
+
+
+def _restore(module: RLModule, ckpt: dict) -> None:
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    module._resume_state = None
+
+
+def _trim_log(out: Path, iteration: int) -> list[dict]:
+    """Keep the log rows up to the checkpoint's ``iteration`` (the resumed run logs the later
+    ones again), rewritten atomically; a torn last line goes too. Returns the kept rows."""
+    log = out / LOG
+    if not log.is_file():
+        return []
+    rows = [r for r in read_jsonl(log) if int(r.get("iteration", 0)) <= iteration]
+    atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def fit(
     module: RLModule,
     out: str | os.PathLike,
     *,
     resume: bool = False,
-    checkpoint_every: int = 10,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     logger: bool = True,
 ) -> RLModule:
     """Train ``module`` for ``module.iterations()`` iterations, writing into ``out``:
-    ``tb/`` (TensorBoard), ``train_log.jsonl``, ``checkpoints/last.ckpt`` and
-    ``checkpoints/final.ckpt``. With ``resume``, continue from ``checkpoints/last.ckpt``."""
+    ``tb/`` (TensorBoard), ``train_log.jsonl``, ``checkpoints/last.ckpt`` (every
+    ``checkpoint_every`` iterations and at the end) and ``checkpoints/final.ckpt`` (at the end).
+
+    With ``resume``, continue from the run's latest checkpoint: ``train_log.jsonl`` keeps its
+    rows up to the checkpoint and ``module.history`` holds them; a finished run resumed with
+    the same config trains nothing (it is restored as it ended). ``fit`` itself does not
+    compare configs (a shorter run may be extended); ``prepare_train_dir`` does, for the CLI.
+    """
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r}; allowed: an integer >= 1")
     out = Path(out)
     ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
+    last = latest_checkpoint(out) if resume else None
+    if resume and last is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {str(ckpt_dir)!r}")
     out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)
     torch.set_num_threads(1)
-    callback = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
-        every_n_epochs=max(1, checkpoint_every), save_on_train_epoch_end=True,
-    )  # fmt: skip
-    callback.CHECKPOINT_NAME_LAST = "last"
+    purge_step = None
+    if last is not None:
+        ckpt = read_checkpoint(last)
+        st = ckpt["rl_state"]
+        module.history = _trim_log(out, int(st["iteration"]))
+        same = _canonical(ckpt["hyper_parameters"]) == _canonical(module.hparams)
+        if st.get("finished") and same:
+            _restore(module, ckpt)
+            return module
+        # TensorBoard hides the events of the iterations after the checkpoint (x = env steps)
+        purge_step = int(st.get("env_steps", 0)) + 1
+    tb = None
+    if logger:
+        tb = TensorBoardLogger(str(out), name="tb", version="", purge_step=purge_step)
     trainer = L.Trainer(
         max_epochs=module.iterations(),
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(str(out), name="tb", version="") if logger else False,
-        callbacks=[callback],
+        logger=tb if logger else False,
+        callbacks=[LastCheckpoint(ckpt_dir, checkpoint_every)],
+        enable_checkpointing=False,  # no default ModelCheckpoint: LastCheckpoint is the one
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -86,8 +348,7 @@ def fit(
         default_root_dir=str(out),
         log_every_n_steps=1,
     )
-    trainer.fit(module, ckpt_path=str(last) if resume else None)
-    trainer.save_checkpoint(str(ckpt_dir / "final.ckpt"))
+    trainer.fit(module, ckpt_path=str(last) if last is not None else None)
     return module
 
 
@@ -96,7 +357,7 @@ def load_module(
 ) -> RLModule:
     """Rebuild a trained module from a checkpoint (``weights_only``), checking its method."""
     ckpt = safe_torch_load(path)
-    hp = ckpt.get("hyper_parameters") or {}
+    hp = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
     method = hp.get("method")
     if method is None:
         raise ValueError(f"checkpoint {str(path)!r} has no method; is it one of ours?")
@@ -107,7 +368,5 @@ def load_module(
             f"checkpoint method {method!r} unknown; allowed: {', '.join(sorted(registry))}"
         )
     module = registry[method](hp["config"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
-    module._resume_state = None
+    _restore(module, ckpt)
     return module

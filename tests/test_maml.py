@@ -729,10 +729,10 @@ def test_exact_resume(tmp_path, outer_optimizer):
            "inner_lr": 2.0, "outer_optimizer": outer_optimizer, "total_env_steps": 300,
            "seed": 3}  # fmt: skip
     full = fit(MAMLModule(cfg), tmp_path / "full", checkpoint_every=1, logger=False)
-    fit(MAMLModule({**cfg, "total_env_steps": 120}), tmp_path / "cut", checkpoint_every=1,
-        logger=False)  # fmt: skip
+    cut = fit(MAMLModule({**cfg, "total_env_steps": 120}), tmp_path / "cut", checkpoint_every=1,
+              logger=False)  # fmt: skip
     resumed = fit(MAMLModule(cfg), tmp_path / "cut", resume=True, checkpoint_every=1, logger=False)
-    assert 1 < resumed.history[0]["iteration"] < full.iteration  # it did resume mid-way
+    assert 1 < cut.iteration < full.iteration  # it did resume mid-way
     assert resumed.iteration == full.iteration and resumed.env_steps == full.env_steps
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
@@ -744,9 +744,10 @@ def test_exact_resume(tmp_path, outer_optimizer):
         assert all(h["trpo/kl"] <= cfg.get("max_kl", 0.01) + 1e-9 for h in full.history)
 
 
-def test_cli_train_and_resume_with_trpo(tmp_path):
+def test_cli_train_and_resume_with_trpo(tmp_path, monkeypatch):
     """``compo train --method maml --set outer_optimizer=trpo``, interrupted, then ``--resume``
     with the full budget: same parameters as one uninterrupted CLI run."""
+    import rl.train
     from experiments.cli import main
     from experiments.registry import REGISTRY
     from rl.train import load_module
@@ -758,10 +759,21 @@ def test_cli_train_and_resume_with_trpo(tmp_path):
             "--set", "inner_lr=2.0", "--set", "seed=3"]  # fmt: skip
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", *base, "--out", str(full), "--set", "total_env_steps=300"]) == 0
-    assert main(["train", *base, "--out", str(cut), "--set", "total_env_steps=120"]) == 0
-    assert (
-        main(["train", *base, "--out", str(cut), "--resume", "--set", "total_env_steps=300"]) == 0
-    )
+    # --resume needs the run's own config (issue 14): interrupt it by a crash right after the
+    # checkpoint of iteration 2 (tests/test_resume.py kills real processes)
+    save = rl.train.LastCheckpoint._save
+
+    def save_then_crash(self, trainer):
+        save(self, trainer)
+        if trainer.current_epoch + 1 == 2:
+            raise RuntimeError("crash")
+
+    run = ["train", *base, "--out", str(cut), "--set", "total_env_steps=300"]
+    monkeypatch.setattr(rl.train.LastCheckpoint, "_save", save_then_crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        main(run)
+    monkeypatch.undo()
+    assert main([*run, "--resume"]) == 0
     a = load_module(full / "checkpoints" / "final.ckpt", REGISTRY, "maml")
     b = load_module(cut / "checkpoints" / "final.ckpt", REGISTRY, "maml")
     assert a.cfg.outer_optimizer == b.cfg.outer_optimizer == "trpo"
