@@ -58,6 +58,7 @@ from envs.grid import (
     CompoGridEnv,
     Oracle,
     all_compositions,
+    validate_composition,
 )
 from rl.collect import Episode, Prev, StepOutput
 
@@ -259,7 +260,7 @@ class IdealObserverAgent:
         prior: ``"frequency"`` (train primitive-position frequencies) or ``"uniform"``.
         smoothing: alpha of the add-alpha counts of the frequency prior.
         hypotheses: override the hypothesis set (default: every feasible composition of the
-            split's lengths).
+            split's lengths); each must be a feasible CompoGrid composition.
     """
 
     #: the protocol must give a sync vector env whose ``envs.envs[i].unwrapped`` it can read
@@ -283,7 +284,7 @@ class IdealObserverAgent:
             lengths = split.meta.get("lengths") or sorted({len(c) for c in split.train})
             comps = all_compositions(tuple(int(n) for n in lengths))
         else:
-            comps = [Composition.parse(c) for c in hypotheses]
+            comps = [validate_composition(c) for c in hypotheses]
         if prior == "frequency":
             weights = frequency_prior(split.train, comps, smoothing)
         else:

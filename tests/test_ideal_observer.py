@@ -323,6 +323,8 @@ def test_bad_input_fails_with_one_clear_line():
     other = Split("metaworld", split.train, split.heldout, split.primitives)
     with pytest.raises(ValueError, match="family 'metaworld'"):
         IdealObserverAgent(other)
+    with pytest.raises(ValueError, match="infeasible composition"):
+        IdealObserverAgent(split, hypotheses=["pickup(red ball) > pickup(red ball)"])
     agent = IdealObserverAgent(split)
     with pytest.raises(ValueError, match="task_info='instruction'"):
         agent.trial_policy(
@@ -330,3 +332,20 @@ def test_bad_input_fails_with_one_clear_line():
         )
     with pytest.raises(ValueError, match="needs a sync vector env"):
         agent.trial_policy(SimpleNamespace())
+
+
+def test_measurement_script_tiny_budget(tmp_path, capsys):
+    import json
+
+    from experiments.ideal_observer import main
+
+    out = tmp_path / "io.json"
+    rows = main(
+        ["--tasks", "2", "--episodes", "2", "--prior", "frequency", "uniform"] + ["--out", str(out)]
+    )
+    assert [r["prior"] for r in rows] == ["frequency", "uniform"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert all(len(r["success_at"]) == 2 and 0 <= r["auc"] <= 1 for r in rows)
+    assert "success by episode" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="tasks=0"):
+        main(["--tasks", "0"])
