@@ -12,372 +12,40 @@ Data (PEARL alg. 1): a fixed pool of training tasks (composition, layout seed) i
 from ``cfg.seed``. Each training iteration runs one trial of ``episodes_per_trial`` episodes on
 ``num_envs`` pool tasks through the shared ``Collector``: episode 0 acts with z from the
 prior, every later episode with z from the posterior given the trial's earlier episodes. All
-transitions go to the task's replay buffer; the prior-z episode replaces the task's context
-buffer (PEARL's encoder buffer holds only recent prior-z data, because the encoder must learn
-to infer the task from exploratory data, as at test time). Then ``num_grad_steps`` SAC + encoder
-updates run over meta-batches of tasks. At meta-test the same policy and episode hook give
-posterior sampling: z ~ prior for episode 0, then z ~ q(z | episodes so far).
+transitions go to the task's replay buffer; the prior-z episode joins the task's context
+buffer, a ring of its recent prior-z episodes (PEARL's encoder buffer holds only recent prior-z
+data, because the encoder must learn to infer the task from exploratory data, as at test time).
+Then ``updates_per_env_step`` x (steps collected) SAC + encoder updates (oyster's ratio, 0.5, by
+default) run over meta-batches of tasks; each draws the task's context as distinct transitions
+of that ring, and the KL term is summed over the meta-batch's tasks, both as in oyster. At
+meta-test the same policy and episode hook give posterior sampling: z ~ prior for episode 0,
+then z ~ q(z | episodes so far); actions are the policy's argmax / mean (oyster evaluates
+deterministically). Checkpoints hold only the buffers' filled rows.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from baselines.pearl_buffers import TaskBuffers
+from baselines.pearl_nets import (
+    AGGREGATIONS,
+    ContextEncoder,
+    PEARLNets,
+    kl_to_standard_normal,
+    pearl_losses,
+)
 from envs.core import Task
 from rl.collect import Collector, Episode, Prev, StepOutput, make_vector_env
 from rl.config import BaseConfig
 from rl.module import RLModule
-from rl.nets import mlp
 from rl.protocol import heldout_tasks
-from rl.sac import (
-    actor_loss_continuous,
-    actor_loss_discrete,
-    alpha_loss,
-    critic_loss,
-    normalize_action,
-    rescale_action,
-    soft_target_continuous,
-    soft_target_discrete,
-    soft_update,
-    squashed_gaussian,
-)
-
-AGGREGATIONS = ("product", "mean")
-
-# --- context encoder --------------------------------------------------------------------------
-
-
-def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag var) || N(0, I)) summed over the last dim."""
-    return 0.5 * (var + mu**2 - 1.0 - var.log()).sum(-1)
-
-
-class ContextEncoder(nn.Module):
-    """q(z | c): a per-transition MLP gives Gaussian factors (mu_i, sigma_i^2); aggregation over
-    the set makes the posterior invariant to the order of the transitions.
-
-    ``product``: q ∝ prod_i N(mu_i, sigma_i^2), i.e. precision = sum_i 1/sigma_i^2 and
-    mu = var * sum_i mu_i/sigma_i^2 (PEARL sec. 4.1), so every added transition shrinks the
-    variance. ``mean``: the factors' parameters are averaged before the variance
-    non-linearity, which equals mean-pooling the hidden features before linear heads (seed Q5).
-    An empty context gives the prior N(0, I).
-    """
-
-    def __init__(
-        self, feat_dim: int, latent_dim: int, hidden: int = 128, aggregation: str = "product"
-    ) -> None:
-        super().__init__()
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r}; allowed: 'product', 'mean'")
-        self.latent_dim = latent_dim
-        self.aggregation = aggregation
-        self.net = mlp([feat_dim, hidden, hidden, 2 * latent_dim], act=nn.ReLU)
-
-    def forward(
-        self, context: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and variance.
-
-        Args:
-            context: (K, M, F) transition features of K tasks, M transitions each.
-            mask: (K, M) bool, False for padding; None: all valid.
-
-        Returns:
-            (mu, var), each (K, latent_dim).
-        """
-        K, M, _ = context.shape
-        out = self.net(context)
-        mu_i, raw = out[..., : self.latent_dim], out[..., self.latent_dim :]
-        w = (
-            torch.ones(K, M, 1, dtype=context.dtype)
-            if mask is None
-            else mask.to(context.dtype).unsqueeze(-1)
-        )
-        n = w.sum(1)  # (K, 1)
-        empty = n == 0
-        if self.aggregation == "product":
-            # PEARL clamps factor variances from below so one factor cannot dominate to 0
-            var_i = F.softplus(raw).clamp(min=1e-7)
-            precision = (w / var_i).sum(1)
-            var = 1.0 / torch.where(empty, torch.ones_like(precision), precision)
-            mu = var * (w * mu_i / var_i).sum(1)
-        else:
-            mean_raw = (w * raw).sum(1) / n.clamp(min=1)
-            mu = (w * mu_i).sum(1) / n.clamp(min=1)
-            var = F.softplus(mean_raw).clamp(min=1e-7)
-        mu = torch.where(empty, torch.zeros_like(mu), mu)
-        var = torch.where(empty, torch.ones_like(var), var)
-        return mu, var
-
-
-# --- networks ----------------------------------------------------------------------------------
-
-
-class PEARLNets(nn.Module):
-    """Encoder, context-conditioned actor, twin critics (+ targets) and the SAC temperature.
-
-    Discrete spaces: actor logits and critics Q(s, z, .) over all actions (Christodoulou 2019).
-    Box spaces: actor mean/log-std of a tanh-squashed Gaussian rescaled to the bounds; critics
-    Q(s, z, a) with a normalised to [-1, 1].
-    """
-
-    def __init__(
-        self,
-        obs_dim: int,
-        action_space: gym.Space,
-        *,
-        latent_dim: int = 5,
-        hidden: int = 128,
-        encoder_hidden: int = 128,
-        aggregation: str = "product",
-        init_alpha: float = 0.1,
-    ) -> None:
-        super().__init__()
-        if isinstance(action_space, gym.spaces.Discrete):
-            self.discrete = True
-            self.n_actions = int(action_space.n)
-            act_in = self.n_actions  # one-hot in the context
-            actor_out, q_in, q_out = self.n_actions, obs_dim + latent_dim, self.n_actions
-            low = high = torch.zeros(0)
-        elif isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-            self.discrete = False
-            d = int(action_space.shape[0])
-            self.n_actions = d
-            act_in = d
-            actor_out, q_in, q_out = 2 * d, obs_dim + latent_dim + d, 1
-            low = torch.as_tensor(action_space.low, dtype=torch.float32)
-            high = torch.as_tensor(action_space.high, dtype=torch.float32)
-        else:
-            raise ValueError(
-                f"unsupported action space {action_space}; allowed: Discrete or 1-d Box"
-            )
-        self.obs_dim = obs_dim
-        self.latent_dim = latent_dim
-        self.feat_dim = 2 * obs_dim + act_in + 1
-        self.encoder = ContextEncoder(self.feat_dim, latent_dim, encoder_hidden, aggregation)
-        self.actor = mlp(
-            [obs_dim + latent_dim, hidden, hidden, actor_out], act=nn.ReLU, out_gain=0.01
-        )
-        self.q1 = mlp([q_in, hidden, hidden, q_out], act=nn.ReLU)
-        self.q2 = mlp([q_in, hidden, hidden, q_out], act=nn.ReLU)
-        self.q1_target = copy.deepcopy(self.q1).requires_grad_(False)
-        self.q2_target = copy.deepcopy(self.q2).requires_grad_(False)
-        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
-        self.register_buffer("low", low, persistent=False)
-        self.register_buffer("high", high, persistent=False)
-
-    # -- context ----------------------------------------------------------------------------------
-    def encode_action(self, actions: torch.Tensor) -> torch.Tensor:
-        if self.discrete:
-            return F.one_hot(actions.long().reshape(-1), self.n_actions).float()
-        return normalize_action(actions.float().reshape(-1, self.n_actions), self.low, self.high)
-
-    def features(
-        self,
-        obs: torch.Tensor,
-        actions: torch.Tensor,
-        rewards: torch.Tensor,
-        next_obs: torch.Tensor,
-    ) -> torch.Tensor:
-        """Transition features [s, a, r, s'] (one-hot or normalised a), leading dims kept."""
-        lead = obs.shape[:-1]
-        a = self.encode_action(actions.reshape(-1, *actions.shape[len(lead) :]))
-        a = a.reshape(*lead, -1)
-        return torch.cat([obs, a, rewards.unsqueeze(-1).float(), next_obs], -1)
-
-    def sample_z(
-        self, mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
-        return mu + var.sqrt() * eps
-
-    # -- acting -----------------------------------------------------------------------------------
-    def act(
-        self,
-        obs: torch.Tensor,
-        z: torch.Tensor,
-        *,
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Env actions and their log-probabilities for (N, obs) and (N, latent)."""
-        out = self.actor(torch.cat([obs, z], -1))
-        if self.discrete:
-            logp_all = torch.log_softmax(out, -1)
-            if greedy:
-                a = logp_all.argmax(-1)
-            else:
-                a = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-            return a, logp_all.gather(-1, a[:, None]).squeeze(-1)
-        mean, log_std = out.chunk(2, -1)
-        u, logp = squashed_gaussian(mean, log_std, deterministic=greedy, generator=generator)
-        return rescale_action(u, self.low, self.high), logp
-
-
-def pearl_losses(
-    nets: PEARLNets,
-    context: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    *,
-    gamma: float,
-    kl_weight: float,
-    target_entropy: float,
-    reward_scale: float = 1.0,
-    context_mask: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """One PEARL update's named loss terms over a meta-batch of K tasks.
-
-    Gradient routing (so one ``loss.backward()`` and one optimiser over all parameters give
-    PEARL's separate updates): the critic loss reaches the critics *and the encoder* (z keeps
-    its graph, PEARL sec. 4.2); the KL reaches the encoder; the actor loss uses a detached z
-    and frozen critic parameters, so it moves the actor only; the temperature loss moves
-    ``log_alpha`` only; targets are computed without grad from the target critics.
-
-    Args:
-        context: (K, M, F) context features per task (from the context buffers).
-        batch: (K, B, ...) tensors ``obs``, ``actions``, ``rewards``, ``next_obs``,
-            ``terminated`` from the tasks' replay buffers.
-
-    Returns:
-        ``loss`` (sum to minimise) and the terms ``loss_critic``, ``loss_q1``, ``loss_q2``,
-        ``loss_kl`` (unweighted), ``loss_actor``, ``loss_alpha``, plus detached ``alpha``,
-        ``entropy``, ``q_mean``, ``z_var`` (mean posterior variance).
-    """
-    K, B = batch["rewards"].shape
-    mu, var = nets.encoder(context, context_mask)
-    z_task = mu + var.sqrt() * torch.randn_like(mu)  # reparameterised, PEARL eq. 3
-    kl = kl_to_standard_normal(mu, var).mean()
-    z = z_task[:, None, :].expand(K, B, nets.latent_dim).reshape(K * B, -1)
-    z_det = z.detach()
-    obs = batch["obs"].reshape(K * B, -1)
-    next_obs = batch["next_obs"].reshape(K * B, -1)
-    rewards = reward_scale * batch["rewards"].reshape(K * B)
-    term = batch["terminated"].reshape(K * B)
-    alpha = nets.log_alpha.detach().exp()
-    frozen = {
-        name: {k: v.detach() for k, v in q.named_parameters()}
-        for name, q in (("q1", nets.q1), ("q2", nets.q2))
-    }
-    if nets.discrete:
-        actions = batch["actions"].reshape(K * B).long()
-        with torch.no_grad():
-            next_logp = torch.log_softmax(nets.actor(torch.cat([next_obs, z_det], -1)), -1)
-            nz = torch.cat([next_obs, z_det], -1)
-            target = soft_target_discrete(
-                rewards, term, nets.q1_target(nz), nets.q2_target(nz), next_logp,
-                gamma=gamma, alpha=alpha,
-            )  # fmt: skip
-        sz = torch.cat([obs, z], -1)
-        q1_all, q2_all = nets.q1(sz), nets.q2(sz)
-        q1 = q1_all.gather(-1, actions[:, None]).squeeze(-1)
-        q2 = q2_all.gather(-1, actions[:, None]).squeeze(-1)
-        terms = critic_loss(q1, q2, target)
-        logp_all = torch.log_softmax(nets.actor(torch.cat([obs, z_det], -1)), -1)
-        terms |= actor_loss_discrete(logp_all, q1_all.detach(), q2_all.detach(), alpha)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    else:
-        a_norm = normalize_action(batch["actions"].reshape(K * B, -1), nets.low, nets.high)
-        with torch.no_grad():
-            nmean, nlog_std = nets.actor(torch.cat([next_obs, z_det], -1)).chunk(2, -1)
-            nu, nlogp = squashed_gaussian(nmean, nlog_std)
-            nin = torch.cat([next_obs, z_det, nu], -1)
-            target = soft_target_continuous(
-                rewards, term, nets.q1_target(nin).squeeze(-1), nets.q2_target(nin).squeeze(-1),
-                nlogp, gamma=gamma, alpha=alpha,
-            )  # fmt: skip
-        qin = torch.cat([obs, z, a_norm], -1)
-        q1, q2 = nets.q1(qin).squeeze(-1), nets.q2(qin).squeeze(-1)
-        terms = critic_loss(q1, q2, target)
-        mean, log_std = nets.actor(torch.cat([obs, z_det], -1)).chunk(2, -1)
-        u, logp = squashed_gaussian(mean, log_std)
-        pin = torch.cat([obs, z_det, u], -1)
-        q1_pi = functional_call(nets.q1, frozen["q1"], (pin,)).squeeze(-1)
-        q2_pi = functional_call(nets.q2, frozen["q2"], (pin,)).squeeze(-1)
-        terms |= actor_loss_continuous(logp, q1_pi, q2_pi, alpha)
-        entropy = -logp
-    terms |= alpha_loss(nets.log_alpha, entropy, target_entropy)
-    terms["loss_kl"] = kl
-    terms["loss"] = (
-        terms["loss_critic"] + kl_weight * kl + terms["loss_actor"] + terms["loss_alpha"]
-    )
-    terms["q_mean"] = q1.detach().mean()
-    terms["z_var"] = var.detach().mean()
-    return terms
-
-
-# --- buffers -----------------------------------------------------------------------------------
-
-
-class TaskBuffers:
-    """One ring buffer of transitions per task, as fixed-capacity tensors (checkpoint-safe)."""
-
-    FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated")
-
-    def __init__(
-        self,
-        num_tasks: int,
-        capacity: int,
-        obs_dim: int,
-        act_shape: tuple[int, ...],
-        act_dtype: torch.dtype,
-    ) -> None:
-        self.capacity = capacity
-        self.obs = torch.zeros(num_tasks, capacity, obs_dim)
-        self.actions = torch.zeros(num_tasks, capacity, *act_shape, dtype=act_dtype)
-        self.rewards = torch.zeros(num_tasks, capacity)
-        self.next_obs = torch.zeros(num_tasks, capacity, obs_dim)
-        self.terminated = torch.zeros(num_tasks, capacity, dtype=torch.bool)
-        self.ptr = torch.zeros(num_tasks, dtype=torch.long)
-        self.size = torch.zeros(num_tasks, dtype=torch.long)
-
-    def clear(self, task: int) -> None:
-        self.ptr[task] = 0
-        self.size[task] = 0
-
-    def add(self, task: int, data: dict[str, torch.Tensor]) -> None:
-        """Append (n, ...) transitions to ``task``'s ring buffer (oldest overwritten)."""
-        n = data["rewards"].shape[0]
-        if n == 0:
-            return
-        if n > self.capacity:  # only the newest ``capacity`` survive anyway
-            data = {k: v[-self.capacity :] for k, v in data.items()}
-            n = self.capacity
-        idx = (self.ptr[task] + torch.arange(n)) % self.capacity
-        for k in self.FIELDS:
-            getattr(self, k)[task, idx] = data[k].to(getattr(self, k).dtype)
-        self.ptr[task] = (self.ptr[task] + n) % self.capacity
-        self.size[task] = torch.clamp(self.size[task] + n, max=self.capacity)
-
-    def sample(self, tasks: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        """``n`` transitions per task, uniformly with replacement: (K, n, ...) tensors."""
-        sizes = self.size[tasks].clamp(min=1)
-        idx = (torch.rand(len(tasks), n) * sizes[:, None]).long()
-        rows = tasks[:, None].expand(-1, n)
-        return {k: getattr(self, k)[rows, idx] for k in self.FIELDS}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).clone() for k in (*self.FIELDS, "ptr", "size")}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k in (*self.FIELDS, "ptr", "size"):
-            cur = getattr(self, k)
-            if state[k].shape != cur.shape:
-                raise ValueError(
-                    f"buffer field {k!r} has shape {tuple(state[k].shape)} in the checkpoint; "
-                    f"this config expects {tuple(cur.shape)}"
-                )
-            cur.copy_(state[k])
-
+from rl.sac import soft_update
 
 # --- acting policy -------------------------------------------------------------------------------
 
@@ -454,16 +122,26 @@ class PEARLConfig(BaseConfig):
     """size of the task pool (composition, layout seed) drawn once from ``seed``"""
     meta_batch: int = 4
     """tasks per gradient step"""
-    num_grad_steps: int = 40
-    """SAC + encoder updates per iteration"""
+    updates_per_env_step: float = 0.5
+    """SAC + encoder updates per env step collected (the fraction carries over between
+    iterations). 0.5 is oyster's default (2000 updates per iteration on 5 tasks x (400 prior-z
+    + 400 posterior-z) steps). It is the costly part of PEARL here: one update (meta_batch 4 x
+    batch_size 128, hidden 128) takes ~25 ms on one busy core against ~0.6 ms per collected
+    CompoGrid step, so at 0.5 PEARL spends ~13 ms per env step, roughly 20x what collection
+    costs; lower it for small-budget runs (issue 12)"""
+    num_grad_steps: int | None = None
+    """fixed updates per iteration instead of ``updates_per_env_step`` (None: use the ratio;
+    before issue 12 the only option, 40, about 0.03 per env step)"""
     batch_size: int = 128
     """replay transitions per task per gradient step"""
     context_batch: int = 64
-    """context transitions per task per gradient step"""
+    """context transitions per task per gradient step: distinct ones, drawn without
+    replacement from the task's context buffer (fewer if it holds fewer)"""
     replay_capacity: int = 2000
     """replay-buffer transitions per task"""
     context_capacity: int = 400
-    """context-buffer transitions per task (recent prior-z data)"""
+    """context-buffer transitions per task: a ring of the task's most recent prior-z episodes
+    (oyster's encoder buffer holds the last ``num_steps_prior`` = 400 prior-z steps)"""
     lr: float = 3e-4
     """Adam learning rate (all networks, as in PEARL)"""
     gamma: float = 0.99
@@ -483,8 +161,9 @@ class PEARLConfig(BaseConfig):
     """initial (or fixed) entropy temperature"""
     target_entropy_scale: float = 0.5
     """discrete target entropy = scale * log(|A|); continuous uses -dim(A)"""
-    eval_greedy: bool = False
-    """meta-test acts with argmax / tanh(mean) instead of sampling (z is sampled either way)"""
+    eval_greedy: bool = True
+    """meta-test acts with argmax / tanh(mean) instead of sampling, as oyster evaluates
+    (``eval_deterministic``); z is sampled from the prior / posterior either way"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -500,8 +179,14 @@ class PEARLConfig(BaseConfig):
         ):  # fmt: skip
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer >= 1")
-        if int(self.num_grad_steps) < 0:
-            raise ValueError(f"num_grad_steps={self.num_grad_steps}; allowed: an integer >= 0")
+        if self.num_grad_steps is not None and int(self.num_grad_steps) < 0:
+            raise ValueError(
+                f"num_grad_steps={self.num_grad_steps}; allowed: an integer >= 0 or null"
+            )
+        if not self.updates_per_env_step >= 0:
+            raise ValueError(
+                f"updates_per_env_step={self.updates_per_env_step}; allowed: a number >= 0"
+            )
         for k in ("lr", "alpha", "reward_scale"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k}={getattr(self, k)}; allowed: a positive number")
@@ -558,6 +243,8 @@ class PEARLModule(RLModule):
         self.replay = TaskBuffers(K, cfg.replay_capacity, obs_dim, act_shape, act_dtype)
         self.context_buffer = TaskBuffers(K, cfg.context_capacity, obs_dim, act_shape, act_dtype)
         self._eval_calls = 0
+        # updates owed but not yet run (the fraction of updates_per_env_step x env steps)
+        self._update_credit = 0.0
 
     def make_collector(self) -> Collector:
         cfg: PEARLConfig = self.cfg
@@ -585,10 +272,10 @@ class PEARLModule(RLModule):
 
     # -- data -------------------------------------------------------------------------------------
     def _store(self, ro, task_ids: list[int]) -> None:
-        """Valid steps of env i go to task_ids[i]'s replay; its prior-z episode (index 0)
-        replaces the task's context buffer (recent exploratory data, PEARL alg. 1)."""
-        for k in set(task_ids):
-            self.context_buffer.clear(k)
+        """Valid steps of env i go to task_ids[i]'s replay; its prior-z episode (index 0) goes
+        to the task's context buffer, a ring of its recent exploratory episodes (PEARL alg. 1;
+        oyster refills it with ~400 prior-z steps per visit, we add one episode per visit, so
+        keeping the previous ones is what gives a context of several episodes)."""
         for i, k in enumerate(task_ids):
             v = ro.valid[:, i]
             data = {
@@ -599,15 +286,28 @@ class PEARLModule(RLModule):
             prior = ro.episode_index[v, i] == 0
             self.context_buffer.add(k, {f: x[prior] for f, x in data.items()})
 
-    def sample_meta_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Context features (K, M, F) and a replay batch (K, B, ...) of ``meta_batch`` tasks
-        drawn uniformly from the tasks that have data."""
+    def sample_meta_batch(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Context features (K, M, F) with their mask (K, M) and a replay batch (K, B, ...) of
+        ``meta_batch`` tasks drawn uniformly from the tasks that have data."""
         cfg: PEARLConfig = self.cfg
         have = torch.nonzero(self.replay.size > 0).squeeze(-1)
         tasks = have[torch.randint(len(have), (cfg.meta_batch,))]
-        c = self.context_buffer.sample(tasks, cfg.context_batch)
+        c, mask = self.context_buffer.sample_distinct(tasks, cfg.context_batch)
         ctx = self.nets.features(c["obs"], c["actions"], c["rewards"], c["next_obs"])
-        return ctx, self.replay.sample(tasks, cfg.batch_size)
+        return ctx, mask, self.replay.sample(tasks, cfg.batch_size)
+
+    def num_updates(self, env_steps: int) -> int:
+        """Updates to run after collecting ``env_steps`` steps: ``num_grad_steps`` if set, else
+        ``updates_per_env_step * env_steps`` with the fraction carried to the next call."""
+        cfg: PEARLConfig = self.cfg
+        if cfg.num_grad_steps is not None:
+            return int(cfg.num_grad_steps)
+        self._update_credit += cfg.updates_per_env_step * env_steps
+        n = int(math.floor(self._update_credit + 1e-9))
+        self._update_credit -= n
+        return n
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -619,13 +319,15 @@ class PEARLModule(RLModule):
         task_ids = [int(k) for k in ids]
         ro = self.collector.collect_trials([self.task_pool[k] for k in task_ids])
         self._store(ro, task_ids)
+        updates = self.num_updates(ro.num_steps)
         opt = self.optimizers()
         sums: dict[str, float] = {}
-        for _ in range(cfg.num_grad_steps):
-            ctx, rb = self.sample_meta_batch()
+        for _ in range(updates):
+            ctx, mask, rb = self.sample_meta_batch()
             terms = pearl_losses(
                 self.nets, ctx, rb, gamma=cfg.gamma, kl_weight=cfg.kl_weight,
                 target_entropy=self.target_entropy, reward_scale=cfg.reward_scale,
+                context_mask=mask,
             )  # fmt: skip
             opt.zero_grad()
             self.manual_backward(terms["loss"])
@@ -634,15 +336,15 @@ class PEARLModule(RLModule):
             soft_update(self.nets.q2_target, self.nets.q2, cfg.tau)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-        stats = {k: v / max(1, cfg.num_grad_steps) for k, v in sums.items()}
-        self._log(ro, stats, time.perf_counter() - t0)
+        stats = {k: v / max(1, updates) for k, v in sums.items()}
+        self._log(ro, stats, time.perf_counter() - t0, updates)
         if self.env_steps >= cfg.total_env_steps and self._trainer is not None:
             self.trainer.should_stop = True
 
-    def _log(self, ro, losses: dict[str, float], seconds: float) -> None:
+    def _log(self, ro, losses: dict[str, float], seconds: float, updates: int) -> None:
         """``log_iteration``'s signals plus success of the prior-z episode (0) and of the last
-        posterior-z episode, the adaptation signal of PEARL."""
-        extra = {}
+        posterior-z episode, the adaptation signal of PEARL, and the updates run."""
+        extra = {"charts/updates": float(updates)}
         last = self.cfg.episodes_per_trial - 1
         for name, idx in (("prior", 0), ("posterior", last)):
             s = [e.success for e in ro.episodes if e.episode_index == idx]
@@ -656,6 +358,7 @@ class PEARLModule(RLModule):
             "replay": self.replay.state_dict(),
             "context": self.context_buffer.state_dict(),
             "eval_calls": self._eval_calls,
+            "update_credit": self._update_credit,
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -663,6 +366,7 @@ class PEARLModule(RLModule):
             self.replay.load_state_dict(state["replay"])
             self.context_buffer.load_state_dict(state["context"])
             self._eval_calls = int(state.get("eval_calls", 0))
+            self._update_credit = float(state.get("update_credit", 0.0))
 
     # -- evaluation -------------------------------------------------------------------------------
     def acting_policy(self) -> PEARLPolicy:
