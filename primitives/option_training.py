@@ -1,0 +1,179 @@
+"""Phase 1 of the compositional agent: train an ``OptionLibrary`` on chains of skills.
+
+Every env runs a chain of options: at an episode start, or when the active option terminates
+(``OptionLibrary.beta``) or has run ``t_max`` steps, a new skill is drawn and runs alone. What a
+skill is rewarded for depends on the library's objective:
+
+- ``supervised``: skill k stands for primitive ``event_of[k]``; it is drawn only where its
+  primitive is feasible (so ``drop(x)`` trains from states that carry x, which earlier skills
+  of the chain produce) and earns 1 on the step that completes it.
+- other objectives (skill discovery, ``primitives.outcome``) supply their own
+  ``reward_fn(rollout) -> (rewards, terminal)`` over the same segments.
+
+The skills are trained by PPO (``rl.ppo.ppo_update``) with the skill-conditioned critic;
+a segment that ends by termination is terminal, one cut by ``t_max`` or the env's episode end
+bootstraps from V(s', k). Segments are also what the skill-transition graph learns from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs.grid_events import completed, feasible
+from primitives.options import OptionLibrary
+from rl.collect import Collector, Prev, Rollout, StepOutput
+from rl.gae import gae
+from rl.ppo import PPOConfig, ppo_update
+
+
+@dataclass
+class OptionTrainingConfig:
+    """Phase-1 settings (the skill library)."""
+
+    t_max: int = 32
+    """longest a skill runs before it is cut (steps)"""
+    num_steps: int = 128
+    """vector steps per rollout"""
+    ppo: PPOConfig | dict | None = None
+    """PPO settings of the skills (default: PPOConfig with lr 1e-3, gamma 0.95, 4 minibatches)"""
+
+    def __post_init__(self) -> None:
+        for k in ("t_max", "num_steps"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k}={v!r}; allowed: an integer >= 1")
+        if self.ppo is None:
+            self.ppo = PPOConfig(lr=1e-3, gamma=0.95)
+        elif isinstance(self.ppo, dict):
+            self.ppo = PPOConfig(**self.ppo)
+
+
+class ChainPolicy:
+    """Runs options in chains (``RolloutPolicy`` for the shared collector).
+
+    Memory per env: (active skill, steps it has run, the observation before the last step).
+    ``extras``: ``skill`` (the skill that acts at this step) and ``seg_start`` (it starts here).
+    """
+
+    def __init__(
+        self,
+        library: OptionLibrary,
+        t_max: int,
+        draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        generator: torch.Generator,
+    ) -> None:
+        self.lib, self.t_max, self.draw, self.gen = library, t_max, draw, generator
+
+    def initial_memory(self, n: int):
+        return (torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long), None)
+
+    def reset_memory(self, memory, mask):
+        skill, steps, last = memory
+        skill = skill.clone()
+        skill[mask] = -1
+        return (skill, steps, last)
+
+    def step(self, obs: torch.Tensor, memory, prev: Prev) -> StepOutput:
+        skill, steps, last = memory
+        n = obs.shape[0]
+        new = (skill < 0) | (prev.done > 0) | (steps >= self.t_max)
+        if last is not None:
+            cont = ~new
+            if cont.any():
+                b = self.lib.beta(last[cont], obs[cont], skill[cont])
+                u = torch.rand(int(cont.sum()), generator=self.gen)
+                new[cont] = u < b
+        skill = skill.clone()
+        if new.any():
+            skill[new] = self.draw(obs[new], new.nonzero().squeeze(-1))
+        steps = torch.where(new, torch.zeros_like(steps), steps)
+        dist = self.lib.dist(obs, skill)
+        action = dist.sample()
+        out = StepOutput(
+            action,
+            dist.log_prob(action),
+            self.lib.value(obs, skill),
+            (skill, steps + 1, obs),
+            {"skill": skill, "seg_start": new},
+        )
+        return out
+
+    def bootstrap_value(self, obs, memory, prev) -> torch.Tensor:
+        skill = memory[0].clamp(min=0)
+        return self.lib.value(obs, skill)
+
+
+def feasible_draw(lib: OptionLibrary, generator: torch.Generator):
+    """Supervised chains: a skill whose primitive is feasible at ``obs``, uniformly."""
+
+    def draw(obs: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
+        ok = feasible(obs)[:, lib.event_of].float()  # (b, K)
+        ok = torch.where(ok.sum(-1, keepdim=True) > 0, ok, torch.ones_like(ok))
+        return torch.multinomial(ok, 1, generator=generator).squeeze(-1)
+
+    return draw
+
+
+def supervised_rewards(lib: OptionLibrary, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, N) reward (1 when the step completes the acting skill's primitive) and terminal flag
+    (the skill's termination fired: completed, or its primitive became infeasible)."""
+    skill = ro.extras["skill"]
+    T, N = skill.shape
+    o0 = ro.obs.reshape(T * N, -1)
+    o1 = ro.next_obs.reshape(T * N, -1)
+    prim = lib.event_of[skill.reshape(-1)]
+    rows = torch.arange(T * N)
+    done = completed(o0, o1)[rows, prim]
+    infeasible = ~feasible(o1)[rows, prim]
+    return done.float().reshape(T, N), (done | infeasible).reshape(T, N)
+
+
+def segment_advantages(
+    lib: OptionLibrary, ro: Rollout, rewards: torch.Tensor, terminal: torch.Tensor, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GAE over segments: returns (advantages, returns, segment end mask)."""
+    skill = ro.extras["skill"]
+    T, N = skill.shape
+    with torch.no_grad():
+        v_next = lib.value(ro.next_obs.reshape(T * N, -1), skill.reshape(-1)).reshape(T, N)
+    seg_end = torch.zeros_like(terminal)
+    seg_end[:-1] = ro.extras["seg_start"][1:]
+    seg_end |= ro.terminated | ro.truncated | terminal
+    seg_end[-1] = True  # cut at the rollout's end (bootstrapped below)
+    next_values = torch.where(terminal, torch.zeros_like(v_next), v_next)
+    # inside a segment the next state's value is the stored value of the next step
+    inside = ~seg_end
+    nv = ro.values.clone()
+    nv[:-1] = ro.values[1:]
+    next_values = torch.where(inside, nv, next_values)
+    adv, ret = gae(rewards, ro.values, next_values, seg_end.float(), cfg.gamma, cfg.gae_lambda)
+    return adv, ret, seg_end
+
+
+def update_skills(
+    lib: OptionLibrary,
+    ro: Rollout,
+    rewards: torch.Tensor,
+    terminal: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: PPOConfig,
+    backward=None,
+) -> dict[str, float]:
+    """One PPO update of the skills on a chain rollout."""
+    adv, ret, _ = segment_advantages(lib, ro, rewards, terminal, cfg)
+    b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
+    b_act = ro.actions.reshape(-1)
+    b_skill = ro.extras["skill"].reshape(-1)
+
+    def evaluate(mb):
+        d = lib.dist(b_obs[mb], b_skill[mb])
+        return d.log_prob(b_act[mb]), d.entropy(), lib.value(b_obs[mb], b_skill[mb])
+
+    return ppo_update(
+        ro, evaluate, list(lib.parameters()), optimizer, cfg, advantages=adv, returns=ret,
+        backward=backward,
+    )  # fmt: skip

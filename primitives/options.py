@@ -1,0 +1,125 @@
+"""The option library: K skills pi(a | s, k), each with a termination beta_k and a value V(s, k).
+
+A skill is an *option* (Sutton, Precup & Singh 1999): once chosen it acts alone until its
+termination fires or it has run ``t_max`` steps (call-and-return). Layout: a shared two-layer
+encoder, K linear actor heads and a K-headed critic (one forward pass serves a batch of envs
+that each run a different skill).
+
+Termination (``termination``):
+
+- ``"event"`` (the supervised library): skill k stands for primitive ``event_of[k]`` and ends
+  on the step that completes it by the env's rules, or as soon as it is infeasible in the
+  current state (``envs.grid_events``): beta is exact and needs no learning, like the STOP of a
+  policy sketch's module.
+- ``"learned"`` (discovered skills): beta_k(s', e) = sigmoid(w_k . [enc(s'), e]) is evaluated
+  only on steps with an object event e (a step that changed nothing cannot end a skill, which
+  keeps options from shrinking to one step, the role of option-critic's deliberation cost), and
+  trained with the skill's policy gradient.
+
+Examples:
+    >>> lib = OptionLibrary(146, 6, num_skills=19)
+    >>> obs = torch.zeros(3, 146)
+    >>> lib.dist(obs, torch.tensor([0, 5, 18])).sample().shape
+    torch.Size([3])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Categorical
+
+from envs.grid_events import NUM_PRIMITIVES, completed, feasible
+from rl.nets import mlp
+
+TERMINATIONS = ("event", "learned")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
+        raise ValueError(f"{name}={value!r}; allowed: an integer >= 1")
+    return int(value)
+
+
+class OptionLibrary(nn.Module):
+    """K options over a shared encoder (see the module docstring).
+
+    Args:
+        obs_dim: observation size.
+        n_actions: discrete action count.
+        num_skills: K >= 1.
+        hidden: encoder width.
+        termination: ``"event"`` (``event_of`` required) or ``"learned"``.
+        event_of: (K,) primitive index of each skill (``"event"`` termination).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        n_actions: int,
+        num_skills: int,
+        hidden: int = 128,
+        termination: str = "learned",
+        event_of: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_skills = K = check_positive_int("num_skills", num_skills)
+        if termination not in TERMINATIONS:
+            raise ValueError(f"termination={termination!r}; allowed: {', '.join(TERMINATIONS)}")
+        if termination == "event":
+            if event_of is None or len(event_of) != K:
+                raise ValueError(f"termination='event' needs event_of with {K} primitive indices")
+            if not all(0 <= int(p) < NUM_PRIMITIVES for p in event_of):
+                raise ValueError(f"event_of={event_of}; allowed: indices 0..{NUM_PRIMITIVES - 1}")
+        self.obs_dim, self.n_actions, self.termination = int(obs_dim), int(n_actions), termination
+        self.register_buffer(
+            "event_of", torch.as_tensor(event_of if event_of is not None else [-1] * K)
+        )
+        self.encoder = nn.Sequential(mlp([obs_dim, hidden, hidden]), nn.Tanh())
+        self.actor = nn.Linear(hidden, K * n_actions)
+        nn.init.orthogonal_(self.actor.weight, 0.01)
+        nn.init.zeros_(self.actor.bias)
+        self.critic = mlp([obs_dim, hidden, hidden, K], out_gain=1.0)
+        self.beta_head = nn.Linear(hidden + NUM_PRIMITIVES, K)
+        nn.init.orthogonal_(self.beta_head.weight, 0.01)
+        nn.init.zeros_(self.beta_head.bias)
+
+    # -- acting ---------------------------------------------------------------------------------
+    def logits(self, obs: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
+        """Action logits (B, n_actions) of skill ``skill`` (B,) at ``obs`` (B, obs_dim)."""
+        out = self.actor(self.encoder(obs)).view(-1, self.num_skills, self.n_actions)
+        return out[torch.arange(out.shape[0]), skill]
+
+    def all_logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """Every skill's action logits (B, K, n_actions) (the ``soft`` composer mixes them)."""
+        return self.actor(self.encoder(obs)).view(-1, self.num_skills, self.n_actions)
+
+    def dist(self, obs: torch.Tensor, skill: torch.Tensor) -> Categorical:
+        return Categorical(logits=self.logits(obs, skill), validate_args=False)
+
+    def value(self, obs: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs)[torch.arange(obs.shape[0]), skill]
+
+    # -- termination ----------------------------------------------------------------------------
+    def beta(self, obs0: torch.Tensor, obs1: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
+        """Termination probability (B,) of skill ``skill`` after the step obs0 -> obs1 (for
+        ``"event"``: 0 or 1)."""
+        if self.termination == "event":
+            prim = self.event_of[skill]
+            rows = torch.arange(obs1.shape[0])
+            done = completed(obs0, obs1)[rows, prim] | ~feasible(obs1)[rows, prim]
+            return done.float()
+        ev = completed(obs0, obs1) & ~completed(obs0, obs0)
+        logit = self.beta_head(torch.cat([self.encoder(obs1), ev.float()], -1))
+        p = torch.sigmoid(logit[torch.arange(obs1.shape[0]), skill])
+        return torch.where(ev.any(-1), p, torch.zeros_like(p))
+
+    def beta_dist(self, obs0, obs1, skill) -> Bernoulli:
+        return Bernoulli(probs=self.beta(obs0, obs1, skill).clamp(1e-6, 1 - 1e-6))
+
+    def skill_names(self, primitive_names: list[str]) -> list[str | None]:
+        """The primitive each skill stands for (``"event"``), else None per skill."""
+        if self.termination != "event":
+            return [None] * self.num_skills
+        return [primitive_names[int(p)] for p in self.event_of]
