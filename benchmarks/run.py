@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "maml_vs_fomaml": "benchmarks.bench_maml",
     "method_sps": "benchmarks.bench_methods",
     "batched_env": "benchmarks.bench_batched",
+    "checkpoint_overhead": "benchmarks.bench_checkpoint",
 }
 
 

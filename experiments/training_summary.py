@@ -17,10 +17,11 @@ as many steps as the agent's phase 2 had).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+
+from rl.io import read_jsonl
 
 
 def summarize_run(
@@ -40,7 +41,7 @@ def summarize_run(
             continue
         per_seed, steps = [], []
         for log in seeds:
-            hist = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            hist = read_jsonl(log)  # a torn last line (a killed run) is skipped
             rows_ = [
                 h
                 for h in hist

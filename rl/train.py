@@ -47,8 +47,10 @@ from rl.module import RLModule
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
-#: iterations between checkpoints by default: every iteration costs < 5% of PPO's training
-#: time here (benchmarks/bench_checkpoint.py), so a kill loses at most one iteration
+#: iterations between checkpoints by default, so a kill loses at most one iteration: one
+#: checkpoint costs PPO (default config) 4.1% of an iteration, and the wall time of a run
+#: checkpointing every iteration is 1.03x that of one checkpointing once (median of 3 paired
+#: runs on 2 shared cores; ``make bench``, benchmarks/bench_checkpoint.py)
 CHECKPOINT_EVERY = 1
 LAST = "last.ckpt"
 FINAL = "final.ckpt"
