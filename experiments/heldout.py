@@ -1,8 +1,21 @@
 """The held-out composition experiment: methods x seeds, one budget, one protocol.
 
 Every method is meta-trained on the split's train compositions with the same env-step budget
-and seeds, then evaluated by ``rl.protocol.run_trials`` on the same held-out tasks; reference
-rows (random, oracle, PPO from scratch with the same episode budget) use the same tasks.
+and seeds, then evaluated by ``rl.protocol.run_trials`` on the same held-out tasks. Reference
+rows use the same tasks:
+
+- ``random``: uniform actions;
+- ``oracle`` (CompoGrid): the BFS oracle, told the composition;
+- ``ideal_observer`` (CompoGrid, reward mode): scripted skills plus exact Bayesian elimination
+  of composition hypotheses, prior from the run's train split (``rl.ideal_observer``): the
+  ceiling of adaptation;
+- ``ppo_scratch``: PPO from scratch on each held-out task with the trial's episodes;
+- ``ppo_finetune``: the transfer-learning comparison (issue 16) — the multi-task PPO policy
+  trained on the train compositions (the run's own ``ppo`` row's checkpoint per seed, or one
+  trained here with the same budget when ``ppo`` is not among the methods), fine-tuned by PPO
+  on each held-out task with the trial's episodes only, a fresh copy per trial.
+
+Left unset, ``references`` is every row that applies to the run (see ``default_references``).
 """
 
 from __future__ import annotations
@@ -16,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 import envs
-from experiments.registry import METHODS, method_class
+from experiments.registry import METHODS, REGISTRY, method_class
 from rl.config import config_from_dict, merge
+from rl.ideal_observer import IdealObserverAgent
 from rl.io import atomic_write_text, dump_yaml, prepare_run_dir
 from rl.protocol import (
     EvalConfig,
+    FinetunePPOAgent,
     OracleAgent,
     RandomAgent,
     ScratchPPOAgent,
@@ -32,9 +47,9 @@ from rl.protocol import (
     summarize,
     table_markdown,
 )
-from rl.train import fit
+from rl.train import fit, load_module
 
-REFERENCES = ("random", "oracle", "ppo_scratch")
+REFERENCES = ("random", "oracle", "ideal_observer", "ppo_scratch", "ppo_finetune")
 
 
 @dataclass
@@ -53,8 +68,9 @@ class HeldoutConfig:
     """env keyword arguments shared by every method"""
     methods: list = field(default_factory=lambda: ["ppo"])
     """trained methods: names, or {name, method, config} mappings for variants (ablations)"""
-    references: list = field(default_factory=lambda: list(REFERENCES))
-    """reference rows: random, oracle (CompoGrid only), ppo_scratch"""
+    references: list | None = None
+    """reference rows: random, oracle (CompoGrid), ideal_observer (CompoGrid, reward mode),
+    ppo_scratch, ppo_finetune; None: every one that applies (``default_references``)"""
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     """training seeds (>= 3 for intervals; 5 for reported tables)"""
     total_env_steps: int = 100_000
@@ -71,14 +87,24 @@ class HeldoutConfig:
             self.eval = config_from_dict(EvalConfig, self.eval, "eval.")
         if not self.seeds:
             raise ValueError("seeds=[]; give at least one training seed")
-        for r in self.references:
-            if r not in REFERENCES:
-                raise ValueError(f"unknown reference {r!r}; allowed: {', '.join(REFERENCES)}")
-        if "oracle" in self.references and self.env_id != "CompoGrid-v0":
-            raise ValueError("reference 'oracle' exists only for CompoGrid-v0")
         for m in self.method_specs():
             if m["method"] not in METHODS:
                 raise ValueError(f"unknown method {m['method']!r}; allowed: {', '.join(METHODS)}")
+        if self.references is None:
+            self.references = default_references(self)
+        for r in self.references:
+            if r not in REFERENCES:
+                raise ValueError(f"unknown reference {r!r}; allowed: {', '.join(REFERENCES)}")
+            if r in {m["name"] for m in self.method_specs()}:
+                raise ValueError(f"method name {r!r} is also a reference row; rename the method")
+        if "oracle" in self.references and self.env_id != "CompoGrid-v0":
+            raise ValueError("reference 'oracle' exists only for CompoGrid-v0")
+        if "ideal_observer" in self.references and not observer_applies(self):
+            raise ValueError(
+                "reference 'ideal_observer' exists only for CompoGrid-v0 in reward mode (family "
+                f"'grid' or 'grid-layouts:...', task_info 'reward'); got env_id={self.env_id!r}, "
+                f"family={self.family!r}, task_info={self.env_kwargs.get('task_info', 'reward')!r}"
+            )
         if self.total_env_steps < 1:
             raise ValueError(f"total_env_steps={self.total_env_steps}; allowed: >= 1")
 
@@ -106,12 +132,66 @@ class HeldoutConfig:
         return out
 
 
+def observer_applies(cfg: HeldoutConfig) -> bool:
+    """Is the ideal observer defined for this run (CompoGrid, reward mode)?"""
+    grid = cfg.family == "grid" or cfg.family.startswith("grid-layouts:")
+    reward = cfg.env_kwargs.get("task_info", "reward") == "reward"
+    return cfg.env_id == "CompoGrid-v0" and grid and reward
+
+
+def default_references(cfg: HeldoutConfig) -> list[str]:
+    """The reference rows of a run that does not list them: every one that applies.
+
+    ``oracle`` and ``ideal_observer`` where they are defined (the observer costs about 6 s per
+    seed for 20 tasks x 10 episodes on CompoGrid, 4x the oracle: cheap beside any training);
+    ``ppo_finetune`` only when a ``ppo`` row is trained, whose checkpoints it reuses (otherwise
+    it would add a whole PPO training per seed: list it to get that).
+    """
+    refs = ["random"]
+    if cfg.env_id == "CompoGrid-v0":
+        refs.append("oracle")
+    if observer_applies(cfg):
+        refs.append("ideal_observer")
+    refs.append("ppo_scratch")
+    if pretrained_spec(cfg) is not None:
+        refs.append("ppo_finetune")
+    return refs
+
+
+def pretrained_spec(cfg: HeldoutConfig) -> dict | None:
+    """The trained row whose checkpoints ``ppo_finetune`` starts from: the row named ``ppo``
+    if it is plain PPO, else the first PPO row; None when no PPO row is trained."""
+    ppo = [m for m in cfg.method_specs() if m["method"] == "ppo"]
+    named = [m for m in ppo if m["name"] == "ppo"]
+    return (named or ppo or [None])[0]
+
+
+def run_split(cfg: HeldoutConfig) -> envs.Split:
+    """The run's split (``family``, ``split_seed``, ``split_kwargs``)."""
+    return envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
+
+
 def method_run_config(cfg: HeldoutConfig, spec: dict, seed: int) -> dict:
-    """The config a method is trained with: shared conditions first, overrides on top."""
+    """The config a method is trained with: shared conditions first, overrides on top.
+
+    Methods find their train compositions from ``split_family`` and ``split_seed``; with
+    ``split_kwargs`` (a split kind, a pool size...) that would be another split, so the
+    run's train compositions are given explicitly.
+    """
+    compositions = None
+    if cfg.split_kwargs:
+        split = run_split(cfg)
+        if split.meta.get("train_layout_seeds") is not None:
+            # training reads the layout seeds from (family, seed) alone: they would not match
+            raise ValueError(
+                f"split_kwargs={cfg.split_kwargs!r} with family {cfg.family!r}; allowed: "
+                "split_kwargs only for families without train layout seeds (e.g. 'grid')"
+            )
+        compositions = [str(c) for c in split.train]
     shared = {
         "env_id": cfg.env_id,
         "env_kwargs": dict(cfg.env_kwargs),
-        "compositions": None,
+        "compositions": compositions,
         "split_family": cfg.family,
         "split_seed": cfg.split_seed,
         "num_envs": cfg.num_envs,
@@ -127,9 +207,73 @@ def method_run_config(cfg: HeldoutConfig, spec: dict, seed: int) -> dict:
     return merge(shared, over)
 
 
+#: what each reference row is (results.json ``note``; ``ppo_finetune`` says where its
+#: pre-trained weights came from instead)
+REFERENCE_NOTES = {
+    "random": "uniform random actions",
+    "oracle": "scripted BFS oracle told the composition (CompoGrid's upper bound)",
+    "ideal_observer": (
+        "scripted skills plus exact Bayesian elimination of every feasible composition of the"
+        " split's lengths, prior from the train split's primitive-position frequencies: the"
+        " ceiling of reward-mode adaptation"
+    ),
+    "ppo_scratch": (
+        "PPO from a fresh network on each held-out task, one update per finished episode of"
+        " the trial (the trial's episodes only)"
+    ),
+}
+
+
+def reference_agent(name: str, seed: int, split: envs.Split):
+    """The agent of reference row ``name`` for training seed ``seed`` (``ppo_finetune`` is
+    built by ``pretrained_ppo``)."""
+    if name == "random":
+        return RandomAgent(seed=seed)
+    if name == "oracle":
+        return OracleAgent()
+    if name == "ideal_observer":
+        return IdealObserverAgent(split)
+    if name == "ppo_scratch":
+        return ScratchPPOAgent()
+    raise ValueError(f"unknown reference {name!r}; allowed: {', '.join(REFERENCES)}")
+
+
+def pretrained_ppo(
+    cfg: HeldoutConfig, out: Path, seed: int, trained: dict[str, dict], log=print
+) -> tuple[object, str, int]:
+    """``ppo_finetune``'s starting point for ``seed``: the PPO network trained on the train
+    compositions, its provenance and its training env steps.
+
+    The run's own PPO row's checkpoint when one was trained (``pretrained_spec``), else a PPO
+    trained here under ``<out>/ppo_finetune/seed<k>`` with the run's budget and PPO config.
+    """
+    spec = pretrained_spec(cfg)
+    if spec is not None:
+        ckpt = out / spec["name"] / f"seed{seed}" / "checkpoints" / "final.ckpt"
+        module = load_module(ckpt, REGISTRY, expected="ppo")
+        steps = int(trained[spec["name"]]["meta_train_env_steps"])
+        note = f"the run's '{spec['name']}' row (its checkpoint of the same seed)"
+    else:
+        spec = {"name": "ppo_finetune", "method": "ppo", "config": {}}
+        module = method_class("ppo")(method_run_config(cfg, spec, seed))
+        fit(module, out / "ppo_finetune" / f"seed{seed}")
+        steps = module.env_steps
+        note = (
+            "a PPO trained for this row with the run's budget and PPO config, as no 'ppo' row"
+            " is among the methods (checkpoints under ppo_finetune/)"
+        )
+        log(f"[ppo_finetune seed {seed}] pre-trained PPO for {steps:,} env steps")
+    text = (
+        "PPO pre-trained on the train compositions, then fine-tuned by PPO on each held-out task"
+        " with the trial's episodes only (one update per finished episode, a fresh copy of the"
+        f" pre-trained weights per trial); pre-trained weights: {note}"
+    )
+    return module.net, text, steps
+
+
 def eval_tasks(cfg: HeldoutConfig) -> tuple:
     """The split and the held-out tasks (composition + layout seed) every row is evaluated on."""
-    split = envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
+    split = run_split(cfg)
     tasks = heldout_tasks(
         split.heldout, cfg.eval.num_tasks, cfg.eval.seed, split.meta.get("heldout_layout_seeds")
     )
@@ -139,7 +283,10 @@ def eval_tasks(cfg: HeldoutConfig) -> tuple:
 def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False, log=print) -> dict:
     """Train and evaluate every method and reference; write the run folder; return results."""
     # validate every method config before anything is written
-    for spec in cfg.method_specs():
+    specs = cfg.method_specs()
+    if "ppo_finetune" in cfg.references and pretrained_spec(cfg) is None:
+        specs.append({"name": "ppo_finetune", "method": "ppo", "config": {}})
+    for spec in specs:
         cls = method_class(spec["method"])
         config_from_dict(cls.config_cls, method_run_config(cfg, spec, cfg.seeds[0]))
     out = prepare_run_dir(out, overwrite=overwrite)
@@ -173,28 +320,32 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
             wall_s=wall / len(cfg.seeds), trained=True,
         )  # fmt: skip
     for ref in cfg.references:
-        succ, ret = {}, {}
-        t0 = time.perf_counter()
+        succ, ret, steps, wall, notes = {}, {}, 0, 0.0, set()
         for seed in cfg.seeds:
-            if ref == "oracle":
-                agent = OracleAgent()
-            elif ref == "random":
-                agent = RandomAgent(seed=seed)
+            t0 = time.perf_counter()
+            if ref == "ppo_finetune":
+                net, note, steps = pretrained_ppo(cfg, out, seed, methods, log)
+                notes.add(note)
+                agent = FinetunePPOAgent(net)
             else:
-                import torch
-
-                torch.manual_seed(seed)
-                agent = ScratchPPOAgent()
+                agent = reference_agent(ref, seed, split)
             r = evaluate(agent)
+            wall += time.perf_counter() - t0
             succ[seed], ret[seed] = r["success"], r["return"]
         methods[ref] = summarize(
-            succ, ret, n_boot=ev.bootstrap, wall_s=(time.perf_counter() - t0) / len(cfg.seeds)
-        )
+            succ, ret, n_boot=ev.bootstrap, meta_train_env_steps=steps,
+            wall_s=wall / len(cfg.seeds), trained=ref == "ppo_finetune",
+        )  # fmt: skip
+        methods[ref]["note"] = " ".join(sorted(notes)) or REFERENCE_NOTES[ref]
         log(f"[{ref}] success by episode {np.round(methods[ref]['success_at'], 2).tolist()}")
     doc = results_document(
         asdict(cfg), split.to_dict(), methods, resamples=ev.bootstrap, tasks=tasks, command=command
     )
+    doc["fields"]["note"] = "what a reference row is (ppo_finetune: where its weights came from)"
     atomic_write_text(out / "results.json", results_json_text(doc))
-    atomic_write_text(out / "table.md", table_markdown(doc))
+    notes = [f"- {n}: {m['note']}" for n, m in doc["methods"].items() if m.get("note")]
+    atomic_write_text(
+        out / "table.md", table_markdown(doc) + "\nReference rows:\n\n" + "\n".join(notes) + "\n"
+    )
     plot_curves(doc["methods"], out / "curves.png", title=f"Held-out compositions ({cfg.family})")
     return doc

@@ -25,9 +25,16 @@ import numpy as np
 import torch
 
 from envs.core import Composition, Task
-from rl.collect import Collector, Episode, FeedForwardPolicy, Prev, StepOutput, make_vector_env
-from rl.gae import gae
-from rl.nets import ActorCritic
+from rl.collect import Collector, Episode, make_vector_env
+
+# the reference rows live in rl.references; re-exported here, where callers import them from
+from rl.references import (  # noqa: F401
+    FinetunePPOAgent,
+    OracleAgent,
+    RandomAgent,
+    RandomPolicy,
+    ScratchPPOAgent,
+)
 from rl.stats import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -143,143 +150,6 @@ def _run_trials(agent, tasks, env_id, env_kwargs, episodes, num_envs, seed, vect
         envs.close()
     assert not np.isnan(success).any()
     return {"success": success, "return": returns}
-
-
-# --- reference agents ---------------------------------------------------------------------------
-
-
-class _StatelessPolicy:
-    def initial_memory(self, n):
-        return None
-
-    def reset_memory(self, memory, mask):
-        return None
-
-    def bootstrap_value(self, obs, memory, prev):
-        return torch.zeros(obs.shape[0])
-
-
-class RandomPolicy(_StatelessPolicy):
-    """Uniform random actions (the lower reference row)."""
-
-    def __init__(self, space: gym.Space, seed: int) -> None:
-        self.space = space
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def step(self, obs: torch.Tensor, memory: Any, prev: Prev) -> StepOutput:
-        n = obs.shape[0]
-        if isinstance(self.space, gym.spaces.Discrete):
-            a = torch.randint(int(self.space.n), (n,), generator=self.gen)
-        else:
-            lo = torch.as_tensor(self.space.low)
-            hi = torch.as_tensor(self.space.high)
-            a = lo + (hi - lo) * torch.rand((n, *self.space.shape), generator=self.gen)
-        return StepOutput(a, torch.zeros(n), torch.zeros(n))
-
-
-class RandomAgent:
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def trial_policy(self, envs):
-        self.seed += 1
-        return RandomPolicy(envs.single_action_space, self.seed), None
-
-
-class OracleAgent:
-    """CompoGrid's BFS oracle (the upper reference row); needs a sync vector env."""
-
-    needs_env_objects = True
-
-    def trial_policy(self, envs):
-        from envs.grid import Oracle
-
-        oracle = Oracle()
-
-        class _P(_StatelessPolicy):
-            def step(self, obs, memory, prev):
-                a = torch.tensor([oracle.act(e) for e in envs.envs])
-                n = obs.shape[0]
-                return StepOutput(a, torch.zeros(n), torch.zeros(n))
-
-        return _P(), None
-
-
-class ScratchPPOAgent:
-    """PPO from scratch on each held-out task with the same episode budget: a fresh policy per
-    trial, one PPO update (``rl.ppo.ppo_update``) on each finished episode."""
-
-    def __init__(self, hidden: int = 64, ppo: Any = None) -> None:
-        from rl.ppo import PPOConfig
-
-        self.hidden = hidden
-        self.ppo = ppo or PPOConfig(num_minibatches=1)
-
-    def trial_policy(self, envs):
-        from rl.collect import Rollout
-        from rl.ppo import ppo_update
-
-        obs_dim = envs.single_observation_space.shape[0]
-        nets = [
-            ActorCritic(obs_dim, envs.single_action_space, self.hidden)
-            for _ in range(envs.num_envs)
-        ]
-        opts = [torch.optim.Adam(n.parameters(), lr=self.ppo.lr, eps=1e-5) for n in nets]
-        cfg = self.ppo
-
-        class _P(_StatelessPolicy):
-            def step(self, obs, memory, prev):
-                outs = [
-                    FeedForwardPolicy(n).step(obs[i : i + 1], None, prev)
-                    for i, n in enumerate(nets)
-                ]
-                return StepOutput(
-                    torch.cat([o.action for o in outs]),
-                    torch.cat([o.logp for o in outs]),
-                    torch.cat([o.value for o in outs]),
-                )
-
-        def hook(i: int, ep: Episode) -> None:
-            net = nets[i]
-            with torch.enable_grad():
-                T = ep.rewards.shape[0]
-                term = ep.terminated.reshape(T, 1)
-                with torch.no_grad():
-                    last_v = net.value(ep.next_obs[-1:]).reshape(1)
-                nv = torch.zeros(T, 1)
-                nv[:-1] = ep.values[1:].reshape(-1, 1)
-                nv[-1] = torch.where(term[-1], torch.zeros(1), last_v)
-                cut = torch.zeros(T, 1)
-                cut[-1] = 1.0
-                adv, ret = gae(
-                    ep.rewards.reshape(T, 1),
-                    ep.values.reshape(T, 1),
-                    nv,
-                    cut,
-                    cfg.gamma,
-                    cfg.gae_lambda,
-                )
-                ro = Rollout(
-                    obs=ep.obs.unsqueeze(1), actions=ep.actions.unsqueeze(1), logp=ep.logp.reshape(T, 1),
-                    values=ep.values.reshape(T, 1), rewards=ep.rewards.reshape(T, 1), terminated=term,
-                    truncated=torch.zeros(T, 1, dtype=torch.bool), trunc_value=torch.zeros(T, 1),
-                    episode_start=torch.zeros(T, 1, dtype=torch.bool), trial_start=torch.zeros(T, 1, dtype=torch.bool),
-                    episode_index=torch.zeros(T, 1, dtype=torch.long), prev_action=ep.actions.unsqueeze(1),
-                    prev_reward=torch.zeros(T, 1), prev_done=torch.zeros(T, 1),
-                    valid=torch.ones(T, 1, dtype=torch.bool), last_value=torch.zeros(1), memory_start=None,
-                    extras={}, phi=None, next_obs=ep.next_obs.unsqueeze(1), episodes=[],
-                )  # fmt: skip
-                b_obs, b_act = ep.obs, ep.actions
-
-                def evaluate(mb):
-                    d = net.dist(b_obs[mb])
-                    return d.log_prob(b_act[mb]), d.entropy(), net.value(b_obs[mb])
-
-                ppo_update(
-                    ro, evaluate, list(net.parameters()), opts[i], cfg, advantages=adv, returns=ret
-                )
-
-        return _P(), hook
 
 
 # --- statistics ---------------------------------------------------------------------------------
