@@ -1,8 +1,8 @@
-"""The compositional agent: LSTM meta-controller, attention composer, skill graph."""
+"""The compositional agent: options, a decision-level LSTM controller, a pointer composer and a
+skill-feasibility graph (see ``compositional.agent``)."""
 
-from compositional.agent import CompositionalAgent
-from compositional.composer import AttentionComposer
-from compositional.controller import MetaController
-from compositional.graph import SkillGraph, write_graph
+from compositional.composer import PointerComposer
+from compositional.controller import DecisionController
+from compositional.graph import SkillGraph
 
-__all__ = ["AttentionComposer", "CompositionalAgent", "MetaController", "SkillGraph", "write_graph"]
+__all__ = ["DecisionController", "PointerComposer", "SkillGraph"]

@@ -1,19 +1,17 @@
-"""The attention composer: controller query vs learned skill keys -> weights alpha over skills.
+"""The attention composer as a pointer: a query against learned skill keys gives a categorical
+over skills, and the chosen skill acts alone until it terminates.
 
-``alpha = softmax(q . k_j / sqrt(d) + prior_j)``, with ``q`` a projection of the controller's
-output and ``k_j`` a learned key per skill (scaled dot-product attention, Vaswani et al. 2017);
-``prior`` is the skill graph's row for the active skill (see ``compositional.graph``).
+The query comes from the controller's state (``task_info="reward"``: the controller infers the
+composition) or, with ``task_info="instruction"``, from the token of the *current* sub-task only
+(so a never-seen order of known primitives needs no new learning: each position's query is the
+same function of its token). Modes:
 
-How the action distribution is built from the alpha-weighted skills:
-
-* discrete actions: the mixture of the skills' action *probabilities*,
-  ``pi(a | s) = sum_j alpha_j pi_j(a | s)`` (exact mixture, so log-probs and entropy are exact);
-* continuous actions: one Gaussian whose mean and log-std are the alpha-weighted means and
-  log-stds of the skills (a mixture of Gaussians has no closed-form entropy, and averaging
-  means is what the seed design's ``sum_i w_i * action_i`` does).
-
-Modes: ``attention`` (soft weights), ``hard`` (one skill at a time: a straight-through
-Gumbel-softmax one-hot, Jang et al. 2017, of the active skill), ``uniform`` (1/K, the ablation).
+- ``attention`` (default): the pointer; the skill is drawn from softmax(q . keys / sqrt(d)
+  + graph prior + per-trial bias).
+- ``uniform``: a uniformly random skill at every decision (the control: the controller has no
+  say).
+- ``soft``: the pre-options design kept as the ablation: the controller decides at *every* step
+  and the action comes from the softmax-weighted mixture of all skills' action distributions.
 """
 
 from __future__ import annotations
@@ -22,11 +20,8 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, Normal
 
-from rl.nets import ActionHead
-
-COMPOSER_MODES = ("attention", "hard", "uniform")
+COMPOSER_MODES = ("attention", "uniform", "soft")
 
 
 def check_composer_mode(mode: str) -> str:
@@ -35,64 +30,45 @@ def check_composer_mode(mode: str) -> str:
     return mode
 
 
-class AttentionComposer(nn.Module):
-    """Skill weights from a controller query against learned skill keys.
+class PointerComposer(nn.Module):
+    """Skill keys and the query maps (see the module docstring).
 
     Args:
-        ctrl_dim: size of the controller output.
+        hidden: controller state size (reward-mode query input).
         num_skills: K.
-        key_dim: d, size of queries and keys.
-        mode: 'attention', 'hard' or 'uniform'.
-        tau: Gumbel-softmax temperature of ``hard`` mode's straight-through gradient.
-
-    Examples:
-        >>> comp = AttentionComposer(8, num_skills=4)
-        >>> a = comp.weights(comp.logits(torch.randn(3, 8)))
-        >>> torch.allclose(a.sum(-1), torch.ones(3))
-        True
+        num_tokens: instruction vocabulary size (primitives).
+        key_dim: d.
+        mode: ``attention``, ``uniform`` or ``soft``.
+        instruction: build the query from the current sub-task token instead of the state.
     """
 
     def __init__(
-        self, ctrl_dim: int, num_skills: int, key_dim: int = 32, mode: str = "attention",
-        tau: float = 1.0,
-    ) -> None:  # fmt: skip
+        self,
+        hidden: int,
+        num_skills: int,
+        num_tokens: int,
+        key_dim: int = 32,
+        mode: str = "attention",
+        instruction: bool = False,
+    ) -> None:
         super().__init__()
         self.mode = check_composer_mode(mode)
-        if tau <= 0:
-            raise ValueError(f"gumbel_tau={tau}; allowed: a positive number")
-        self.num_skills, self.key_dim, self.tau = num_skills, key_dim, tau
-        self.query = nn.Linear(ctrl_dim, key_dim)
+        self.instruction = bool(instruction)
+        self.num_skills, self.key_dim = int(num_skills), int(key_dim)
         self.keys = nn.Parameter(torch.randn(num_skills, key_dim) / math.sqrt(key_dim))
+        self.query_state = nn.Linear(hidden, key_dim)
+        self.query_token = nn.Linear(num_tokens, key_dim)
+        for lin in (self.query_state, self.query_token):
+            nn.init.orthogonal_(lin.weight, 1.0)
+            nn.init.zeros_(lin.bias)
 
-    def logits(self, u: torch.Tensor) -> torch.Tensor:
-        """Attention scores q . k_j / sqrt(d), shape (..., K)."""
-        return self.query(u) @ self.keys.t() / math.sqrt(self.key_dim)
+    def query(self, h: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """(B, d): from the current sub-task token alone (instruction), else from the state."""
+        return self.query_token(token) if self.instruction else self.query_state(h)
 
-    def weights(self, logits: torch.Tensor, skill: torch.Tensor | None = None) -> torch.Tensor:
-        """alpha over the K skills (rows sum to 1).
-
-        ``hard`` mode: the one-hot of ``skill`` (the active skill) with the straight-through
-        gradient of ``softmax(logits / tau)``; without ``skill`` a Gumbel-softmax sample.
-        """
+    def logits(self, h: torch.Tensor, token: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """(B, K) skill logits; ``prior`` (B, K): graph log-prior plus any per-trial bias."""
         if self.mode == "uniform":
-            return torch.full_like(logits, 1.0 / self.num_skills)
-        if self.mode == "attention":
-            return torch.softmax(logits, -1)
-        soft = torch.softmax(logits / self.tau, -1)
-        if skill is None:
-            return nn.functional.gumbel_softmax(logits, tau=self.tau, hard=True)
-        hard = nn.functional.one_hot(skill.long(), self.num_skills).to(soft.dtype)
-        return hard - soft.detach() + soft
-
-    @staticmethod
-    def mix(
-        out: torch.Tensor, alpha: torch.Tensor, head: ActionHead, log_std: torch.Tensor
-    ) -> Distribution:
-        """The composed action distribution from every skill's outputs ``out`` (B, K, n_out),
-        weights ``alpha`` (B, K) and per-skill log-stds (K, n_out) (see the module docstring)."""
-        if head.discrete:
-            probs = (alpha.unsqueeze(-1) * torch.softmax(out, -1)).sum(1)
-            return Categorical(probs=probs.clamp_min(1e-12), validate_args=False)
-        mean = (alpha.unsqueeze(-1) * out).sum(1)
-        ls = (alpha @ log_std).clamp(-5, 2)
-        return Independent(Normal(mean, ls.exp(), validate_args=False), 1, validate_args=False)
+            return torch.zeros(h.shape[0], self.num_skills)
+        q = self.query(h, token)
+        return q @ self.keys.T / math.sqrt(self.key_dim) + prior

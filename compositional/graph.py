@@ -1,13 +1,13 @@
-"""The skill-transition graph: which skill follows which, and when a skill ends.
+"""The skill-transition graph as a feasibility model: which skill can run successfully after
+which.
 
-A learned K x K matrix of adjacency logits ``A`` plus the skills' termination functions
-beta_k(s) (``SkillLibrary.beta``, as in the option-critic, Bacon et al. 2017). At every step the
-active skill k terminates with probability beta_k(s); when it does, the next skill is drawn from
-``softmax(A[k] + controller_logits)`` (graph prior and controller combined as a sum of logits).
-At an episode start there is no active skill, so only the controller's logits are used.
-
-Mode ``none`` (the ablation): no graph prior and fixed-length skills: the controller re-selects
-every ``skill_len`` steps, whatever the termination heads say.
+Edge (i, j) estimates P(skill j reaches its outcome | it starts right after skill i), from
+*every* segment observed — skill discovery's chains and the controller's own choices — with a
+Beta(1, 1) prior: ``(successes + 1) / (tries + 2)``. Row K is "no previous skill" (episode
+start). It is a model of what the skills can do, not of the order statistics of the train
+compositions, which would penalise exactly the held-out orders. The controller adds
+``log P[prev, :]`` to its skill logits (mode ``learned``); mode ``none`` adds nothing and so
+ignores the previous skill.
 """
 
 from __future__ import annotations
@@ -30,94 +30,80 @@ def check_graph_mode(mode: str) -> str:
 
 
 class SkillGraph(nn.Module):
-    """Learned adjacency logits over skills and the switching rule.
-
-    Args:
-        num_skills: K.
-        mode: 'learned' or 'none'.
-        skill_len: re-selection period of mode ``none``.
+    """Counts of segment outcomes per (previous skill, skill).
 
     Examples:
         >>> g = SkillGraph(3)
-        >>> torch.allclose(g.transition().sum(-1), torch.ones(3))
-        True
+        >>> g.update(torch.tensor([-1, 0, 0]), torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]))
+        >>> [round(float(x), 3) for x in g.feasibility()[0]]
+        [0.5, 0.667, 0.333]
+        >>> round(float(g.transition()[0].sum()), 6)
+        1.0
     """
 
-    def __init__(self, num_skills: int, mode: str = "learned", skill_len: int = 8) -> None:
+    def __init__(self, num_skills: int, mode: str = "learned") -> None:
         super().__init__()
+        self.num_skills = int(num_skills)
         self.mode = check_graph_mode(mode)
-        if skill_len < 1:
-            raise ValueError(f"skill_len={skill_len}; allowed: an integer >= 1")
-        self.num_skills, self.skill_len = num_skills, skill_len
-        # zeros: a uniform prior until meta-training shapes it
-        self.adjacency_logits = nn.Parameter(
-            torch.zeros(num_skills, num_skills), requires_grad=mode == "learned"
-        )
+        k = self.num_skills
+        self.register_buffer("successes", torch.zeros(k + 1, k, dtype=torch.float64))
+        self.register_buffer("tries", torch.zeros(k + 1, k, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, prev: torch.Tensor, skill: torch.Tensor, success: torch.Tensor) -> None:
+        """Count segments: ``prev`` (-1 = none), ``skill`` and whether it reached its outcome."""
+        row = torch.where(prev < 0, torch.full_like(prev, self.num_skills), prev).long()
+        idx = row * self.num_skills + skill.long()
+        flat_t = self.tries.view(-1)
+        flat_s = self.successes.view(-1)
+        flat_t.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        flat_s.index_add_(0, idx, success.to(torch.float64))
+
+    def feasibility(self) -> torch.Tensor:
+        """(K + 1, K) estimated probability that each skill reaches its outcome after each
+        previous skill (row K: at an episode start)."""
+        return ((self.successes + 1) / (self.tries + 2)).float()
 
     def transition(self) -> torch.Tensor:
-        """Row-stochastic K x K matrix P[i, j] = p(next = j | current = i) of the graph prior."""
+        """(K + 1, K) the prior over the next skill: each row of ``feasibility`` normalised
+        (``none``: uniform rows)."""
         if self.mode == "none":
-            return torch.full((self.num_skills, self.num_skills), 1.0 / self.num_skills)
-        return torch.softmax(self.adjacency_logits, -1)
+            return torch.full((self.num_skills + 1, self.num_skills), 1.0 / self.num_skills)
+        f = self.feasibility()
+        return f / f.sum(-1, keepdim=True)
 
-    def prior_logits(self, prev_skill: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """Graph prior logits (B, K) for the next skill given the active one (zeros at episode
-        starts and in mode ``none``)."""
-        b = prev_skill.shape[0]
+    def log_prior(self, prev: torch.Tensor) -> torch.Tensor:
+        """(B, K) added to the controller's logits: log transition[prev] (``none``: zeros, so
+        the previous skill is ignored)."""
         if self.mode == "none":
-            return torch.zeros(b, self.num_skills)
-        rows = self.adjacency_logits[prev_skill.clamp_min(0)]
-        return rows * (~start).float().unsqueeze(-1)
+            return torch.zeros(prev.shape[0], self.num_skills)
+        row = torch.where(prev < 0, torch.full_like(prev, self.num_skills), prev).long()
+        return self.transition()[row].log()
 
-    def next_skill_logits(
-        self, ctrl_logits: torch.Tensor, prev_skill: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits of the next-skill distribution: controller + graph row (sum of logits)."""
-        return ctrl_logits + self.prior_logits(prev_skill, start)
-
-    def switch_prob(
-        self, beta: torch.Tensor, prev_skill: torch.Tensor, steps: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
-        """p(the active skill ends now) (B,): beta_k(s) of the active skill k (mode ``learned``)
-        or 1 every ``skill_len`` steps (mode ``none``); always 1 at an episode start."""
-        if self.mode == "none":
-            p = (steps >= self.skill_len).float()
-        else:
-            p = beta.gather(1, prev_skill.clamp_min(0).view(-1, 1)).squeeze(1)
-        return torch.where(start, torch.ones_like(p), p)
-
-    def to_networkx(self, names: list[str] | None = None, termination: torch.Tensor | None = None):
-        """Weighted ``networkx.DiGraph``: nodes are skills (attribute ``termination``: mean
-        beta_k if given), edge (i, j) has ``weight`` = P[i, j] of the graph prior."""
+    def to_networkx(self, names: list[str] | None = None):
+        """Weighted ``networkx.DiGraph``: node k has ``label`` and ``start`` (feasibility at an
+        episode start); edge (i, j) has ``weight`` = feasibility[i, j], ``prior`` =
+        transition[i, j] and ``tries``."""
         import networkx as nx
 
-        P = self.transition().detach()
+        P, Q = self.feasibility(), self.transition()
         g = nx.DiGraph(mode=self.mode)
         names = names or [f"skill {k}" for k in range(self.num_skills)]
         for k in range(self.num_skills):
-            attrs = {"label": names[k]}
-            if termination is not None:
-                attrs["termination"] = float(termination[k])
-            g.add_node(k, **attrs)
+            g.add_node(k, label=names[k], start=float(P[self.num_skills, k]))
         for i in range(self.num_skills):
             for j in range(self.num_skills):
-                g.add_edge(i, j, weight=float(P[i, j]))
+                g.add_edge(
+                    i, j, weight=float(P[i, j]), prior=float(Q[i, j]), tries=int(self.tries[i, j])
+                )
         return g
 
 
-def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = None) -> dict:
-    """Write ``graph.png`` and ``graph.graphml`` of ``agent``'s skill graph into ``out_dir``.
+def write_graph(agent, out_dir: str | os.PathLike, min_weight: float = 0.5) -> dict:
+    """Write ``graph.png`` (matrix and graph) and ``graph.graphml`` of ``agent.graph``.
 
-    Args:
-        agent: a ``CompositionalAgent`` (anything with ``.graph`` and optionally
-            ``.mean_termination()``).
-        out_dir: the folder (created if missing).
-        min_weight: edges below this probability are not drawn (default 1.5/K: edges the graph
-            clearly prefers over the uniform 1/K; none while the prior is still uniform); every
-            edge is in the GraphML file.
-
-    Returns:
-        ``{"png": path, "graphml": path}``.
+    Edges drawn: P[i, j] >= ``min_weight`` and observed at least 5 times; the matrix on the left
+    shows every entry, with unobserved ones blank.
     """
     import matplotlib
 
@@ -130,46 +116,41 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float | None = No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     graph: SkillGraph = agent.graph
-    beta = agent.mean_termination() if hasattr(agent, "mean_termination") else None
     names = agent.skill_names() if hasattr(agent, "skill_names") else None
-    g = graph.to_networkx(names=names, termination=beta)
+    names = [n or f"skill {k}" for k, n in enumerate(names or [None] * graph.num_skills)]
+    g = graph.to_networkx(names=names)
     k = graph.num_skills
-    thr = 1.5 / k if min_weight is None else min_weight
-    P = np.array([[g[i][j]["weight"] for j in range(k)] for i in range(k)])
-    fig, (hax, ax) = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [1, 1.1]})
-    # left: the whole transition matrix, coloured relative to uniform 1/K, so a prior that has
-    # barely moved still shows where it is heading
-    im = hax.imshow(P * k, cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest")
-    hax.set(xlabel="next skill", ylabel="current skill", xticks=range(k), yticks=range(k))
-    if names:
-        hax.set_yticklabels([f"{n} {name}" for n, name in enumerate(names)], fontsize=6)
-    hax.set_title(f"p(next | current) × K  (1 = uniform; max {P.max() * k:.2f})", fontsize=9)
+    P = graph.feasibility()[:k].numpy()
+    seen = graph.tries[:k].numpy() > 0
+    fig, (hax, ax) = plt.subplots(1, 2, figsize=(14, 6.5), gridspec_kw={"width_ratios": [1, 1.1]})
+    im = hax.imshow(np.where(seen, P, np.nan), cmap="viridis", vmin=0, vmax=1)
+    hax.set(xlabel="next skill", ylabel="previous skill", xticks=range(k), yticks=range(k))
+    hax.set_xticklabels([str(i) for i in range(k)], fontsize=6)
+    hax.set_yticklabels([f"{i} {n}" for i, n in enumerate(names)], fontsize=6)
+    hax.set_title(
+        "P(next skill reaches its outcome | previous skill); blank = never tried", fontsize=9
+    )
     fig.colorbar(im, ax=hax, fraction=0.046, pad=0.04)
-    # right: the graph; edges clearly above uniform are drawn, and if none is, each skill's
-    # most likely successor (thin, dashed) so the layout is never empty
     pos = nx.circular_layout(g)
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ecae1", node_size=600)
-    labels = {n: str(n) if not names else f"{n}\n{names[n]}" for n in g.nodes}
-    if beta is not None:
-        labels = {n: f"{labels[n]}\nβ={float(beta[n]):.2f}" for n in g.nodes}
-    nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=7)
-    edges = [(i, j) for i, j, w in g.edges(data="weight") if w > thr + 1e-9]
-    if edges:
-        widths = [min(6.0, k * g[i][j]["weight"]) for i, j in edges]  # 1 = uniform
-        nx.draw_networkx_edges(
-            g, pos, edgelist=edges, width=widths, ax=ax, arrows=True, connectionstyle="arc3,rad=0.1"
-        )
-        title = f"skill graph ({graph.mode}): {len(edges)} edges with p > {thr:.2f}"
-    else:
-        top = [(i, int(P[i].argmax())) for i in range(k)]
-        nx.draw_networkx_edges(
-            g, pos, edgelist=top, width=1.0, style="dashed", ax=ax, arrows=True,
-            connectionstyle="arc3,rad=0.1", edge_color="grey",
-        )  # fmt: skip
-        title = f"skill graph ({graph.mode}): no edge above {thr:.2f}; dashed = argmax successor"
-    ax.set_title(title, fontsize=9)
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ecae1", node_size=500)
+    nx.draw_networkx_labels(
+        g, pos, labels={n: f"{n}\n{names[n]}" for n in g.nodes}, ax=ax, font_size=6
+    )
+    edges = [
+        (i, j) for i, j, d in g.edges(data=True) if d["weight"] >= min_weight and d["tries"] >= 5
+    ]
+    nx.draw_networkx_edges(
+        g, pos, edgelist=edges, width=[2 * g[i][j]["weight"] for i, j in edges], ax=ax,
+        arrows=True, connectionstyle="arc3,rad=0.1", alpha=0.5,
+    )  # fmt: skip
+    ax.set_title(
+        f"skill graph ({graph.mode}): {len(edges)} edges with P >= {min_weight} (>= 5 tries); "
+        f"{int(graph.tries.sum())} segments counted",
+        fontsize=9,
+    )
     ax.axis("off")
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(out / "graph.png", buf.getvalue())

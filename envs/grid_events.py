@@ -31,6 +31,7 @@ _V = {v: i for i, v in enumerate(("goto", "pickup", "drop", "open", "toggle"))}
 PRIM_VERB = np.array([_V[p.verb] for p in PRIMITIVES])
 PRIM_OBJ = np.array([ENTITIES.index(p.obj) for p in PRIMITIVES])
 NUM_PRIMITIVES = len(PRIMITIVES)
+_VERB_T, _OBJ_T = torch.as_tensor(PRIM_VERB), torch.as_tensor(PRIM_OBJ)
 
 
 def _lib(x):
@@ -57,11 +58,22 @@ def object_state(obs):
 
 def completed(obs0, obs1):
     """(..., 19) bool: the primitives the transition obs0 -> obs1 completes (env rules)."""
+    return _completed(_parts(obs0), _parts(obs1), _lib(obs0))
+
+
+def outcomes(obs0, obs1):
+    """``(completed(obs0, obs1), events(obs0, obs1), feasible(obs1))`` with each observation
+    read once (the acting policies' hot path)."""
     xp = _lib(obs0)
-    on0, car0, door0, _ = _parts(obs0)
-    on1, car1, door1, front1 = _parts(obs1)
-    verb = xp.asarray(PRIM_VERB) if xp is np else torch.as_tensor(PRIM_VERB)
-    obj = xp.asarray(PRIM_OBJ) if xp is np else torch.as_tensor(PRIM_OBJ)
+    p0, p1 = _parts(obs0), _parts(obs1)
+    comp = _completed(p0, p1, xp)
+    return comp, comp & ~_completed(p0, p0, xp), _feasible(p1, xp)
+
+
+def _completed(p0, p1, xp):
+    on0, car0, door0, _ = p0
+    on1, car1, door1, front1 = p1
+    verb, obj = (PRIM_VERB, PRIM_OBJ) if xp is np else (_VERB_T, _OBJ_T)
     goto = front1[..., obj]
     pickup = car1[..., obj]
     drop = car0[..., obj] & on1[..., obj]
@@ -84,10 +96,12 @@ def feasible(obs):
     """(..., 19) bool: primitives that can complete from this state (a goto needs its entity on
     the grid, a pickup its object on the grid, a drop that object carried, an open its box on
     the grid or the door closed; toggling the door is always possible)."""
-    xp = _lib(obs)
-    on, carried, door, _ = _parts(obs)
-    verb = np.asarray(PRIM_VERB) if xp is np else torch.as_tensor(PRIM_VERB)
-    obj = np.asarray(PRIM_OBJ) if xp is np else torch.as_tensor(PRIM_OBJ)
+    return _feasible(_parts(obs), _lib(obs))
+
+
+def _feasible(p, xp):
+    on, carried, door, _ = p
+    verb, obj = (PRIM_VERB, PRIM_OBJ) if xp is np else (_VERB_T, _OBJ_T)
     is_door = obj == DOOR_I
     open_ok = xp.where(is_door, ~door[..., None], on[..., obj])
     out = xp.where(

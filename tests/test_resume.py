@@ -45,19 +45,19 @@ CONFIGS = {
         "total_env_steps": 16 * 2 * 32,
         "ppo": {"num_steps": 32, "num_minibatches": 2, "update_epochs": 1},
     },
-    # phase 1 (discovery) is 4 iterations, phase 2 (meta-training) 8: the first kill lands in
+    # phase 1 (skills) is 4 iterations, phase 2 (controller) 8: the first kill lands in
     # phase 1, the second in phase 2, so the first resume crosses the phase boundary
     "compositional": {
         "env_kwargs": {"task_info": "reward", "size": 8, "max_steps": 12},
         "num_envs": 2,
         "episodes_per_trial": 2,
-        "num_skills": 4,
         "hidden": 16,
         "key_dim": 8,
+        "library_hidden": 16,
         "total_env_steps": 640,
-        "discovery_fraction": 0.2,
+        "library_fraction": 0.2,
         "ppo": {"num_steps": 32, "update_epochs": 1, "num_minibatches": 2},
-        "discovery": {"ppo": {"num_steps": 16, "update_epochs": 1, "num_minibatches": 2}},
+        "skills": {"num_steps": 16, "ppo": {"update_epochs": 1, "num_minibatches": 2}},
     },
     "maml": {
         "compositions": ["goto(red ball)", "goto(green key)"],
@@ -203,9 +203,9 @@ def test_compositional_killed_in_each_phase_resumes_bit_for_bit(tmp_path):
     from compositional.agent import CompositionalAgent
 
     ag = CompositionalAgent({**CONFIGS["compositional"], "seed": 3})
-    assert (ag.n_disc, ag.n_meta) == (4, 8)
+    assert (ag.phase1_iters, ag.phase2_iters) == (4, 8)
     # first kill in phase 1, second in phase 2: the run resumes across the phase boundary
-    _kill_and_resume(tmp_path, "compositional", kill_at=(0, ag.n_disc + 3))
+    _kill_and_resume(tmp_path, "compositional", kill_at=(0, ag.phase1_iters + 3))
 
 
 @pytest.mark.slow

@@ -1,0 +1,215 @@
+"""PPO at the decision level (SMDP): the controller's transitions are its decisions.
+
+From a rollout of the shared collector, per env, decision j at step t_j chose a skill that ran
+until the next decision t_{j+1}. Its reward is the discounted sum of the env rewards in between,
+R_j = sum_{t=t_j}^{t_{j+1}-1} gamma^(t - t_j) r_t, and the next decision's value is discounted
+by gamma^(t_{j+1} - t_j) (the option's duration; Sutton, Precup & Singh 1999). Advantages are
+trial-level (RL²): an episode boundary inside a trial is not terminal; the end of a trial is,
+whether its last episode terminated or was cut by the time limit (the trial is over). The last
+decision of a rollout whose segment is still running is not trained (its return is unknown);
+its value bootstraps the decision before it.
+
+The controller is recurrent, so the update replays each env's decision sequence from the
+controller state at the rollout's start (``Rollout.memory_start``), zeroing it where a trial
+starts: BPTT over the rollout's decisions (tens per env, not thousands of steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compositional.controller import current_token
+from envs.grid_events import NUM_PRIMITIVES
+from rl.collect import Rollout
+from rl.ppo import PPOConfig, explained_variance, ppo_loss
+
+
+@dataclass
+class Decisions:
+    """Padded (N envs, M decisions, ...) decision data of one rollout."""
+
+    x: torch.Tensor
+    skill: torch.Tensor
+    logp: torch.Tensor
+    value: torch.Tensor
+    adv: torch.Tensor
+    ret: torch.Tensor
+    train: torch.Tensor
+    reset: torch.Tensor
+    prev: torch.Tensor
+    bias: torch.Tensor
+    pi_a: torch.Tensor | None
+    h0: torch.Tensor
+    c0: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.train.sum())
+
+
+def smdp_advantages(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    dec_steps: np.ndarray,
+    trial_end: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decision-level GAE for one env.
+
+    Args:
+        rewards: (T,) env rewards of the rollout.
+        values: (m,) the controller's value at each decision.
+        dec_steps: (m,) increasing step indices of the decisions.
+        trial_end: (T,) True where the step ends a trial.
+
+    Returns:
+        advantages (m,), returns (m,) and a (m,) mask of decisions whose segment finished
+        (the others are not trained).
+    """
+    T, m = len(rewards), len(dec_steps)
+    adv = np.zeros(m)
+    done = np.zeros(m, dtype=bool)
+    R = np.zeros(m)
+    disc = np.zeros(m)
+    term = np.zeros(m, dtype=bool)
+    for j in range(m):
+        t0 = dec_steps[j]
+        t1 = dec_steps[j + 1] if j + 1 < m else T
+        ends = np.flatnonzero(trial_end[t0:t1])
+        if len(ends):  # a trial ends inside the segment: it stops there, terminal
+            t1 = t0 + int(ends[0]) + 1
+            term[j] = True
+        g = gamma ** np.arange(t1 - t0)
+        R[j] = float((g * rewards[t0:t1]).sum())
+        disc[j] = gamma ** (t1 - t0)
+        done[j] = j + 1 < m or term[j]
+    next_adv = 0.0
+    for j in reversed(range(m)):
+        if not done[j]:
+            next_adv = 0.0
+            continue
+        if term[j]:
+            delta = R[j] - values[j]
+            next_adv = delta
+        else:
+            delta = R[j] + disc[j] * values[j + 1] - values[j]
+            next_adv = delta + disc[j] * lam * next_adv
+        adv[j] = next_adv
+    return adv, adv + values, done
+
+
+def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Decisions:
+    """The rollout's decisions per env, padded, with SMDP advantages."""
+    ex = ro.extras
+    dec = (ex["decision"] & ro.valid).numpy()
+    T, N = dec.shape
+    trial_end = ro._trial_end().numpy() | ~ro.valid.numpy()
+    rewards = ro.rewards.numpy()
+    values = ex["dec_value"].numpy()
+    per_env = [np.flatnonzero(dec[:, i]) for i in range(N)]
+    M = max(1, max(len(s) for s in per_env))
+    F, K = ex["ctrl_in"].shape[-1], ex["alpha"].shape[-1]
+    out = {
+        "x": torch.zeros(N, M, F),
+        "skill": torch.zeros(N, M, dtype=torch.long),
+        "logp": torch.zeros(N, M),
+        "value": torch.zeros(N, M),
+        "adv": torch.zeros(N, M),
+        "ret": torch.zeros(N, M),
+        "train": torch.zeros(N, M, dtype=torch.bool),
+        "reset": torch.zeros(N, M, dtype=torch.bool),
+        "prev": torch.full((N, M), -1, dtype=torch.long),
+        "bias": torch.zeros(N, M, K),
+    }
+    pi_a = torch.zeros(N, M, K) if soft else None
+    for i, steps in enumerate(per_env):
+        m = len(steps)
+        if m == 0:
+            continue
+        v = values[steps, i]
+        adv, ret, ok = smdp_advantages(rewards[:, i], v, steps, trial_end[:, i], gamma, lam)
+        st = torch.as_tensor(steps)
+        out["x"][i, :m] = ex["ctrl_in"][st, i]
+        out["skill"][i, :m] = ex["skill"][st, i]
+        out["logp"][i, :m] = ex["dec_logp"][st, i]
+        out["value"][i, :m] = torch.as_tensor(v, dtype=torch.float32)
+        out["adv"][i, :m] = torch.as_tensor(adv, dtype=torch.float32)
+        out["ret"][i, :m] = torch.as_tensor(ret, dtype=torch.float32)
+        out["train"][i, :m] = torch.as_tensor(ok)
+        out["reset"][i, :m] = ro.trial_start[st, i]
+        out["prev"][i, :m] = ex["dec_prev"][st, i]
+        out["bias"][i, :m] = ex["bias"][st, i]
+        if soft:
+            pi_a[i, :m] = ex["pi_a"][st, i]
+    h0, c0 = ro.memory_start[0], ro.memory_start[1]
+    return Decisions(**out, pi_a=pi_a, h0=h0.clone(), c0=c0.clone())
+
+
+def replay(agent, D: Decisions, envs: torch.Tensor):
+    """Re-run the controller over the decisions of ``envs``: logits (n, M, K), values (n, M).
+    Only the LSTM cell runs step by step; input layer, composer and value head are batched."""
+    x = D.x[envs]
+    n, M, _ = x.shape
+    inp = agent.controller.inp(x)
+    keep = (~D.reset[envs]).float()[..., None]
+    h, c = D.h0[envs], D.c0[envs]
+    hs = []
+    for j in range(M):
+        h, c = agent.controller.lstm(inp[:, j], (h * keep[:, j], c * keep[:, j]))
+        hs.append(h)
+    hs = torch.stack(hs, 1).reshape(n * M, -1)
+    token = x[..., -NUM_PRIMITIVES:].reshape(n * M, -1)
+    prior = agent.graph.log_prior(D.prev[envs].reshape(-1)) + D.bias[envs].reshape(n * M, -1)
+    logits = agent.composer.logits(hs, token, prior).reshape(n, M, -1)
+    return logits, agent.controller.value(hs).reshape(n, M)
+
+
+def update_controller(
+    agent, D: Decisions, optimizer: torch.optim.Optimizer, cfg: PPOConfig, backward=None
+) -> dict[str, float]:
+    """PPO epochs over minibatches of envs (whole decision sequences)."""
+    N = D.x.shape[0]
+    params = [p for p in agent.decision_parameters() if p.requires_grad]
+    stats: dict[str, list[float]] = {}
+    if D.count == 0:
+        return {}
+    mb_envs = max(1, N // cfg.num_minibatches)
+    for _epoch in range(cfg.update_epochs):
+        perm = torch.randperm(N)
+        for start in range(0, N, mb_envs):
+            envs = perm[start : start + mb_envs]
+            mask = D.train[envs]
+            if not mask.any():
+                continue
+            logits, values = replay(agent, D, envs)
+            logp_all = torch.log_softmax(logits, -1)
+            if D.pi_a is not None:  # soft composer: the action's mixture probability
+                new_logp = torch.logsumexp(logp_all + D.pi_a[envs].clamp_min(1e-12).log(), -1)
+            else:
+                new_logp = logp_all.gather(-1, D.skill[envs][..., None]).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            adv = D.adv[envs][mask]
+            if cfg.norm_adv and adv.numel() > 1:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            terms = ppo_loss(
+                new_logp[mask], D.logp[envs][mask], adv, values[mask], D.value[envs][mask],
+                D.ret[envs][mask], entropy[mask], clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef,
+                ent_coef=cfg.ent_coef,
+            )  # fmt: skip
+            optimizer.zero_grad()
+            (backward or torch.Tensor.backward)(terms["loss"])
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in terms.items():
+                stats.setdefault(k, []).append(float(v.detach()))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["explained_variance"] = explained_variance(D.value[D.train], D.ret[D.train])
+    return out
+
+
+__all__ = ["Decisions", "collect_decisions", "current_token", "smdp_advantages"]

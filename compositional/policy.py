@@ -1,0 +1,194 @@
+"""The compositional agent's acting policy: options chosen by the controller at decision points.
+
+A ``RolloutPolicy`` for the shared collector. Every env step it
+
+1. adds the last reward to the active segment and its object events (``envs.grid_events``);
+2. ends the active skill if its termination fires (``OptionLibrary.beta``), it has run
+   ``t_max`` steps, or an episode ended (composer ``soft``: every step);
+3. records each finished segment in the trial's belief tables ("paid at this sub-task
+   position" / "tried here without pay") and for the skill graph;
+4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
+   pointer composer (``compositional.composer``) choose the next skill;
+5. acts with the active skill alone (``soft``: with the composer's mixture of all skills).
+
+Its memory (a tuple of tensors, so the collector can checkpoint it) holds the controller
+state, the active segment and the trial's belief tables, and is reset between trials. What a
+decision needs for the PPO update (its input, choice, log-probability, value, prior) goes into
+``StepOutput.extras``, as do ``skill``/``alpha``/``decision`` for ``compo trace``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compositional.controller import current_token, decision_features, progress_of
+from envs.grid import MAX_LEN
+from envs.grid_events import NUM_PRIMITIVES, outcomes
+from rl.collect import Prev, StepOutput
+
+# memory layout (a plain tuple: the collector clones and checkpoints it element-wise)
+H, C, SKILL, SEG_LEN, SEG_REW, SEG_EV, SEG_POS, LAST_OBS, PAID, TRIED = range(10)
+BIAS, ACC, EP_RET, EP_MEAN, EP_CNT, PREV = range(10, 16)
+
+
+class SkillLevelPolicy:
+    """Acts for ``agent`` (a ``CompositionalAgent``: library, controller, composer, graph)."""
+
+    def __init__(self, agent, generator: torch.Generator) -> None:
+        self.a = agent
+        self.gen = generator
+        self.K = agent.library.num_skills
+        self.soft = agent.cfg.composer == "soft"
+
+    # -- memory ---------------------------------------------------------------------------------
+    def initial_memory(self, n: int):
+        K, hid = self.K, self.a.controller.hidden
+        z = torch.zeros
+        return (
+            z(n, hid), z(n, hid), torch.full((n,), -1, dtype=torch.long),
+            z(n, dtype=torch.long), z(n), z(n, NUM_PRIMITIVES), z(n, dtype=torch.long),
+            z(n, self.a.obs_dim), z(n, MAX_LEN, K), z(n, MAX_LEN, K),
+            z(n, K), z(n, K), z(n), z(n), z(n), torch.full((n,), -1, dtype=torch.long),
+        )  # fmt: skip
+
+    def reset_memory(self, memory, mask: torch.Tensor):
+        fresh = self.initial_memory(int(mask.sum()))
+        out = []
+        for m, f in zip(memory, fresh):
+            m = m.clone()
+            m[mask] = f
+            out.append(m)
+        return tuple(out)
+
+    def bootstrap_value(self, obs, memory, prev) -> torch.Tensor:
+        return torch.zeros(obs.shape[0])  # decision-level values live in the extras
+
+    # -- one env step ---------------------------------------------------------------------------
+    def step(self, obs: torch.Tensor, memory, prev: Prev) -> StepOutput:
+        a, K, B = self.a, self.K, obs.shape[0]
+        cfg = a.cfg
+        m = list(memory)
+        skill = m[SKILL]
+        boundary = prev.done > 0
+        active = skill >= 0
+        r = prev.reward
+        m[SEG_REW] = m[SEG_REW] + r * active
+        m[EP_RET] = m[EP_RET] + r
+        # events of the last transition (an episode boundary hides the final one)
+        cont = active & ~boundary
+        comp, ev, feas = outcomes(m[LAST_OBS], obs)
+        m[SEG_EV] = torch.maximum(m[SEG_EV], (ev & cont[:, None]).float())
+        # 1. which active skills end here
+        ended = boundary & active
+        by_beta = torch.zeros(B, dtype=torch.bool)
+        if self.soft:
+            ended = active.clone()
+        else:
+            timeout = cont & (m[SEG_LEN] >= cfg.t_max)
+            check = cont & ~timeout
+            lib = a.library
+            if lib.termination == "event":  # exact: own primitive completed or infeasible
+                own = lib.event_of[skill.clamp(min=0)]
+                rows = torch.arange(B)
+                by_beta = check & (comp[rows, own] | ~feas[rows, own])
+            elif check.any():
+                beta = lib.beta(m[LAST_OBS][check], obs[check], skill[check])
+                by_beta[check] = torch.rand(int(check.sum()), generator=self.gen) < beta
+            ended = ended | timeout | by_beta
+        # 2. finished segments: the trial's belief tables and the graph's data
+        extras = {
+            "seg_end": ended & ~boundary,
+            "seg_skill": skill.clone(),
+            "seg_prev": m[EP_CNT].new_full((B,), -1, dtype=torch.long),
+            "seg_ok": torch.zeros(B, dtype=torch.bool),
+        }
+        if ended.any():
+            idx = ended.nonzero().squeeze(-1)
+            pos, k = m[SEG_POS][idx], skill[idx]
+            paid = (m[SEG_REW][idx] > 0).float()
+            m[PAID] = m[PAID].clone()
+            m[TRIED] = m[TRIED].clone()
+            m[PAID][idx, pos, k] = torch.maximum(m[PAID][idx, pos, k], paid)
+            m[TRIED][idx, pos, k] = torch.maximum(m[TRIED][idx, pos, k], 1 - paid)
+            extras["seg_prev"][idx] = m[PREV][idx]
+            lib = a.library
+            if lib.termination == "event":  # reached: its own primitive completed on the way
+                extras["seg_ok"][idx] = m[SEG_EV][idx, lib.event_of[k]] > 0
+            else:
+                extras["seg_ok"][idx] = by_beta[idx]
+        # inner loop (ablation): one REINFORCE step on a per-trial skill bias per episode
+        if cfg.inner_loop == "on" and boundary.any():
+            i = boundary.nonzero().squeeze(-1)
+            base = torch.where(m[EP_CNT][i] > 0, m[EP_MEAN][i], torch.full_like(m[EP_MEAN][i], 0.5))
+            m[BIAS] = m[BIAS].clone()
+            m[BIAS][i] += cfg.inner_lr * (m[EP_RET][i] - base)[:, None] * m[ACC][i]
+            m[EP_MEAN] = m[EP_MEAN].clone()
+            m[EP_MEAN][i] = (m[EP_MEAN][i] * m[EP_CNT][i] + m[EP_RET][i]) / (m[EP_CNT][i] + 1)
+            m[EP_CNT] = m[EP_CNT] + boundary.float()
+            m[ACC] = torch.where(boundary[:, None], torch.zeros_like(m[ACC]), m[ACC])
+        m[EP_RET] = torch.where(boundary, torch.zeros_like(m[EP_RET]), m[EP_RET])
+
+        # 3. decisions
+        decide = ended | ~active
+        feats = torch.zeros(B, a.feature_dim)
+        dec_logp, dec_value = torch.zeros(B), torch.zeros(B)
+        alpha = torch.zeros(B, K)
+        bias_used = torch.zeros(B, K)
+        extras["dec_prev"] = torch.full((B,), -1, dtype=torch.long)
+        if decide.any():
+            d = decide.nonzero().squeeze(-1)
+            old = skill[d]
+            # the graph's row: the skill that just ended, none at an episode start
+            row = torch.where(boundary[d], torch.full_like(old, -1), old)
+            pos = progress_of(obs[d]).clamp(max=MAX_LEN - 1)
+            x = decision_features(
+                obs[d], old, m[SEG_EV][d], m[SEG_REW][d], m[SEG_LEN][d].float() / cfg.t_max,
+                boundary[d], m[PAID][d, pos], m[TRIED][d, pos], K,
+            )  # fmt: skip
+            h, c = a.controller(x, m[H][d], m[C][d])
+            logits = a.composer.logits(
+                h, current_token(obs[d]), a.graph.log_prior(row) + m[BIAS][d]
+            )
+            m[H], m[C] = m[H].clone(), m[C].clone()
+            m[H][d], m[C][d] = h, c
+            probs = torch.softmax(logits, -1)
+            if cfg.composer == "uniform":
+                new = torch.randint(K, (len(d),), generator=self.gen)
+            else:
+                new = torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
+            feats[d] = x
+            dec_logp[d] = torch.log_softmax(logits, -1).gather(1, new[:, None]).squeeze(-1)
+            dec_value[d] = a.controller.value(h)
+            alpha[d] = probs
+            bias_used[d] = m[BIAS][d]
+            m[ACC] = m[ACC].clone()
+            m[ACC][d] += torch.nn.functional.one_hot(new, K).float() - probs
+            skill = skill.clone()
+            skill[d] = new
+            m[SKILL] = skill
+            m[PREV] = m[PREV].clone()
+            m[PREV][d] = row
+            extras["dec_prev"][d] = row
+            m[SEG_LEN] = torch.where(decide, torch.zeros_like(m[SEG_LEN]), m[SEG_LEN])
+            m[SEG_REW] = torch.where(decide, torch.zeros_like(m[SEG_REW]), m[SEG_REW])
+            m[SEG_EV] = torch.where(decide[:, None], torch.zeros_like(m[SEG_EV]), m[SEG_EV])
+            m[SEG_POS] = m[SEG_POS].clone()
+            m[SEG_POS][d] = pos
+
+        # 4. act
+        if self.soft:
+            pi = torch.softmax(a.library.all_logits(obs), -1)  # (B, K, A)
+            mix = (alpha[:, :, None] * pi).sum(1)
+            action = torch.multinomial(mix, 1, generator=self.gen).squeeze(-1)
+            extras["pi_a"] = pi[torch.arange(B), :, action]
+            dec_logp = torch.log((alpha * extras["pi_a"]).sum(-1).clamp_min(1e-12))
+        else:
+            action = a.library.dist(obs, skill).sample()
+        m[SEG_LEN] = m[SEG_LEN] + 1
+        m[LAST_OBS] = obs
+        extras.update(
+            decision=decide, ctrl_in=feats, skill=skill.clone(), dec_logp=dec_logp,
+            dec_value=dec_value, alpha=alpha, bias=bias_used,
+        )  # fmt: skip
+        zero = torch.zeros(B)
+        return StepOutput(action, zero, zero, tuple(m), extras)
