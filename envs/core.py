@@ -4,6 +4,16 @@ A *primitive* is an atomic sub-task ``verb(object)``; a *composition* is an orde
 primitives written ``pickup(blue key) > open(door)``; a *task* is a composition plus a
 layout/goal seed; a *split* partitions compositions into train and held-out such that every
 primitive, and every primitive at every position it occurs in, is covered by train.
+
+Split kinds (issue 16, seed Q9: generalisation along several axes), each on top of that
+coverage guarantee:
+
+- ``default``: a seeded random partition (``split_compositions``);
+- ``order``: every held-out composition is a new order of a primitive multiset that train
+  holds in another order: for each held-out ``h`` some train ``t != h`` has the same primitives
+  with the same multiplicities (``order_split``);
+- ``pair``: every held-out composition contains an unordered pair of distinct primitives that
+  no train composition contains together (``pair_split``).
 """
 
 from __future__ import annotations
@@ -122,13 +132,18 @@ class Split:
 
     def to_dict(self) -> dict:
         """Plain-text form stored in ``results.json``."""
-        return {
+        d = {
             "family": self.family,
             "seed": self.seed,
             "train": [str(c) for c in self.train],
             "heldout": [str(c) for c in self.heldout],
             "primitives": [str(p) for p in self.primitives],
         }
+        if "split_kind" in self.meta:
+            d["kind"] = self.meta["split_kind"]
+        if "heldout_pairs" in self.meta:
+            d["heldout_pairs"] = list(self.meta["heldout_pairs"])
+        return d
 
 
 @dataclass(frozen=True)
@@ -169,27 +184,64 @@ def positions(compositions: Iterable[Composition]) -> set[tuple[Primitive, int]]
     return {(p, i) for c in compositions for i, p in enumerate(c)}
 
 
-def split_compositions(
-    pool: Sequence[Composition],
-    *,
-    seed: int,
-    train_fraction: float = 0.5,
-) -> tuple[tuple[Composition, ...], tuple[Composition, ...]]:
-    """Seeded train/held-out partition of ``pool`` with primitive-in-position coverage.
+def primitive_pairs(c: Composition) -> set[frozenset[Primitive]]:
+    """The unordered pairs of distinct primitives that ``c`` contains (anywhere in it)."""
+    prims = sorted(set(c))
+    return {frozenset((a, b)) for i, a in enumerate(prims) for b in prims[i + 1 :]}
 
-    Train first receives a greedy cover of every (primitive, position) pair present in the pool
-    (so no held-out composition asks for a primitive at a position never trained), then is
-    filled at random up to ``train_fraction``; the rest is held out.
-    """
+
+def multiset_key(c: Composition) -> tuple[Primitive, ...]:
+    """``c``'s primitives with their multiplicities, order forgotten (its orders share it)."""
+    return tuple(sorted(c))
+
+
+SPLIT_KINDS = ("default", "order", "pair")
+
+
+def check_split_kind(kind: str) -> str:
+    """``kind`` if it is a split kind; one clear ``ValueError`` otherwise."""
+    if kind == "length":
+        raise ValueError(
+            "split_kind='length' is not available yet: it tests on length-4 compositions and "
+            f"the env builds lengths <= 3; allowed: {', '.join(SPLIT_KINDS)}"
+        )
+    if kind not in SPLIT_KINDS:
+        raise ValueError(f"split_kind={kind!r}; allowed: {', '.join(SPLIT_KINDS)}")
+    return kind
+
+
+def _check_fraction_and_pool(pool: Sequence[Composition], train_fraction: float) -> list:
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
     pool = sorted(set(pool))
     if len(pool) < 2:
         raise ValueError(f"cannot split {len(pool)} composition(s): need at least 2")
+    return pool
+
+
+def split_compositions(
+    pool: Sequence[Composition],
+    *,
+    seed: int,
+    train_fraction: float = 0.5,
+    must_train: Iterable[Composition] = (),
+) -> tuple[tuple[Composition, ...], tuple[Composition, ...]]:
+    """Seeded train/held-out partition of ``pool`` with primitive-in-position coverage.
+
+    Train first receives ``must_train`` (members of the pool), then a greedy cover of every
+    (primitive, position) pair present in the pool (so no held-out composition asks for a
+    primitive at a position never trained), then is filled at random up to ``train_fraction``;
+    the rest is held out. With no ``must_train`` this is the ``default`` split kind.
+    """
+    pool = _check_fraction_and_pool(pool, train_fraction)
     rng = np.random.default_rng(seed)
     order = [pool[i] for i in rng.permutation(len(pool))]
-    needed = positions(order)
-    train: list[Composition] = []
+    train: list[Composition] = sorted(set(must_train))
+    if not set(train) <= set(pool):
+        raise ValueError("must_train holds compositions that are not in the pool")
+    if train:
+        order = [c for c in order if c not in set(train)]
+    needed = positions(order) - positions(train)
     # Greedy set cover in shuffled order: take the composition covering most uncovered pairs.
     while needed:
         best = max(order, key=lambda c: len(positions([c]) & needed))
@@ -208,6 +260,71 @@ def split_compositions(
     return tuple(sorted(train)), tuple(sorted(heldout))
 
 
+def order_split(
+    pool: Sequence[Composition], *, seed: int, train_fraction: float = 0.5
+) -> tuple[tuple[Composition, ...], tuple[Composition, ...]]:
+    """Split kind ``order``: every held-out composition has a train composition with the same
+    primitives (``multiset_key``) in another order.
+
+    One seeded member of each multiset class of the pool goes to train (an *anchor*; so a
+    class with one member in the pool is all in train), then ``split_compositions`` covers every
+    primitive-in-position and fills train up to ``train_fraction``. A pool meant for this kind
+    holds several orders of each multiset (``envs.grid.make_grid_split`` draws it so).
+    """
+    pool = _check_fraction_and_pool(pool, train_fraction)
+    classes: dict[tuple, list[Composition]] = {}
+    for c in pool:
+        classes.setdefault(multiset_key(c), []).append(c)
+    rng = np.random.default_rng(seed)
+    anchors = [members[int(rng.integers(len(members)))] for members in classes.values()]
+    return split_compositions(pool, seed=seed, train_fraction=train_fraction, must_train=anchors)
+
+
+def pair_split(
+    pool: Sequence[Composition], *, seed: int, train_fraction: float = 0.5
+) -> tuple[tuple[Composition, ...], tuple[Composition, ...], tuple[frozenset, ...]]:
+    """Split kind ``pair``: every held-out composition contains a pair of primitives that no
+    train composition contains together.
+
+    Pairs of primitives (``primitive_pairs``) are visited in a seeded order; a pair is held out
+    — every pool composition containing it moves to held-out — when held-out stays within
+    ``1 - train_fraction`` of the pool and the remaining (train) compositions still cover every
+    primitive-in-position of the pool. Train is everything not held out, so a held-out pair
+    occurs in no train composition.
+
+    Returns:
+        ``(train, heldout, heldout_pairs)``.
+    """
+    pool = _check_fraction_and_pool(pool, train_fraction)
+    target = len(pool) - max(1, int(round(train_fraction * len(pool))))
+    having: dict[frozenset, set[Composition]] = {}
+    for c in pool:
+        for pr in primitive_pairs(c):
+            having.setdefault(pr, set()).add(c)
+    pairs = sorted(having, key=lambda pr: tuple(sorted(pr)))
+    needed = positions(pool)
+    rng = np.random.default_rng(seed)
+    held: list[frozenset] = []
+    heldout: set[Composition] = set()
+    for i in rng.permutation(len(pairs)):
+        grown = heldout | having[pairs[i]]
+        if grown == heldout or len(grown) > target:
+            continue
+        if positions(c for c in pool if c not in grown) != needed:
+            continue  # train would lose a primitive-in-position the pool has
+        held.append(pairs[i])
+        heldout = grown
+        if len(heldout) == target:
+            break
+    if not heldout:
+        raise ValueError(
+            f"split_kind='pair' found no pair of primitives to hold out in a pool of {len(pool)}"
+            " compositions without losing coverage; enlarge the pool"
+        )
+    train = tuple(c for c in pool if c not in heldout)
+    return train, tuple(sorted(heldout)), tuple(held)
+
+
 def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:
     """Seeded train/held-out split of a task family.
 
@@ -219,7 +336,8 @@ def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:
             splits).
         seed: seed of the partition.
         **kwargs: family options (see ``envs.grid.make_grid_split`` and
-            ``envs.metaworld.make_metaworld_split``).
+            ``envs.metaworld.make_metaworld_split``); ``split_kind`` (``SPLIT_KINDS``, see the
+            module docstring) for ``"grid"``, only ``"default"`` elsewhere.
 
     Examples:
         >>> s = make_split("grid", seed=0)
@@ -230,6 +348,12 @@ def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:
         from envs.grid import make_grid_split
 
         return make_grid_split(seed=seed, **kwargs)
+    kind = kwargs.pop("split_kind", "default")
+    if check_split_kind(kind) != "default":
+        raise ValueError(
+            f"split_kind={kind!r} for family {family!r}; split kinds other than 'default' exist"
+            " only for family 'grid'"
+        )
     if family.startswith("grid-layouts:"):
         from envs.grid import make_grid_layout_split
 

@@ -53,7 +53,18 @@ from minigrid.core.world_object import Ball, Door, Key, Wall
 from minigrid.core.world_object import Box as _MiniGridBox
 from minigrid.minigrid_env import MiniGridEnv
 
-from envs.core import Composition, LayoutSplit, Primitive, Split, Task, split_compositions
+from envs.core import (
+    Composition,
+    LayoutSplit,
+    Primitive,
+    Split,
+    Task,
+    check_split_kind,
+    multiset_key,
+    order_split,
+    pair_split,
+    split_compositions,
+)
 
 # --- vocabulary ---------------------------------------------------------------------------------
 
@@ -188,24 +199,91 @@ def make_grid_split(
     pool_size: int = 200,
     lengths: tuple[int, ...] = (2, 3),
     train_fraction: float = 0.5,
+    split_kind: str = "default",
 ) -> Split:
     """Seeded CompoGrid split: a pool of ``pool_size`` feasible compositions (equal share per
     length), split ``train_fraction`` / rest with every primitive-in-position covered by train.
+
+    ``split_kind`` (see ``envs.core``): ``"default"`` (a random partition of a random pool),
+    ``"order"`` (held-out compositions are new orders of primitive multisets train holds in
+    another order; the pool is drawn as several orders of each multiset, see
+    ``_order_pool``) or ``"pair"`` (held-out compositions contain a primitive pair no train
+    composition has; the same pool as ``"default"``, partitioned by ``pair_split``).
     """
+    check_split_kind(split_kind)
     lengths = tuple(sorted(set(int(n) for n in lengths)))
     if not lengths or lengths[0] < 1 or lengths[-1] > MAX_LEN:
         raise ValueError(f"lengths={lengths}; allowed: a subset of 1..{MAX_LEN}")
     if pool_size < 2:
         raise ValueError(f"pool_size={pool_size}; need at least 2 compositions")
+    meta: dict = {"lengths": list(lengths), "split_kind": split_kind}
+    if split_kind == "order":
+        pool = _order_pool(seed, pool_size, lengths, train_fraction)
+        train, heldout = order_split(pool, seed=seed, train_fraction=train_fraction)
+        return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
     rng = np.random.default_rng(seed)
     pool: list[Composition] = []
     for j, n in enumerate(lengths):
         cands = all_compositions((n,))
-        share = pool_size // len(lengths) + (1 if j < pool_size % len(lengths) else 0)
-        share = min(share, len(cands))
+        share = min(_share(pool_size, lengths, j), len(cands))
         pool += [cands[i] for i in rng.choice(len(cands), size=share, replace=False)]
+    if split_kind == "pair":
+        train, heldout, pairs = pair_split(pool, seed=seed, train_fraction=train_fraction)
+        meta["heldout_pairs"] = [" + ".join(str(p) for p in sorted(pr)) for pr in pairs]
+        return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
     train, heldout = split_compositions(pool, seed=seed, train_fraction=train_fraction)
-    return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta={"lengths": list(lengths)})
+    return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
+
+
+def _share(pool_size: int, lengths: tuple[int, ...], j: int) -> int:
+    """The pool's share of the ``j``-th length (equal shares, the remainder to the first)."""
+    return pool_size // len(lengths) + (1 if j < pool_size % len(lengths) else 0)
+
+
+def _order_pool(
+    seed: int, pool_size: int, lengths: tuple[int, ...], train_fraction: float
+) -> list[Composition]:
+    """The pool of split kind ``order``: per length, seeded multisets of primitives that have
+    at least two feasible orders, and from each up to ``k = max(2, round(1/train_fraction))``
+    of its orders (so one can be trained and the others held out), until the length's share;
+    multisets with a primitive not yet in the pool are taken first.
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
+    rng = np.random.default_rng(seed)
+    per_class = max(2, int(round(1 / train_fraction)))
+    pool: list[Composition] = []
+    for j, n in enumerate(lengths):
+        classes: dict[tuple, list[Composition]] = {}
+        for c in all_compositions((n,)):
+            classes.setdefault(multiset_key(c), []).append(c)
+        multi = [members for members in classes.values() if len(members) >= 2]
+        if not multi:
+            raise ValueError(
+                f"split_kind='order' with lengths={list(lengths)}: length {n} has no"
+                " composition with another feasible order; allowed: lengths >= 2"
+            )
+        left = _share(pool_size, lengths, j)
+        perm = [int(i) for i in rng.permutation(len(multi))]
+        # multisets bringing a primitive the pool lacks come first, so the pool (and with it
+        # train) has every primitive that the length can hold (drop(x) needs pickup(x) before
+        # it, so it only occurs in multisets of length 3 with another order)
+        have = {p for c in pool for p in c}
+        first = []
+        for i in perm:
+            if set(multi[i][0]) - have:
+                first.append(i)
+                have |= set(multi[i][0])
+        taken = set(first)
+        rest = [i for i in perm if i not in taken]
+        for i in first + rest:
+            if left < 2:
+                break
+            members = multi[i]
+            k = min(per_class, len(members), left)
+            pool += [members[m] for m in sorted(rng.choice(len(members), size=k, replace=False))]
+            left -= k
+    return pool
 
 
 def make_grid_layout_split(
