@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envs.grid import BOXES, DOOR, ENTITIES, PER_ENTITY, PORTABLE, PRIMITIVES
+from envs.grid import BOXES, DOOR, ENTITIES, MAX_LEN, PER_ENTITY, PORTABLE, PRIMITIVES
 
 N_ENT = len(ENTITIES)
 FRONT_AT = N_ENT * PER_ENTITY + 6  # front-cell one-hot: 7 entities, wall, other
@@ -32,6 +32,20 @@ PRIM_VERB = np.array([_V[p.verb] for p in PRIMITIVES])
 PRIM_OBJ = np.array([ENTITIES.index(p.obj) for p in PRIMITIVES])
 NUM_PRIMITIVES = len(PRIMITIVES)
 _VERB_T, _OBJ_T = torch.as_tensor(PRIM_VERB), torch.as_tensor(PRIM_OBJ)
+
+
+#: where the observation's task part starts (progress one-hot, then the instruction tokens)
+TASK_AT = FRONT_AT + N_ENT + 2
+TASK_END = TASK_AT + (MAX_LEN + 1) + MAX_LEN * NUM_PRIMITIVES
+
+
+def task_free(obs):
+    """``obs`` with its task part (sub-task progress and instruction tokens) zeroed: what a
+    skill sees, so the same library serves reward and instruction mode and no skill can key on
+    the task."""
+    out = obs.clone() if isinstance(obs, torch.Tensor) else obs.copy()
+    out[..., TASK_AT:TASK_END] = 0
+    return out
 
 
 def _lib(x):

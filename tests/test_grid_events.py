@@ -9,7 +9,7 @@ import torch
 import envs  # noqa: F401
 from envs.core import Task
 from envs.grid import PRIMITIVES, Oracle, all_compositions
-from envs.grid_events import completed, events, feasible, object_state
+from envs.grid_events import completed, events, feasible, object_state, task_free
 
 
 def _walk(steps=3000, seed=0):
@@ -73,3 +73,12 @@ def test_feasible():
             np.testing.assert_array_equal(f[:, j], ~door)
         else:
             np.testing.assert_array_equal(f[:, j], on[:, e])
+
+
+def test_task_free_hides_progress_and_instruction_only():
+    c = "pickup(red ball) > open(door)"
+    a = gym.make("CompoGrid-v0", composition=c, task_info="instruction").reset(seed=3)[0]
+    b = gym.make("CompoGrid-v0", composition="goto(door) > goto(red ball)").reset(seed=3)[0]
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(task_free(a), task_free(b))
+    np.testing.assert_array_equal(object_state(task_free(a)), object_state(a))
