@@ -17,15 +17,15 @@ bootstraps from V(s', k). Segments are also what the skill-transition graph lear
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from envs.grid_events import completed, feasible
+from envs.grid_events import completed, events, feasible, object_state
 from primitives.options import OptionLibrary
-from rl.collect import Collector, Prev, Rollout, StepOutput
+from rl.collect import Prev, Rollout, StepOutput
 from rl.gae import gae
 from rl.ppo import PPOConfig, ppo_update
 
@@ -55,8 +55,19 @@ class OptionTrainingConfig:
 class ChainPolicy:
     """Runs options in chains (``RolloutPolicy`` for the shared collector).
 
-    Memory per env: (active skill, steps it has run, the observation before the last step).
-    ``extras``: ``skill`` (the skill that acts at this step) and ``seg_start`` (it starts here).
+    Memory per env: (active skill, steps it has run, the observation before the last step, the
+    object state at the active segment's start).
+
+    ``extras`` per step t:
+
+    - ``skill``: the skill that acts at t; ``seg_start``: it starts at t; ``seg_len``: steps the
+      active segment has run, t included (a segment with ``seg_len == t_max`` is cut next).
+    - ``term``: the segment active at t-1 ended at t by its termination (``beta`` fired).
+    - ``beta_on``: the termination of the skill active at t-1 was *sampled* at t (a learned
+      termination on an object-event step): the decision is part of that skill's policy and
+      ``beta_logp`` is its log-probability (0 elsewhere; see ``decision_log_probs``).
+    - ``start_state``: ``object_state`` (22) at the active segment's start (its outcome's
+      "before").
     """
 
     def __init__(
@@ -69,42 +80,96 @@ class ChainPolicy:
         self.lib, self.t_max, self.draw, self.gen = library, t_max, draw, generator
 
     def initial_memory(self, n: int):
-        return (torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long), None)
+        return (
+            torch.full((n,), -1, dtype=torch.long),
+            torch.zeros(n, dtype=torch.long),
+            None,
+            None,
+        )
 
     def reset_memory(self, memory, mask):
-        skill, steps, last = memory
-        skill = skill.clone()
+        skill = memory[0].clone()
         skill[mask] = -1
-        return (skill, steps, last)
+        return (skill, *memory[1:])
 
     def step(self, obs: torch.Tensor, memory, prev: Prev) -> StepOutput:
-        skill, steps, last = memory
+        skill, steps, last, start = memory
         n = obs.shape[0]
         new = (skill < 0) | (prev.done > 0) | (steps >= self.t_max)
+        term = torch.zeros(n, dtype=torch.bool)
+        beta_on = torch.zeros(n, dtype=torch.bool)
+        beta_logp = torch.zeros(n)
         if last is not None:
             cont = ~new
             if cont.any():
                 b = self.lib.beta(last[cont], obs[cont], skill[cont])
                 u = torch.rand(int(cont.sum()), generator=self.gen)
-                new[cont] = u < b
+                fire = u < b
+                term[cont] = fire
+                if self.lib.termination == "learned":
+                    # only object-event steps sample a decision; elsewhere beta is exactly 0
+                    on = events(last[cont], obs[cont]).any(-1)
+                    bc = b.clamp(1e-6, 1 - 1e-6)
+                    lp = torch.where(fire, bc.log(), (1 - bc).log())
+                    beta_on[cont] = on
+                    beta_logp[cont] = torch.where(on, lp, torch.zeros_like(lp))
+                new[cont] = fire
         skill = skill.clone()
         if new.any():
             skill[new] = self.draw(obs[new], new.nonzero().squeeze(-1))
         steps = torch.where(new, torch.zeros_like(steps), steps)
+        state = object_state(obs)
+        start = state if start is None else torch.where(new[:, None], state, start)
         dist = self.lib.dist(obs, skill)
         action = dist.sample()
-        out = StepOutput(
+        extras = {
+            "skill": skill,
+            "seg_start": new,
+            "seg_len": steps + 1,
+            "term": term,
+            "beta_on": beta_on,
+            "beta_logp": beta_logp,
+            "start_state": start,
+        }
+        return StepOutput(
             action,
             dist.log_prob(action),
             self.lib.value(obs, skill),
-            (skill, steps + 1, obs),
-            {"skill": skill, "seg_start": new},
+            (skill, steps + 1, obs, start),
+            extras,
         )
-        return out
 
     def bootstrap_value(self, obs, memory, prev) -> torch.Tensor:
         skill = memory[0].clamp(min=0)
         return self.lib.value(obs, skill)
+
+
+def decision_targets(ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, N) ``on`` and ``fired``: the termination decision taken after step t (sampled at
+    step t+1 from (obs[t], next_obs[t])) and whether it ended the segment. The decision after a
+    rollout's last step is taken in the next rollout (with the updated library), so it is left
+    out here and that segment bootstraps instead."""
+    on = torch.zeros_like(ro.extras["beta_on"])
+    fired = torch.zeros_like(on)
+    on[:-1] = ro.extras["beta_on"][1:]
+    fired[:-1] = ro.extras["term"][1:] & on[:-1]
+    return on, fired
+
+
+def decision_log_probs(
+    lib: OptionLibrary,
+    obs0: torch.Tensor,
+    obs1: torch.Tensor,
+    skill: torch.Tensor,
+    on: torch.Tensor,
+    fired: torch.Tensor,
+) -> torch.Tensor:
+    """log-probability of the termination decisions ``fired`` (0 where not ``on``)."""
+    out = torch.zeros(on.shape[0])
+    if on.any():  # beta needs a second encoder pass: only on the (few) decision steps
+        d = lib.beta_dist(obs0[on], obs1[on], skill[on])
+        out = out.index_put((on.nonzero().squeeze(-1),), d.log_prob(fired[on].float()))
+    return out
 
 
 def feasible_draw(lib: OptionLibrary, generator: torch.Generator):
@@ -163,15 +228,34 @@ def update_skills(
     cfg: PPOConfig,
     backward=None,
 ) -> dict[str, float]:
-    """One PPO update of the skills on a chain rollout."""
+    """One PPO update of the skills on a chain rollout.
+
+    With a learned termination the action of step t is the pair (a_t, the termination decision
+    taken on the object event it caused): both log-probabilities enter the ratio, so the
+    termination is trained by the same policy gradient as the actions (its advantage is the
+    step's, which includes the terminal reward the decision earned or the value it gave up).
+    """
     adv, ret, _ = segment_advantages(lib, ro, rewards, terminal, cfg)
     b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
     b_act = ro.actions.reshape(-1)
     b_skill = ro.extras["skill"].reshape(-1)
+    learned = lib.termination == "learned" and "beta_on" in ro.extras
+    if learned:
+        on, fired = decision_targets(ro)
+        b_on, b_fired = on.reshape(-1), fired.reshape(-1)
+        b_next = ro.next_obs.reshape(-1, ro.obs.shape[-1])
+        old_dec = torch.zeros_like(ro.logp)
+        old_dec[:-1] = ro.extras["beta_logp"][1:]
+        ro = dataclasses.replace(ro, logp=ro.logp + torch.where(on, old_dec, 0.0))
 
     def evaluate(mb):
         d = lib.dist(b_obs[mb], b_skill[mb])
-        return d.log_prob(b_act[mb]), d.entropy(), lib.value(b_obs[mb], b_skill[mb])
+        logp = d.log_prob(b_act[mb])
+        if learned:
+            logp = logp + decision_log_probs(
+                lib, b_obs[mb], b_next[mb], b_skill[mb], b_on[mb], b_fired[mb]
+            )
+        return logp, d.entropy(), lib.value(b_obs[mb], b_skill[mb])
 
     return ppo_update(
         ro, evaluate, list(lib.parameters()), optimizer, cfg, advantages=adv, returns=ret,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.distributions import Bernoulli, Categorical
 
-from envs.grid_events import NUM_PRIMITIVES, completed, feasible
+from envs.grid_events import NUM_PRIMITIVES, completed, events, feasible, task_free
 from rl.nets import mlp
 
 TERMINATIONS = ("event", "learned")
@@ -76,11 +76,18 @@ class OptionLibrary(nn.Module):
         self.register_buffer(
             "event_of", torch.as_tensor(event_of if event_of is not None else [-1] * K)
         )
+        # discovered skills: the primitive each one mostly produces (-1: not measured yet), set
+        # by ``primitives.outcome_eval.name_skills`` and kept in the state dict
+        self.register_buffer("outcome_of", torch.full((K,), -1, dtype=torch.long))
         self.encoder = nn.Sequential(mlp([obs_dim, hidden, hidden]), nn.Tanh())
         self.actor = nn.Linear(hidden, K * n_actions)
         nn.init.orthogonal_(self.actor.weight, 0.01)
         nn.init.zeros_(self.actor.bias)
         self.critic = mlp([obs_dim, hidden, hidden, K], out_gain=1.0)
+        # skills never see the task (sub-task progress, instruction tokens): one library for
+        # reward and instruction mode, and no skill can key on the composition
+        for net in (self.encoder, self.critic):
+            net.register_forward_pre_hook(lambda _m, args: (task_free(args[0]),))
         self.beta_head = nn.Linear(hidden + NUM_PRIMITIVES, K)
         nn.init.orthogonal_(self.beta_head.weight, 0.01)
         nn.init.zeros_(self.beta_head.bias)
@@ -110,7 +117,7 @@ class OptionLibrary(nn.Module):
             rows = torch.arange(obs1.shape[0])
             done = completed(obs0, obs1)[rows, prim] | ~feasible(obs1)[rows, prim]
             return done.float()
-        ev = completed(obs0, obs1) & ~completed(obs0, obs0)
+        ev = events(obs0, obs1)
         logit = self.beta_head(torch.cat([self.encoder(obs1), ev.float()], -1))
         p = torch.sigmoid(logit[torch.arange(obs1.shape[0]), skill])
         return torch.where(ev.any(-1), p, torch.zeros_like(p))
@@ -118,8 +125,18 @@ class OptionLibrary(nn.Module):
     def beta_dist(self, obs0, obs1, skill) -> Bernoulli:
         return Bernoulli(probs=self.beta(obs0, obs1, skill).clamp(1e-6, 1 - 1e-6))
 
+    def event_step(self, obs0: torch.Tensor, obs1: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the step obs0 -> obs1 changed an object (only such steps can end a
+        learned option)."""
+        return events(obs0, obs1).any(-1)
+
     def skill_names(self, primitive_names: list[str]) -> list[str | None]:
-        """The primitive each skill stands for (``"event"``), else None per skill."""
-        if self.termination != "event":
-            return [None] * self.num_skills
-        return [primitive_names[int(p)] for p in self.event_of]
+        """The primitive each skill stands for (``"event"``) or mostly produces (``"learned"``,
+        once measured), else None per skill."""
+        of = self.event_of if self.termination == "event" else self.outcome_of
+        return [primitive_names[int(p)] if int(p) >= 0 else None for p in of]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # libraries saved before ``outcome_of`` existed load with it unmeasured
+        state_dict.setdefault(prefix + "outcome_of", torch.full_like(self.outcome_of, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,117 @@
+"""Outcome-based skill discovery on CompoGrid, and the skills x outcomes table (issue 13).
+
+``python -m experiments.discover --out DIR [--steps 6000000] [--num-skills 24] [--seed 0]
+[--start-skills N] [--bc-coef 1.0] [--cut-reward -1.0] [--states 16]``
+trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
+``library.pt`` (plain state dict, ``rl.io.safe_torch_load``), ``log.jsonl`` (one line per
+rollout), then ``table.md`` / ``table.json`` from ``primitives.outcome_eval``: per skill and
+primitive how often the skill completes the primitive when started where it is feasible,
+the best skill per primitive, the discriminator's accuracy on held-out segments.
+
+``--evaluate CKPT`` only evaluates a saved discovery checkpoint; ``--supervised STEPS``
+trains the supervised library (one skill per primitive, event termination) for STEPS env
+steps instead and evaluates it (the harness's check: its diagonal should be ~0.9+).
+Single process; ``torch.set_num_threads(1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from primitives.option_training import (
+    ChainPolicy,
+    OptionTrainingConfig,
+    feasible_draw,
+    supervised_rewards,
+    update_skills,
+)
+from primitives.options import OptionLibrary
+from primitives.outcome import DiscoveryConfig, discover, load_discovered, make_room
+from primitives.outcome_eval import evaluate_library
+from rl.collect import Collector
+from rl.io import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    safe_torch_load,
+)
+
+
+def train_supervised(steps: int, seed: int, log_path: Path) -> OptionLibrary:
+    """The supervised library (K = 19, termination "event") on the room, as the lead
+    engineer's measurement loop trains it (feasible draws, reward 1 on completion)."""
+    torch.manual_seed(seed)
+    cfg = OptionTrainingConfig()
+    venv, sampler = make_room(64)
+    obs_dim = venv.single_observation_space.shape[0]
+    lib = OptionLibrary(obs_dim, 6, 19, termination="event", event_of=list(range(19)))
+    gen = torch.Generator().manual_seed(seed)
+    pol = ChainPolicy(lib, cfg.t_max, feasible_draw(lib, gen), gen)
+    col = Collector(venv, pol, task_sampler=sampler, seed=seed)
+    opt = torch.optim.Adam(lib.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    t0 = time.perf_counter()
+    while col.env_steps < steps:
+        ro = col.collect(cfg.num_steps)
+        r, term = supervised_rewards(lib, ro)
+        st = update_skills(lib, ro, r, term, opt, cfg.ppo)
+        row = {"env_steps": col.env_steps, "wall_s": time.perf_counter() - t0}
+        row["completions_per_segment"] = float(r.sum() / ro.extras["seg_start"].sum())
+        append_jsonl(log_path, {**row, **st})
+    return lib
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
+    ap.add_argument("--steps", type=int, default=6_000_000, help="discovery env-step budget")
+    ap.add_argument("--num-skills", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-skills", type=int, default=None, help="VALOR growth from N")
+    ap.add_argument("--bc-coef", type=float, default=1.0)
+    ap.add_argument("--cut-reward", type=float, default=-1.0)
+    ap.add_argument("--states", type=int, default=16, help="start states per primitive")
+    ap.add_argument("--evaluate", default=None, help="only evaluate this discovery checkpoint")
+    ap.add_argument("--supervised", type=int, default=None, help="train the supervised library")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and a.evaluate is None:
+        raise SystemExit(f"--out {str(out)!r} exists and is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    disc = None
+    if a.supervised is not None:
+        lib = train_supervised(a.supervised, a.seed, out / "log.jsonl")
+        atomic_torch_save({"library": lib.state_dict()}, out / "library.pt")
+    elif a.evaluate is not None:
+        lib, disc = load_discovered(safe_torch_load(a.evaluate))
+    else:
+        cfg = DiscoveryConfig(
+            num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
+            start_skills=a.start_skills, bc_coef=a.bc_coef, cut_reward=a.cut_reward,
+        )  # fmt: skip
+
+        def log(row: dict) -> None:
+            append_jsonl(out / "log.jsonl", row)
+            if len(row) and int(row["env_steps"]) % (50 * cfg.num_envs * cfg.num_steps) == 0:
+                keys = ("env_steps", "wall_s", "disc_acc_unseen", "intrinsic_reward")
+                print({k: round(float(row.get(k, float("nan"))), 3) for k in keys}, flush=True)
+
+        lib, disc, _ = discover(cfg, log=log, checkpoint=out / "library.pt")
+    result = evaluate_library(lib, disc, n_states=a.states, seed=a.seed + 1)
+    if a.evaluate is None and a.supervised is None:
+        # keep the measured skill names in the checkpoint (``OptionLibrary.skill_names``)
+        state = safe_torch_load(out / "library.pt")
+        state["library"] = lib.state_dict()
+        atomic_torch_save(state, out / "library.pt")
+    atomic_write_json(out / "table.json", result["json"])
+    atomic_write_text(out / "table.md", result["markdown"])
+    print(result["markdown"])
+
+
+if __name__ == "__main__":
+    main()

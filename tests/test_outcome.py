@@ -1,0 +1,224 @@
+"""Outcome-based skill discovery (primitives.outcome) and its evaluation harness."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from envs.grid import PRIMITIVE_INDEX, PRIMITIVES, Oracle, Primitive
+from envs.grid_events import NUM_PRIMITIVES, events
+from primitives.option_training import (
+    ChainPolicy,
+    decision_log_probs,
+    decision_targets,
+    update_skills,
+)
+from primitives.options import OptionLibrary
+from primitives.outcome import (
+    OUTCOME_DIM,
+    DiscoveryConfig,
+    OutcomeDiscriminator,
+    Segments,
+    discover,
+    discovery_rewards,
+    intrinsic_reward,
+    load_discovered,
+    make_room,
+    relabel,
+    relabelled_steps,
+    terminated_segments,
+    uniform_draw,
+)
+from primitives.outcome_eval import outcome_label, skill_names, skill_outcome_table
+from rl.collect import Collector, Rollout
+from rl.io import safe_torch_load
+from rl.ppo import PPOConfig
+
+
+class FirstEvents(torch.nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, feats):
+        return 20.0 * feats[..., : self.k]
+
+
+def EventDiscriminator(k: int) -> OutcomeDiscriminator:
+    """Hand-built q(k | outcome): skill k <=> the terminating step's event k, sharply."""
+    disc = OutcomeDiscriminator(k)
+    disc.net = FirstEvents(k)
+    return disc
+
+
+def hand_rollout(T: int, N: int, seg_start, fired, seg_len=None) -> Rollout:
+    """A (T, N) rollout of zeros with the given chain bookkeeping."""
+    z = torch.zeros(T, N)
+    b = torch.zeros(T, N, dtype=torch.bool)
+    seg_start = torch.as_tensor(seg_start, dtype=torch.bool)
+    term = torch.zeros(T, N, dtype=torch.bool)
+    term[1:] = torch.as_tensor(fired, dtype=torch.bool)[:-1]  # decided one step later
+    extras = {
+        "skill": torch.zeros(T, N, dtype=torch.long),
+        "seg_start": seg_start,
+        "seg_len": torch.ones(T, N, dtype=torch.long) if seg_len is None else seg_len,
+        "term": term,
+        "beta_on": term.clone(),
+        "beta_logp": z.clone(),
+        "start_state": torch.zeros(T, N, 22),
+    }
+    obs = torch.zeros(T, N, 146)
+    return Rollout(
+        obs, torch.zeros(T, N, dtype=torch.long), z, z, z, b, b, z, b, b,
+        torch.zeros(T, N, dtype=torch.long), torch.zeros(T, N, dtype=torch.long), z, z,
+        ~b, torch.zeros(N), None, extras, None, obs.clone(), [],
+    )  # fmt: skip
+
+
+def test_relabelling_on_hand_built_segments():
+    # env 0: a segment t=0..2 that terminated after t=2, then one still running at the end;
+    # env 1: the tail of an earlier segment (t=0..1, terminated), then one t=2..4 (terminated)
+    seg_start = [[1, 0], [0, 0], [0, 1], [1, 0], [0, 0], [0, 1]]
+    fired = [[0, 0], [0, 1], [1, 0], [0, 0], [0, 1], [0, 0]]
+    ro = hand_rollout(6, 2, seg_start, fired)
+    seg = terminated_segments(ro)
+    got = sorted(zip(seg.env.tolist(), seg.end.tolist()))
+    assert got == [(0, 2), (1, 1), (1, 4)]
+    # their outcomes: events 3, 1 and 1; the hand-built discriminator names skill = event
+    feats = torch.zeros(3, OUTCOME_DIM)
+    order = {(0, 2): 3, (1, 1): 1, (1, 4): 1}
+    for r, key in enumerate(zip(seg.env.tolist(), seg.end.tolist())):
+        feats[r, order[key]] = 1.0
+    k, p = relabel(EventDiscriminator(5), feats, 5)
+    assert [int(x) for x in k] == [order[key] for key in zip(seg.env.tolist(), seg.end.tolist())]
+    assert torch.all(p > 0.99)
+    target = relabelled_steps(ro, seg, k)
+    expect = torch.tensor([[3, 1], [3, 1], [3, 1], [-1, 1], [-1, 1], [-1, -1]])
+    assert torch.equal(target, expect)
+
+
+def test_intrinsic_reward_is_log_q_minus_log_p():
+    disc = EventDiscriminator(4)
+    feats = torch.zeros(3, OUTCOME_DIM)
+    feats[0, 2] = 1.0
+    feats[1, 0] = feats[1, 1] = 1.0
+    skill = torch.tensor([2, 1, 3])
+    logits = 20.0 * feats[:, :4]
+    expect = torch.log_softmax(logits, -1)[torch.arange(3), skill] - math.log(1 / 4)
+    assert torch.allclose(intrinsic_reward(disc, feats, skill, 4), expect)
+    # only two active skills (growth): p = 1/2 over them, q renormalised over them
+    lq2 = torch.log_softmax(logits[:, :2], -1)
+    r2 = intrinsic_reward(disc, feats, torch.tensor([1, 1, 0]), 2)
+    assert torch.allclose(r2, lq2[torch.arange(3), torch.tensor([1, 1, 0])] + math.log(2))
+    # placed on the segment's last step; a t_max cut earns cut_reward; both terminal
+    seg_len = torch.tensor([[1, 1], [2, 1], [3, 2]])
+    ro = hand_rollout(3, 2, [[1, 1], [0, 0], [0, 0]], [[0, 0], [0, 1], [0, 0]], seg_len)
+    seg = terminated_segments(ro)
+    seg = Segments(seg.env, seg.end, torch.tensor([1]), feats[1:2])
+    rew, terminal = discovery_rewards(disc, ro, seg, 4, t_max=3, cut_reward=-0.5)
+    assert rew[1, 1] == pytest.approx(float(expect[1]))
+    assert rew[2, 0] == -0.5 and terminal[2, 0] and terminal[1, 1]
+    assert int(terminal.sum()) == 2 and float(rew.abs().sum()) == pytest.approx(
+        abs(float(expect[1])) + 0.5
+    )
+
+
+def chain_rollout(lib: OptionLibrary, steps: int = 48, n: int = 16, t_max: int = 32):
+    venv, sampler = make_room(n)
+    gen = torch.Generator().manual_seed(0)
+    pol = ChainPolicy(lib, t_max, uniform_draw([lib.num_skills], gen), gen)
+    return Collector(venv, pol, task_sampler=sampler, seed=0).collect(steps)
+
+
+def test_termination_log_probs_recorded_and_only_event_steps_terminate():
+    torch.manual_seed(0)
+    lib = OptionLibrary(146, 6, 3, termination="learned")
+    ro = chain_rollout(lib)
+    ex = ro.extras
+    ev = torch.zeros_like(ex["term"])
+    ev[1:] = events(ro.obs[:-1], ro.obs[1:]).any(-1) & ~ro.episode_start[1:]
+    assert ex["term"].any() and ex["beta_on"].any()
+    assert not (ex["term"] & ~ev).any(), "a step without an object event ended a skill"
+    assert not (ex["beta_on"] & ~ev).any()
+    # new segments start exactly after a termination, an episode end or t_max
+    on = ex["beta_on"]
+    assert torch.all(ex["beta_logp"][~on] == 0)
+    # recorded log-probs are those of the decisions under the library that took them
+    d_on, fired = decision_targets(ro)
+    T, N = ex["skill"].shape
+    flat = decision_log_probs(
+        lib, ro.obs.reshape(T * N, -1), ro.next_obs.reshape(T * N, -1),
+        ex["skill"].reshape(-1), d_on.reshape(-1), fired.reshape(-1),
+    ).reshape(T, N)  # fmt: skip
+    assert torch.allclose(flat[:-1], ex["beta_logp"][1:], atol=1e-5)
+    b = lib.beta(ro.obs[:-1][d_on[:-1]], ro.next_obs[:-1][d_on[:-1]], ex["skill"][:-1][d_on[:-1]])
+    assert torch.allclose(flat[:-1][d_on[:-1]], torch.where(fired[:-1][d_on[:-1]], b, 1 - b).log())
+    # the termination head learns through the skills' PPO update
+    before = lib.beta_head.weight.clone()
+    opt = torch.optim.Adam(lib.parameters(), lr=1e-2)
+    rewards = fired.float()  # reward stopping: the policy gradient moves beta
+    update_skills(lib, ro, rewards, fired, opt, PPOConfig(update_epochs=1, num_minibatches=1))
+    assert not torch.equal(before, lib.beta_head.weight)
+
+
+def oracle_actor(lib: OptionLibrary):
+    """Scripted stand-in for skill k: the oracle executing primitive ``event_of[k]``."""
+    oracle, cache = Oracle(), {}
+
+    def act(obs, skill, venv):
+        out = []
+        for i, k in enumerate(skill.tolist()):
+            cache[i] = venv.env_at(i, cache.get(i))
+            out.append(oracle.act_for(cache[i], [PRIMITIVES[int(lib.event_of[k])]]))
+        return torch.as_tensor(out)
+
+    return act
+
+
+def test_harness_gives_one_for_oracle_skills():
+    prims = [PRIMITIVE_INDEX[Primitive.parse(t)] for t in ("drop(green key)", "open(door)")]
+    prims.append(PRIMITIVE_INDEX[Primitive.parse("goto(red ball)")])
+    lib = OptionLibrary(146, 6, 3, termination="event", event_of=prims)
+    table = skill_outcome_table(lib, n_states=2, primitives=prims, actor=oracle_actor(lib))
+    assert np.array_equal(np.diag(table["success"]), np.ones(3))
+    assert np.array_equal(np.diag(table["ends_with"]), np.ones(3))
+    assert table["best_skill"].tolist() == [0, 1, 2]
+    # named by the outcome they end on (the drop skill ends at once where nothing is carried)
+    names = skill_names(table)
+    assert all(n.startswith(str(PRIMITIVES[p])) for n, p in zip(names, prims)), names
+
+
+def test_outcome_label_prefers_the_specific_primitive():
+    ev = torch.zeros(3, NUM_PRIMITIVES, dtype=torch.bool)
+    drop, goto = PRIMITIVE_INDEX[Primitive.parse("drop(red ball)")], 0
+    ev[0, [drop, goto]] = True  # a drop also faces the object
+    opened = PRIMITIVE_INDEX[Primitive.parse("open(door)")]
+    ev[1, [opened, opened + 1]] = True  # opening the door also toggles it
+    assert outcome_label(ev).tolist() == [drop, opened, -1]
+
+
+def test_tiny_discovery_end_to_end(tmp_path):
+    cfg = DiscoveryConfig(num_skills=4, total_env_steps=1024, num_envs=8, num_steps=64)
+    lib, disc, hist = discover(cfg, log=None, checkpoint=tmp_path / "lib.pt")
+    assert len(hist) == 2 and hist[-1]["env_steps"] == 1024
+    assert all(h["segments_terminated"] > 0 for h in hist)
+    lib2, disc2 = load_discovered(safe_torch_load(tmp_path / "lib.pt"))
+    x = torch.randn(5, 146)
+    k = torch.arange(5) % 4
+    assert torch.equal(lib.dist(x, k).logits, lib2.dist(x, k).logits)
+    f = torch.rand(5, OUTCOME_DIM)
+    assert torch.equal(disc(f), disc2(f))
+    # same seed, same run
+    lib3, _, hist3 = discover(cfg, log=None)
+    assert hist3[-1]["ppo/loss"] == hist[-1]["ppo/loss"]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"num_skills": 0}, {"t_max": 0}, {"start_skills": 30}, {"bc_coef": -1.0}]
+)
+def test_bad_discovery_config(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        DiscoveryConfig(**kw)
