@@ -318,6 +318,11 @@ class CompositionalAgent(RLModule):
         if skills:
             self.graph.update(torch.tensor(prevs), torch.tensor(skills), torch.tensor(oks))
 
+    @staticmethod
+    def embedding_of_memory(memory):
+        """The task embedding ``compo embed`` reads: the controller's LSTM state (h, c)."""
+        return memory[0], memory[1]
+
     # -- evaluation -------------------------------------------------------------------------------
     def trial_policy(self, envs):
         """The shared protocol's hook: the skill-level policy; it adapts through its memory."""

@@ -1,8 +1,9 @@
 """``compo ablate``: one switch of the compositional agent changed at a time, same protocol.
 
-Rows: the full agent and one variant per switch — composer {hard, uniform}, graph {none},
-primitives {supervised, random-frozen}, inner loop {off} — trained with the same budget and
-seeds and evaluated on the same held-out tasks as ``compo heldout``.
+Rows: the full agent (``base``) and one variant per switch — composer {uniform, soft}, graph
+{none}, inner loop {on}, primitives {supervised, discovered, random-frozen} (the row equal to
+``base`` repeats it under its own name) — trained with the same budget and seeds and evaluated
+on the same held-out tasks as ``compo heldout``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from rl.config import config_from_dict, merge
 #: (row name, config override of the compositional agent)
 ABLATIONS: dict[str, dict] = {
     "full": {},
-    "composer=hard": {"composer": "hard"},
     "composer=uniform": {"composer": "uniform"},
+    "composer=soft": {"composer": "soft"},
     "graph=none": {"graph": "none"},
+    "inner_loop=on": {"inner_loop": "on"},
     "primitives=supervised": {"primitives": "supervised"},
+    "primitives=discovered": {"primitives": "discovered"},
     "primitives=random-frozen": {"primitives": "random-frozen"},
-    "inner_loop=off": {"inner_loop": "off"},
 }
 
 

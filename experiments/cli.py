@@ -115,6 +115,7 @@ def cmd_trace(args) -> None:
         episodes=args.episodes,
         overwrite=args.overwrite,
         layout_seed=args.layout_seed,
+        nmi_episodes=args.nmi_episodes,
     )
 
 
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--composition", required=True, help="composition text")
     p.add_argument("--episodes", type=int, default=2, help="episodes in the traced trial")
     p.add_argument("--layout-seed", type=int, default=0, help="layout of the traced task")
+    p.add_argument(
+        "--nmi-episodes",
+        type=int,
+        default=200,
+        help="held-out episodes for the skill/sub-task NMI (agents with skills; 0: skip)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="allow writing into an existing run folder"
     )

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
+from envs.core import Primitive
+from envs.grid import PRIMITIVE_INDEX, PRIMITIVES
 from experiments.cli import main
 
 TINY = ["--set", "total_env_steps=512", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
@@ -318,79 +320,64 @@ def test_ablation_rows():
     cfg = ablation_config({"base": {"composer": "attention"}})
     names = [m["name"] for m in cfg.method_specs()]
     assert names == [f"compositional[{v}]" for v in ABLATIONS]
-    hard = next(m for m in cfg.method_specs() if m["name"] == "compositional[composer=hard]")
-    assert hard["config"] == {"composer": "hard"}
-    with pytest.raises(ValueError, match="unknown ablation 'composer=soft'"):
-        ablation_config({"variants": ["composer=soft"]})
+    soft = next(m for m in cfg.method_specs() if m["name"] == "compositional[composer=soft]")
+    assert soft["config"] == {"composer": "soft"}
+    with pytest.raises(ValueError, match="unknown ablation 'composer=hard'"):
+        ablation_config({"variants": ["composer=hard"]})
 
 
-def test_trace_and_graph_name_supervised_skills(tmp_path):
+#: a tiny skill-level agent: 2 phase-1 and 2 phase-2 iterations of 2 envs
+TINY_COMPO = [
+    "--set", "total_env_steps=384", "--set", "num_envs=2", "--set", "ppo.num_steps=64",
+    "--set", "skills.num_steps=32", "--set", "hidden=16", "--set", "library_hidden=16",
+    "--set", "episodes_per_trial=2", "--set", "library_fraction=0.3",
+]  # fmt: skip
+
+
+def test_compositional_trace_graph_embed(tmp_path, capsys):
     ck = tmp_path / "compo"
-    args = ["--set", "total_env_steps=512", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
-    args += ["--set", "discovery.ppo.num_steps=64", "--set", "num_skills=2"]
-    args += ["--set", "primitives=supervised"]
-    args += ["--set", "discovery.supervised_primitives=[goto(red ball),open(door)]"]
-    assert main(["train", "--method", "compositional", "--out", str(ck), *args]) == 0
+    assert main(["train", "--method", "compositional", "--out", str(ck), *TINY_COMPO]) == 0
     ckpt = str(ck / "checkpoints" / "final.ckpt")
     tr = tmp_path / "trace"
-    cmd = ["trace", "--checkpoint", ckpt, "--composition", "open(door)", "--out", str(tr)]
-    assert main(cmd) == 0
+    cmd = ["trace", "--checkpoint", ckpt, "--composition", "goto(red ball) > open(door)"]
+    assert main([*cmd, "--out", str(tr), "--nmi-episodes", "20"]) == 0
     doc = json.loads((tr / "trace.json").read_text())
-    assert doc["skill_names"] == ["goto(red ball)", "open(door)"]
-    alphas = np.array([st["alpha"] for st in doc["steps"]])
-    assert np.allclose(doc["alpha_mean"], alphas.mean(0), atol=1e-4)
+    assert doc["skill_names"] == [str(p) for p in PRIMITIVES]  # the supervised library
+    steps = doc["steps"]
+    assert steps[0]["decision"] and 0 <= steps[0]["skill"] < 19
+    assert all(s["subtask"] in (PRIMITIVE_INDEX[Primitive.parse("goto(red ball)")],
+                                PRIMITIVE_INDEX[Primitive.parse("open(door)")]) for s in steps)  # fmt: skip
+    # one skill per segment: the skill changes only at decisions
+    for s0, s1 in zip(steps, steps[1:]):
+        assert s1["skill"] == s0["skill"] or s1["decision"]
+    nmi = doc["skill_subtask_nmi"]
+    assert 0 <= nmi["nmi"] <= 1 and nmi["episodes"] >= 20
+    assert "normalised mutual information" in capsys.readouterr().out
+    assert (tr / "trace.png").stat().st_size > 0 and (tr / "trace.gif").stat().st_size > 0
     g = tmp_path / "graph"
     assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
     assert "goto(red ball)" in (g / "graph.graphml").read_text()
-
-
-def test_compositional_trace_graph_embed(tmp_path):
-    ck = tmp_path / "compo"
-    args = ["--set", "total_env_steps=1024", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
-    args += ["--set", "discovery.ppo.num_steps=64", "--set", "num_skills=4"]
-    assert main(["train", "--method", "compositional", "--out", str(ck), *args]) == 0
-    ckpt = str(ck / "checkpoints" / "final.ckpt")
-    tr = tmp_path / "trace"
-    assert (
-        main(
-            [
-                "trace",
-                "--checkpoint",
-                ckpt,
-                "--composition",
-                "goto(red ball) > open(door)",
-                "--out",
-                str(tr),
-            ]
-        )
-        == 0
-    )
-    doc = json.loads((tr / "trace.json").read_text())
-    step = doc["steps"][0]
-    assert len(step["alpha"]) == 4 and abs(sum(step["alpha"]) - 1) < 1e-3  # rounded to 4 digits
-    assert 0 <= step["skill"] < 4 and 0 <= step["termination"] <= 1
-    assert doc["skill_names"] is None  # discovered skills have only their index
-    g = tmp_path / "graph"
-    assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
-    assert (g / "graph.png").stat().st_size > 0 and "graphml" in (g / "graph.graphml").read_text()
     e = tmp_path / "embed"
-    assert (
-        main(
-            [
-                "embed",
-                "--checkpoint",
-                ckpt,
-                "--out",
-                str(e),
-                "--set",
-                "num_tasks=5",
-                "--set",
-                "episodes=1",
-            ]
-        )
-        == 0
+    emb = ["embed", "--checkpoint", ckpt, "--out", str(e), "--set", "num_tasks=5"]
+    assert main([*emb, "--set", "episodes=1"]) == 0
+    assert json.loads((e / "embed.json").read_text())["embedding_dim"] == 2 * 16
+
+
+def test_nmi_by_hand():
+    from experiments.trace import nmi
+
+    assert nmi([0, 0, 1, 1], [5, 5, 7, 7]) == pytest.approx(1.0)
+    assert nmi([0, 1, 0, 1], [5, 5, 7, 7]) == pytest.approx(0.0)
+    assert nmi([0, 0, 0, 0], [5, 5, 7, 7]) == 0.0
+    # I = log 2 - 0.75 log 1.5 ... hand value for a partly aligned pair
+    x, y = [0, 0, 1, 1], [5, 5, 5, 7]
+    hx, hy = np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    mi = (
+        0.5 * np.log(0.5 / (0.5 * 0.75))
+        + 0.25 * np.log(0.25 / (0.5 * 0.75))
+        + 0.25 * np.log(0.25 / (0.5 * 0.25))
     )
-    assert json.loads((e / "embed.json").read_text())["embedding_dim"] == 2 * 64
+    assert nmi(x, y) == pytest.approx(mi / ((hx + hy) / 2))
 
 
 def test_numeric_config_values_are_coerced_or_refused():
@@ -402,9 +389,9 @@ def test_numeric_config_values_are_coerced_or_refused():
 
     c = config_from_dict(
         CompositionalConfig,
-        {"library_lr": "2e-3", "ppo": {"lr": yaml.safe_load("1e-3")}, "hidden": 32.0},
+        {"inner_lr": "2e-3", "ppo": {"lr": yaml.safe_load("1e-3")}, "hidden": 32.0},
     )
-    assert c.library_lr == 0.002 and isinstance(c.library_lr, float)
+    assert c.inner_lr == 0.002 and isinstance(c.inner_lr, float)
     assert c.ppo.lr == 0.001 and c.hidden == 32 and isinstance(c.hidden, int)
     # YAML 1.1 reads off/on as booleans (``--set ...inner_loop=off`` used to fail with
     # "inner_loop=False; allowed: on, off")
@@ -416,7 +403,7 @@ def test_numeric_config_values_are_coerced_or_refused():
     with pytest.raises(ValueError, match="composer='on'; allowed"):
         config_from_dict(CompositionalConfig, {"composer": yaml.safe_load("on")})
     for bad, match in (
-        ({"library_lr": "fast"}, "'library_lr'='fast'; allowed: a number"),
+        ({"inner_lr": "fast"}, "'inner_lr'='fast'; allowed: a number"),
         ({"hidden": 2.5}, "'hidden'=2.5; allowed: an integer"),
         ({"ppo": {"lr": True}}, "'ppo.lr'=True; allowed: a number"),
     ):

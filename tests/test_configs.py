@@ -23,7 +23,7 @@ CONFIGS = sorted(
 
 
 def test_configs_are_found():
-    assert len(CONFIGS) >= 20
+    assert len(CONFIGS) >= 10
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -41,11 +41,9 @@ def test_shipped_config_validates(path):
 
 
 def test_a_config_with_an_unknown_option_fails_by_name(tmp_path):
-    raw = yaml.safe_load(
-        Path("experiments/configs/results_grid_1m_compositional_sup15_credit.yaml").read_text()
-    )
-    raw["method_config"]["compositional"]["skill_credit"] = "maybe"
-    cfg = config_from_dict(HeldoutConfig, raw)
+    raw = yaml.safe_load(Path("experiments/configs/ablate_grid.yaml").read_text())
+    raw["base"] = {"composer": "maybe"}
+    cfg = ablation_config(raw)
     spec = cfg.method_specs()[0]
-    with pytest.raises(ValueError, match="skill_credit='maybe'"):
+    with pytest.raises(ValueError, match="composer='maybe'"):
         config_from_dict(method_class("compositional").config_cls, method_run_config(cfg, spec, 0))
