@@ -84,20 +84,26 @@ def outcomes(obs0, obs1):
     return comp, comp & ~_completed(p0, p0, xp), _feasible(p1, xp)
 
 
+def _cat(xp, parts):
+    return torch.cat(parts, -1) if xp is torch else np.concatenate(parts, -1)
+
+
 def _completed(p0, p1, xp):
-    on0, car0, door0, _ = p0
+    # PRIMITIVES order (asserted below): goto x7, pickup x4, drop x4, open box x2, open door,
+    # toggle door; slices instead of per-primitive selects keep this a handful of ops
+    _, car0, door0, _ = p0
     on1, car1, door1, front1 = p1
-    verb, obj = (PRIM_VERB, PRIM_OBJ) if xp is np else (_VERB_T, _OBJ_T)
-    goto = front1[..., obj]
-    pickup = car1[..., obj]
-    drop = car0[..., obj] & on1[..., obj]
-    is_door = obj == DOOR_I
-    opened = xp.where(is_door, door1[..., None], ~on1[..., obj])
-    toggle = (door0 != door1)[..., None]
-    return xp.where(
-        verb == 0,
-        goto,
-        xp.where(verb == 1, pickup, xp.where(verb == 2, drop, xp.where(verb == 3, opened, toggle))),
+    P = len(PORTABLE)
+    return _cat(
+        xp,
+        [
+            front1,
+            car1[..., :P],
+            car0[..., :P] & on1[..., :P],
+            ~on1[..., P : N_ENT - 1],
+            door1[..., None],
+            (door0 != door1)[..., None],
+        ],
     )
 
 
@@ -115,16 +121,21 @@ def feasible(obs):
 
 def _feasible(p, xp):
     on, carried, door, _ = p
-    verb, obj = (PRIM_VERB, PRIM_OBJ) if xp is np else (_VERB_T, _OBJ_T)
-    is_door = obj == DOOR_I
-    open_ok = xp.where(is_door, ~door[..., None], on[..., obj])
-    out = xp.where(
-        verb == 2,
-        carried[..., obj],
-        xp.where(verb == 3, open_ok, xp.where(verb == 4, True, on[..., obj])),
+    P = len(PORTABLE)
+    ones = (door | ~door)[..., None]
+    return _cat(
+        xp,
+        [on, on[..., :P], carried[..., :P], on[..., P : N_ENT - 1], ~door[..., None], ones],
     )
-    return out
 
 
 # the observation layout this module reads (portable objects first, boxes after them)
 assert tuple(ENTITIES[: len(PORTABLE)]) == tuple(PORTABLE) and set(BOXES) < set(ENTITIES)
+assert ENTITIES[-1] == DOOR and tuple(ENTITIES[len(PORTABLE) : -1]) == tuple(BOXES)
+assert [(p.verb, p.obj) for p in PRIMITIVES] == (
+    [("goto", e) for e in ENTITIES]
+    + [("pickup", e) for e in PORTABLE]
+    + [("drop", e) for e in PORTABLE]
+    + [("open", e) for e in (*BOXES, DOOR)]
+    + [("toggle", DOOR)]
+)
