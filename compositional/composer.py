@@ -67,8 +67,12 @@ class PointerComposer(nn.Module):
         return self.query_token(token) if self.instruction else self.query_state(h)
 
     def logits(self, h: torch.Tensor, token: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """(B, K) skill logits; ``prior`` (B, K): graph log-prior plus any per-trial bias."""
+        """(B, K) skill logits q . k_j + prior; ``prior`` (B, K): graph log-prior plus any
+        per-trial bias. No 1/sqrt(d): queries and keys start with norm ~1 (logits ~0.2 at
+        init) and a token's logits then move ~sqrt(d) times faster per optimiser step — with
+        the scaled dot product the instruction pointer, a 19 x d table, learned ~10x slower
+        than the state query (measured: approx-KL 1e-5 per update)."""
         if self.mode == "uniform":
             return torch.zeros(h.shape[0], self.num_skills)
         q = self.query(h, token)
-        return q @ self.keys.T / math.sqrt(self.key_dim) + prior
+        return q @ self.keys.T + prior

@@ -145,6 +145,18 @@ def cmd_embed(args) -> None:
     )
 
 
+def cmd_eval(args) -> None:
+    from experiments.evaluate import run_eval
+    from rl.config import config_from_dict
+    from rl.protocol import EvalConfig
+
+    ev = config_from_dict(EvalConfig, _config(args), "eval.")  # --seed: the task-draw seed
+    out = args.out or Path("runs") / "eval"
+    run_eval(args.checkpoint, out, eval_cfg=ev, overwrite=args.overwrite)
+    print((Path(out) / "table.md").read_text())
+    print(f"wrote {out}/results.json, table.md, curves.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from experiments.registry import METHODS
     from rl.train import CHECKPOINT_EVERY
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "eval", help="the shared protocol on the held-out tasks of one trained checkpoint"
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a method checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -415,3 +415,20 @@ def test_set_scientific_notation_reaches_the_config(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--method", "ppo", "--out", str(out), *TINY, "--set", "ppo.lr=3e-4"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["ppo"]["lr"] == 0.0003
+
+
+def test_eval_reproduces_heldout_for_the_same_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["heldout", "--out", str(run), "--set", "methods=[ppo]", "--set", "references=[]"]
+    args += ["--set", "seeds=[0]", "--set", "total_env_steps=1024", "--set", "num_envs=4"]
+    args += ["--set", "eval.num_tasks=6", "--set", "eval.episodes=2", "--set", "eval.num_envs=3"]
+    assert main(args) == 0
+    held = json.loads((run / "results.json").read_text())["methods"]["ppo"]
+    ev = tmp_path / "eval"
+    ckpt = run / "ppo" / "seed0" / "checkpoints" / "final.ckpt"
+    cmd = ["eval", "--checkpoint", str(ckpt), "--out", str(ev), "--set", "num_tasks=6"]
+    assert main([*cmd, "--set", "episodes=2", "--set", "num_envs=3"]) == 0
+    got = json.loads((ev / "results.json").read_text())["methods"]["ppo"]
+    assert got["success_at"] == held["success_at"] and got["return_at"] == held["return_at"]
+    assert (ev / "table.md").is_file() and (ev / "curves.png").is_file()
+    assert main([*cmd, "--set", "episodes=0"]) == 2  # bad input: one line, exit 2
