@@ -157,15 +157,18 @@ def discovery_rewards(
     active: int,
     t_max: int,
     cut_reward: float,
+    floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, N) intrinsic rewards and terminal flags: log q(k | outcome) - log p(k) on a
-    terminated segment's last step, ``cut_reward`` on a ``t_max`` cut (both terminal)."""
+    """(T, N) intrinsic rewards and terminal flags: log q(k | outcome) - log p(k) (at least
+    ``floor`` if given) on a terminated segment's last step, ``cut_reward`` on a ``t_max`` cut
+    (both terminal)."""
     rewards = torch.zeros(ro.rewards.shape)
     cut = tmax_cuts(ro, t_max)
     rewards[cut] = cut_reward
     terminal = cut.clone()
     if seg.env.numel():
-        rewards[seg.end, seg.env] = intrinsic_reward(disc, seg.feats, seg.skill, active)
+        r = intrinsic_reward(disc, seg.feats, seg.skill, active)
+        rewards[seg.end, seg.env] = r if floor is None else r.clamp(min=floor)
         terminal[seg.end, seg.env] = True
     return rewards, terminal
 
@@ -232,6 +235,10 @@ class DiscoveryConfig:
     hidden: int = 128
     cut_reward: float = -1.0
     """reward of a segment cut by t_max (no outcome); a shared outcome earns about 0"""
+    reward_floor: float | None = None
+    """lower bound of the intrinsic reward (None: none). log q of an outcome the
+    discriminator confidently gives to another skill is about -20, which punishes a skill for
+    trying an outcome a duplicate already owns more than it pays to find a free one"""
     bc_coef: float = 1.0
     """weight of the relabelled behaviour cloning (0: off)"""
     bc_balance: bool = True
@@ -332,7 +339,9 @@ class Discovery:
         cfg, K = self.cfg, self.active[0]
         ro = self.collector.collect(cfg.num_steps)
         seg = terminated_segments(ro)
-        rewards, terminal = discovery_rewards(self.disc, ro, seg, K, cfg.t_max, cfg.cut_reward)
+        rewards, terminal = discovery_rewards(
+            self.disc, ro, seg, K, cfg.t_max, cfg.cut_reward, cfg.reward_floor
+        )
         stats = {"env_steps": self.collector.env_steps, "active_skills": K}
         ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, cfg.ppo)
         stats.update({f"ppo/{k}": v for k, v in ppo.items()})

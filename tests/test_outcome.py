@@ -22,6 +22,7 @@ from primitives.outcome import (
     DiscoveryConfig,
     OutcomeDiscriminator,
     Segments,
+    balance_weights,
     discover,
     discovery_rewards,
     intrinsic_reward,
@@ -124,6 +125,20 @@ def test_intrinsic_reward_is_log_q_minus_log_p():
     assert int(terminal.sum()) == 2 and float(rew.abs().sum()) == pytest.approx(
         abs(float(expect[1])) + 0.5
     )
+    # a floor bounds a confidently wrong outcome (log q ~ -20) from below, nothing else
+    wrong = Segments(seg.env, seg.end, torch.tensor([3]), feats[1:2])
+    raw, _ = discovery_rewards(disc, ro, wrong, 4, t_max=3, cut_reward=-0.5)
+    floored, _ = discovery_rewards(disc, ro, wrong, 4, t_max=3, cut_reward=-0.5, floor=-1.0)
+    assert raw[1, 1] < -10 and floored[1, 1] == -1.0 and floored[2, 0] == -0.5
+
+
+def test_balance_weights_equalise_outcome_kinds():
+    feats = torch.zeros(6, OUTCOME_DIM)
+    feats[:4, 0] = 1.0  # four segments faced the red ball
+    feats[4, 15] = 1.0  # one opened a box
+    feats[:, 30] = torch.arange(6.0)  # the start state does not make an outcome kind
+    w = balance_weights(feats)
+    assert torch.allclose(w, torch.tensor([0.25] * 4 + [1.0, 1.0]))
 
 
 def chain_rollout(lib: OptionLibrary, steps: int = 48, n: int = 16, t_max: int = 32):
