@@ -39,6 +39,7 @@ class Decisions:
     adv: torch.Tensor
     ret: torch.Tensor
     train: torch.Tensor
+    valid: torch.Tensor
     reset: torch.Tensor
     prev: torch.Tensor
     bias: torch.Tensor
@@ -122,6 +123,7 @@ def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Deci
         "adv": torch.zeros(N, M),
         "ret": torch.zeros(N, M),
         "train": torch.zeros(N, M, dtype=torch.bool),
+        "valid": torch.zeros(N, M, dtype=torch.bool),
         "reset": torch.zeros(N, M, dtype=torch.bool),
         "prev": torch.full((N, M), -1, dtype=torch.long),
         "bias": torch.zeros(N, M, K),
@@ -141,6 +143,7 @@ def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Deci
         out["adv"][i, :m] = torch.as_tensor(adv, dtype=torch.float32)
         out["ret"][i, :m] = torch.as_tensor(ret, dtype=torch.float32)
         out["train"][i, :m] = torch.as_tensor(ok)
+        out["valid"][i, :m] = True
         out["reset"][i, :m] = ro.trial_start[st, i]
         out["prev"][i, :m] = ex["dec_prev"][st, i]
         out["bias"][i, :m] = ex["bias"][st, i]
@@ -152,17 +155,39 @@ def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Deci
 
 def replay(agent, D: Decisions, envs: torch.Tensor):
     """Re-run the controller over the decisions of ``envs``: logits (n, M, K), values (n, M).
-    Only the LSTM cell runs step by step; input layer, composer and value head are batched."""
+
+    Each env's decisions are cut where a trial starts (the state is zeroed there); the pieces
+    run as packed sequences through the LSTM in one call, the first piece of an env from the
+    state it had at the rollout's start.
+    """
     x = D.x[envs]
-    n, M, _ = x.shape
-    inp = agent.controller.inp(x)
-    keep = (~D.reset[envs]).float()[..., None]
-    h, c = D.h0[envs], D.c0[envs]
-    hs = []
-    for j in range(M):
-        h, c = agent.controller.lstm(inp[:, j], (h * keep[:, j], c * keep[:, j]))
-        hs.append(h)
-    hs = torch.stack(hs, 1).reshape(n * M, -1)
+    n, M, F = x.shape
+    reset = D.reset[envs]
+    count = D.valid[envs].sum(1)
+    pieces, h0, c0 = [], [], []
+    for i in range(n):
+        m = int(count[i])
+        if m == 0:
+            continue
+        cuts = [0, *[j for j in range(1, m) if reset[i, j]], m]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            pieces.append((i, a, b))
+            fresh = a > 0 or bool(reset[i, 0])
+            h0.append(torch.zeros(agent.controller.hidden) if fresh else D.h0[envs[i]])
+            c0.append(torch.zeros(agent.controller.hidden) if fresh else D.c0[envs[i]])
+    L = max(b - a for _, a, b in pieces)
+    seq = torch.zeros(len(pieces), L, F)
+    for s, (i, a, b) in enumerate(pieces):
+        seq[s, : b - a] = x[i, a:b]
+    lengths = torch.tensor([b - a for _, a, b in pieces])
+    hs_seq = agent.controller.sequences(seq, lengths, torch.stack(h0), torch.stack(c0))
+    hs = torch.zeros(n, M, agent.controller.hidden)
+    rows = torch.cat([torch.full((b - a,), i) for i, a, b in pieces])
+    cols = torch.cat([torch.arange(a, b) for _, a, b in pieces])
+    srcs = torch.cat([torch.full((b - a,), s) for s, (_, a, b) in enumerate(pieces)])
+    offs = torch.cat([torch.arange(b - a) for _, a, b in pieces])
+    hs = hs.index_put((rows, cols), hs_seq[srcs, offs])
+    hs = hs.reshape(n * M, -1)
     token = x[..., -NUM_PRIMITIVES:].reshape(n * M, -1)
     prior = agent.graph.log_prior(D.prev[envs].reshape(-1)) + D.bias[envs].reshape(n * M, -1)
     logits = agent.composer.logits(hs, token, prior).reshape(n, M, -1)

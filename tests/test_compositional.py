@@ -250,3 +250,28 @@ def test_collector_resume_of_the_skill_level_policy():
     assert torch.equal(ra.actions, rb.actions) and torch.equal(
         ra.extras["skill"], rb.extras["skill"]
     )
+
+
+@pytest.mark.parametrize("composer", ["attention", "soft"])
+def test_update_replays_the_acting_policy_exactly(composer):
+    """Before any update, the controller replayed over the stored decisions (packed sequences
+    cut at trial starts, from the rollout's start state) gives the acting log-probabilities
+    and values: PPO's first ratio is exactly 1."""
+    from compositional.decisions import collect_decisions, replay
+
+    torch.manual_seed(4)
+    agent = CompositionalAgent({**TINY, "composer": composer, "episodes_per_trial": 1})
+    col, _ = _rollout(agent, 60)  # trials start inside the next rollout too
+    ro = col.collect(90)
+    D = collect_decisions(ro, 0.99, 0.95, composer == "soft")
+    assert D.reset[:, 1:].any(), "a trial starts mid-rollout"
+    with torch.no_grad():
+        logits, values = replay(agent, D, torch.arange(D.x.shape[0]))
+    logp = torch.log_softmax(logits, -1)
+    if composer == "soft":
+        new = torch.logsumexp(logp + D.pi_a.clamp_min(1e-12).log(), -1)
+    else:
+        new = logp.gather(-1, D.skill[..., None]).squeeze(-1)
+    v = D.valid
+    torch.testing.assert_close(new[v], D.logp[v], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[v], D.value[v], atol=1e-5, rtol=1e-5)
