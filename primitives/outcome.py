@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.grid_events import NUM_PRIMITIVES, events, object_state
+from envs.grid_events import NUM_PRIMITIVES, PRIM_VERB, events, object_state
 from primitives.option_training import (
     ChainPolicy,
     decision_log_probs,
@@ -120,6 +120,50 @@ def relabel(
         q = disc.log_q(feats, active).exp()
     p, k = q.max(-1)
     return k, p
+
+
+#: the most specific primitive of a step's events names it (a drop also faces the object;
+#: opening the door also toggles it): verb code (``PRIM_VERB``) -> rank
+_PRIORITY = {2: 4, 1: 3, 3: 2, 4: 1, 0: 0}
+_RANK = torch.as_tensor([_PRIORITY[int(v)] for v in PRIM_VERB], dtype=torch.float32)
+
+
+def outcome_label(ev: torch.Tensor) -> torch.Tensor:
+    """(B,) primitive index a step's events (B, 19) stand for, -1 if none."""
+    score = torch.where(ev, _RANK + 1.0, torch.zeros_like(_RANK))
+    best = score.argmax(-1)
+    return torch.where(ev.any(-1), best, torch.full_like(best, -1))
+
+
+def relabel_assigned(
+    disc: OutcomeDiscriminator, feats: torch.Tensor, active: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relabelling under a one-to-one assignment of outcome kinds to skills.
+
+    Kinds are ``outcome_label`` of the terminating events (the 19 primitives' outcomes).
+    Greedily, the (kind, skill) pair of highest mean q(k | outcome) over the kind's segments
+    is matched first, then the next among the unmatched kinds and skills, and so on; a
+    segment is relabelled to its kind's skill. Plain argmax relabelling lets duplicates
+    persist (four skills that all face the green key each earn log(K / 4) and no skill gets
+    the imitation data of an outcome nobody owns yet); the assignment gives every kind seen in
+    the batch its own skill when K allows. Returns (skill, q of that skill) per outcome.
+    """
+    with torch.no_grad():
+        q = disc.log_q(feats, active).exp()
+    kind = outcome_label(feats[:, :NUM_PRIMITIVES] > 0.5)
+    kinds = kind.unique()
+    score = torch.stack([q[kind == c].mean(0) for c in kinds])  # (C, K)
+    owner = torch.full((len(kinds),), -1, dtype=torch.long)
+    score = score.clone()
+    for _ in range(min(len(kinds), active)):
+        c, k = divmod(int(score.argmax()), score.shape[1])
+        owner[c] = k
+        score[c, :] = -1.0
+        score[:, k] = -1.0
+    # kinds beyond K (none on CompoGrid with K >= 19) fall back to argmax
+    target = torch.where(owner[torch.searchsorted(kinds, kind)] >= 0,
+                         owner[torch.searchsorted(kinds, kind)], q.argmax(-1))  # fmt: skip
+    return target, q[torch.arange(q.shape[0]), target]
 
 
 @dataclass
@@ -243,6 +287,9 @@ class DiscoveryConfig:
     """weight of the relabelled behaviour cloning (0: off)"""
     bc_balance: bool = True
     """weigh imitated segments by 1 / frequency of their terminating events"""
+    relabel: str = "argmax"
+    """``argmax`` (the skill of highest q) or ``assign`` (one skill per outcome kind,
+    ``relabel_assigned``)"""
     relabel_min_q: float = 0.0
     """relabel only outcomes whose best skill has at least this probability"""
     disc_lr: float = 1e-3
@@ -268,6 +315,8 @@ class DiscoveryConfig:
             raise ValueError(
                 f"start_skills={self.start_skills!r}; allowed: None or 1..{self.num_skills}"
             )
+        if self.relabel not in ("argmax", "assign"):
+            raise ValueError(f"relabel={self.relabel!r}; allowed: argmax, assign")
         if self.bc_coef < 0:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: a number >= 0")
         if isinstance(self.ppo, dict):
@@ -363,7 +412,8 @@ class Discovery:
         return stats
 
     def _imitate(self, ro: Rollout, seg: Segments, K: int) -> dict[str, float]:
-        k_star, q_star = relabel(self.disc, seg.feats, K)
+        how = relabel if self.cfg.relabel == "argmax" else relabel_assigned
+        k_star, q_star = how(self.disc, seg.feats, K)
         keep = q_star >= self.cfg.relabel_min_q
         kept = Segments(seg.env[keep], seg.end[keep], seg.skill[keep], seg.feats[keep])
         target = relabelled_steps(ro, kept, k_star[keep]).reshape(-1)

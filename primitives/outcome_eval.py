@@ -29,31 +29,21 @@ import torch
 
 from envs.core import Task
 from envs.grid import PRIMITIVE_INDEX, PRIMITIVES, CompoGridEnv, Oracle, Primitive
-from envs.grid_events import NUM_PRIMITIVES, PRIM_VERB, completed, events, feasible
+from envs.grid_events import NUM_PRIMITIVES, completed, events, feasible
 from primitives.option_training import ChainPolicy
 from primitives.options import OptionLibrary
 from primitives.outcome import (
     ROOM,
     OutcomeDiscriminator,
     make_room,
+    outcome_label,
     terminated_segments,
     uniform_draw,
 )
 from rl.collect import Collector, make_vector_env
 
-#: the most specific primitive of a step's events wins (a drop is also a goto of the object;
-#: opening the door is also a toggle)
-_PRIORITY = {2: 4, 1: 3, 3: 2, 4: 1, 0: 0}  # verb code -> rank
-_RANK = torch.as_tensor([_PRIORITY[int(v)] for v in PRIM_VERB], dtype=torch.float32)
 PRIM_NAMES = [str(p) for p in PRIMITIVES]
 Actor = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
-
-
-def outcome_label(ev: torch.Tensor) -> torch.Tensor:
-    """(B,) primitive index a step's events (B, 19) stand for, -1 if none."""
-    score = torch.where(ev, _RANK + 1.0, torch.zeros_like(_RANK))
-    best = score.argmax(-1)
-    return torch.where(ev.any(-1), best, torch.full_like(best, -1))
 
 
 def _enabler(p: Primitive, obs: np.ndarray) -> Primitive | None:

@@ -28,12 +28,14 @@ from primitives.outcome import (
     intrinsic_reward,
     load_discovered,
     make_room,
+    outcome_label,
     relabel,
+    relabel_assigned,
     relabelled_steps,
     terminated_segments,
     uniform_draw,
 )
-from primitives.outcome_eval import outcome_label, skill_names, skill_outcome_table
+from primitives.outcome_eval import skill_names, skill_outcome_table
 from rl.collect import Collector, Rollout
 from rl.io import safe_torch_load
 from rl.ppo import PPOConfig
@@ -99,6 +101,29 @@ def test_relabelling_on_hand_built_segments():
     target = relabelled_steps(ro, seg, k)
     expect = torch.tensor([[3, 1], [3, 1], [3, 1], [-1, 1], [-1, 1], [-1, -1]])
     assert torch.equal(target, expect)
+
+
+class KindLogits(torch.nn.Module):
+    """Fixed logits per outcome kind: kind A (event 0) claimed by skills 0 and 1 alike, kind B
+    (pickup(red ball)) owned by nobody, skill 0 slightly ahead."""
+
+    def forward(self, feats):
+        a = torch.tensor([2.0, 2.0, -5.0])
+        b = torch.tensor([1.0, 0.5, 0.0])
+        return torch.where(feats[:, :1] > 0.5, a, b)
+
+
+def test_assigned_relabelling_gives_each_outcome_kind_its_own_skill():
+    disc = OutcomeDiscriminator(3)
+    disc.net = KindLogits()
+    feats = torch.zeros(5, OUTCOME_DIM)
+    feats[:3, 0] = 1.0
+    feats[3:, PRIMITIVE_INDEX[Primitive.parse("pickup(red ball)")]] = 1.0
+    k_arg, _ = relabel(disc, feats, 3)
+    assert k_arg.tolist() == [0, 0, 0, 0, 0]  # a duplicate keeps both kinds on skill 0
+    k, q = relabel_assigned(disc, feats, 3)
+    assert k.tolist() == [1, 1, 1, 0, 0]  # B's best skill first, then A's best free one
+    assert torch.allclose(q, torch.softmax(disc(feats), -1)[torch.arange(5), k])
 
 
 def test_intrinsic_reward_is_log_q_minus_log_p():
