@@ -19,6 +19,7 @@ from primitives.option_training import (
 from primitives.options import OptionLibrary
 from primitives.outcome import (
     OUTCOME_DIM,
+    Discovery,
     DiscoveryConfig,
     OutcomeDiscriminator,
     Segments,
@@ -262,3 +263,28 @@ def test_tiny_discovery_end_to_end(tmp_path):
 def test_bad_discovery_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         DiscoveryConfig(**kw)
+
+
+def test_valor_growth_draws_only_active_skills_and_grows():
+    cfg = DiscoveryConfig(
+        num_skills=6, total_env_steps=512, num_envs=8, num_steps=32, start_skills=2, grow_at=0.0
+    )
+    run = Discovery(cfg)
+    ro_skills = []
+    run.collector.policy.step = wrap_step(run.collector.policy.step, ro_skills)
+    run.step()
+    assert max(ro_skills[0]) < 2  # the first rollout drew from the 2 active skills only
+    assert run.active[0] == 4  # accuracy >= grow_at: 1.5 * 2 + 1 skills
+    run.step()
+    assert run.active[0] == 6  # capped at K
+
+
+def wrap_step(step, seen: list):
+    def wrapped(obs, memory, prev):
+        out = step(obs, memory, prev)
+        if not seen:
+            seen.append([])
+        seen[0].extend(out.extras["skill"].tolist())
+        return out
+
+    return wrapped
