@@ -102,6 +102,14 @@ class DecisionController(nn.Module):
         self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
         self.value_head = mlp([hidden, 1], out_gain=1.0)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written while the controller was an LSTMCell (same parameters)
+        for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            old = f"{prefix}lstm.{k}"
+            if old in state_dict:
+                state_dict[f"{old}_l0"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def initial(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(n, self.hidden), torch.zeros(n, self.hidden)
 

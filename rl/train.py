@@ -278,7 +278,13 @@ def prepare_train_dir(
 
 
 def _restore(module: RLModule, ckpt: dict) -> None:
-    module.load_state_dict(ckpt["state_dict"])
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # another architecture: a user error, in one line
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit method {method!r} as configured in it: {first}"
+        ) from None
     module.on_load_checkpoint(ckpt)
     module._resume_state = None
 
