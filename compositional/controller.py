@@ -114,9 +114,12 @@ class DecisionController(nn.Module):
         return torch.zeros(n, self.hidden), torch.zeros(n, self.hidden)
 
     def forward(self, x, h, c) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decision for a batch: input (n, in_dim), state (n, hidden) x 2."""
-        _, (h, c) = self.lstm(self.inp(x)[:, None], (h[None], c[None]))
-        return h[0], c[0]
+        """One decision for a batch: input (n, in_dim), state (n, hidden) x 2 (the LSTM's own
+        weights as one cell: nn.LSTM's per-call set-up costs more than the step itself)."""
+        m = self.lstm
+        return torch.lstm_cell(
+            self.inp(x), (h, c), m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0
+        )
 
     def sequences(self, x: torch.Tensor, lengths: torch.Tensor, h0, c0) -> torch.Tensor:
         """Hidden states (S, L, hidden) of S padded decision sequences (S, L, in_dim) of the

@@ -183,7 +183,9 @@ class SkillLevelPolicy:
             extras["pi_a"] = pi[torch.arange(B), :, action]
             dec_logp = torch.log((alpha * extras["pi_a"]).sum(-1).clamp_min(1e-12))
         else:
-            action = a.library.dist(obs, skill).sample()
+            # Categorical(logits).sample() without the distribution object (same draw)
+            probs = torch.softmax(a.library.logits(obs, skill), -1)
+            action = torch.multinomial(probs, 1, True).squeeze(-1)
         m[SEG_LEN] = m[SEG_LEN] + 1
         m[LAST_OBS] = obs
         extras.update(
