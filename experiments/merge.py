@@ -1,0 +1,120 @@
+"""Merge the rows of several ``compo heldout`` runs into one table.
+
+``python -m experiments.merge RUN_A RUN_B ... --out DIR``
+
+A table can be run in parts — one method (or seed set) per process, per core or per session —
+and merged afterwards, because every part evaluates on the same held-out tasks with the same
+protocol. The parts must agree on the split, the held-out tasks, the eval settings, the env and
+the env-step budget (checked: one clear error otherwise); a row present in two parts must come
+from disjoint seeds and is then joined. Statistics are recomputed from the raw scores
+(``experiments.stats.recompute``), so the merged table is what one run of all rows would give.
+Writes ``results.json`` (with ``merged_from``: each part's folder, command and commit),
+``table.md`` and ``curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from experiments.stats import recompute
+from rl.io import atomic_write_text, prepare_run_dir
+from rl.protocol import plot_curves, results_json_text, table_markdown
+
+#: what every part must share (paths into the document)
+SHARED = (
+    ("split",),
+    ("heldout_tasks",),
+    ("statistics",),
+    ("config", "eval"),
+    ("config", "env_id"),
+    ("config", "env_kwargs"),
+    ("config", "total_env_steps"),
+)
+
+
+def _get(doc: dict, path: tuple[str, ...]):
+    for k in path:
+        doc = doc.get(k) if isinstance(doc, dict) else None
+    return doc
+
+
+def merge(docs: list[dict], names: list[str]) -> dict:
+    """One schema-2 document with every part's rows (see the module docstring)."""
+    if not docs:
+        raise ValueError("nothing to merge; give at least one results.json")
+    base = docs[0]
+    for doc, name in zip(docs[1:], names[1:]):
+        for path in SHARED:
+            if _get(doc, path) != _get(base, path):
+                raise ValueError(
+                    f"{name} differs from {names[0]} in {'.'.join(path)}; allowed: parts of "
+                    "one table (same split, tasks, eval, env and budget)"
+                )
+    methods: dict[str, dict] = {}
+    scores: dict[str, dict] = {}
+    for doc, name in zip(docs, names):
+        for m, entry in doc["methods"].items():
+            raw = doc["scores"]["methods"][m]
+            if m not in methods:
+                methods[m] = dict(entry)
+                scores[m] = {k: list(v) for k, v in raw.items()}
+                continue
+            clash = set(scores[m]["seeds"]) & set(raw["seeds"])
+            if clash:
+                raise ValueError(
+                    f"row {m!r} has seeds {sorted(clash)} in {name} and in an earlier part; "
+                    "allowed: disjoint seeds"
+                )
+            for k in ("seeds", "success", "return"):
+                scores[m][k] = scores[m][k] + list(raw[k])
+            methods[m]["seeds"] = scores[m]["seeds"]
+            methods[m]["per_seed_success_at"] = {
+                **methods[m]["per_seed_success_at"],
+                **entry["per_seed_success_at"],
+            }
+            methods[m]["wall_s"] = (methods[m]["wall_s"] + entry["wall_s"]) / 2
+    for m in scores:  # seeds in order, scores alongside
+        order = sorted(range(len(scores[m]["seeds"])), key=lambda i: scores[m]["seeds"][i])
+        for k in ("seeds", "success", "return"):
+            scores[m][k] = [scores[m][k][i] for i in order]
+        methods[m]["seeds"] = scores[m]["seeds"]
+    doc = {
+        **base,
+        "methods": methods,
+        "scores": {**base["scores"], "methods": scores},
+        "merged_from": [
+            {"run": n, "command": d.get("command"), "git": d.get("git")}
+            for d, n in zip(docs, names)
+        ],
+        "command": "python -m experiments.merge " + " ".join(names),
+    }
+    return recompute(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (or results.json files)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged table")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    a = p.parse_args(argv)
+    try:
+        paths = [r / "results.json" if r.is_dir() else r for r in a.runs]
+        docs = [json.loads(path.read_text()) for path in paths]
+        doc = merge(docs, [str(r) for r in a.runs])
+        out = prepare_run_dir(a.out, overwrite=a.overwrite)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        print(f"merge: error: {e}", file=sys.stderr)
+        return 2
+    atomic_write_text(out / "results.json", results_json_text(doc))
+    atomic_write_text(out / "table.md", table_markdown(doc))
+    plot_curves(doc["methods"], out / "curves.png", title="Held-out compositions (merged)")
+    print(table_markdown(doc), end="")
+    print(f"wrote {out}/results.json, table.md, curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
