@@ -36,7 +36,7 @@ METHODS: list[tuple[str, str, dict, str]] = [
     ("rl2", "rl2", {"rnn": "gru", "hidden": 64, "num_layers": 1, "head_hidden": 64}, ">=4"),
     ("compositional", "compositional", {}, ">=4"),
     ("maml", "maml", {}, ""),
-    ("pearl", "pearl", {}, ""),
+    ("pearl", "pearl", {"updates_per_env_step": 0.02}, ""),
     ("discovery", "discovery", {}, ""),
 ]
 

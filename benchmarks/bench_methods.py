@@ -37,7 +37,8 @@ METHODS: list[tuple[str, str, dict]] = [
     ("reptile", "reptile", {}),
     ("rl2_small", "rl2", {"rnn": "gru", "hidden": 64, "num_layers": 1, "head_hidden": 64}),
     ("rl2_default", "rl2", {}),
-    ("pearl", "pearl", {}),
+    # the headline configs' update rate (oyster's 0.5 costs ~13 ms per env step here)
+    ("pearl", "pearl", {"updates_per_env_step": 0.02}),
     ("compositional", "compositional", {}),
 ]
 
@@ -46,17 +47,22 @@ METHODS: list[tuple[str, str, dict]] = [
 QUICK_BUDGET = {"compositional": 3072}
 
 #: paired measurement of the labels with a target: env steps per run and method runs
-PAIRED_BUDGET, PAIRED_REPEATS = 40_000, 3
+PAIRED_BUDGET, PAIRED_REPEATS = 200_000, 3
 
-#: target on the ratio to PPO, per label (within 1.5x of PPO)
-TARGETS = {"compositional": f">={1 / 1.5:.3f}"}
+#: target on the ratio to PPO, per label (issue 13: the skill-level agent, whose controller
+#: runs only at decisions, trains at >= 0.8x plain PPO's env steps/s on the batched env)
+TARGETS = {"compositional": ">=0.8"}
+#: every method steps this many batched envs (MAML derives its own from its meta-batch)
+NUM_ENVS = 64
 
 
 class NotAvailable(Exception):
     """The method's module cannot be imported (e.g. not written yet)."""
 
 
-def train_sps(method: str, overrides: dict, budget: int, out: Path, seed: int = 0):
+def train_sps(
+    method: str, overrides: dict, budget: int, out: Path, seed: int = 0, num_envs: int = NUM_ENVS
+):
     """Train one method on ``budget`` env steps; returns (env steps, wall seconds)."""
     from experiments.registry import method_class
     from rl.train import fit
@@ -65,7 +71,10 @@ def train_sps(method: str, overrides: dict, budget: int, out: Path, seed: int = 
         cls = method_class(method)
     except ImportError as e:
         raise NotAvailable(f"{type(e).__name__}: {e}") from e
-    cfg = {"compositions": None, "total_env_steps": budget, "seed": seed, **overrides}
+    cfg = {"compositions": None, "total_env_steps": budget, "seed": seed, "num_envs": num_envs}
+    if method in ("maml", "fomaml", "reptile"):
+        del cfg["num_envs"]
+    cfg.update(overrides)
     t0 = time.perf_counter()
     module = cls(cfg)
     fit(module, out, logger=False)
@@ -85,7 +94,8 @@ def run(
         RuntimeError: after all methods ran, if any failed for a reason other than not being
             importable (their rows are returned on the exception's ``rows`` attribute).
     """
-    budget = 1000 if quick else 20_000
+    budget = 1000 if quick else 50_000
+    n_envs = 8 if quick else NUM_ENVS
     labels = [m[0] for m in METHODS]
     if methods is not None:
         unknown = sorted(set(methods) - set(labels))
@@ -99,7 +109,7 @@ def run(
         ppo_runs = []
 
         def ppo(tag: str) -> None:
-            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo_{tag}")
+            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo_{tag}", num_envs=n_envs)
             ppo_runs.append(steps / wall)
             print(f"[{NAME}] ppo ({tag}): {steps} steps in {wall:.1f} s")
 
@@ -107,7 +117,7 @@ def run(
         for label, method, overrides in todo:
             try:
                 b = QUICK_BUDGET.get(label, budget) if quick else budget
-                steps, wall = train_sps(method, overrides, b, Path(tmp) / label)
+                steps, wall = train_sps(method, overrides, b, Path(tmp) / label, num_envs=n_envs)
                 results[label] = (steps, wall, b)
                 print(f"[{NAME}] {label}: {steps} steps in {wall:.1f} s")
             except NotAvailable as e:
@@ -160,13 +170,16 @@ def paired_row(label: str, method: str, overrides: dict, quick: bool, workdir: s
     budget, repeats = (
         (QUICK_BUDGET.get(label, 1000), 1) if quick else (PAIRED_BUDGET, PAIRED_REPEATS)
     )
+    n_envs = 8 if quick else NUM_ENVS
     ppo_sps, m_sps = [], []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for i in range(repeats + 1):
-            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo{i}")
+            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo{i}", num_envs=n_envs)
             ppo_sps.append(steps / wall)
             if i < repeats:
-                steps, wall = train_sps(method, overrides, budget, Path(tmp) / f"{label}{i}")
+                steps, wall = train_sps(
+                    method, overrides, budget, Path(tmp) / f"{label}{i}", num_envs=n_envs
+                )
                 m_sps.append(steps / wall)
     ratios = [m / ((ppo_sps[i] + ppo_sps[i + 1]) / 2) for i, m in enumerate(m_sps)]
     print(f"[{NAME}] {label} paired ratios {[round(r, 3) for r in ratios]}")
