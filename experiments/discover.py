@@ -2,7 +2,7 @@
 
 ``python -m experiments.discover --out DIR [--steps 6000000] [--num-skills 24] [--seed 0]
 [--start-skills N] [--bc-coef 1.0] [--cut-reward -1.0] [--reward-floor F] [--gamma 0.95]
-[--ent-coef 0.01] [--relabel argmax|assign] [--states 16]``
+[--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
 trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
 ``library.pt`` (plain state dict, ``rl.io.safe_torch_load``), ``log.jsonl`` (one line per
 rollout), then ``table.md`` / ``table.json`` from ``primitives.outcome_eval``: per skill and
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bc-coef", type=float, default=1.0)
     ap.add_argument("--cut-reward", type=float, default=-1.0)
     ap.add_argument("--reward-floor", type=float, default=None)
-    ap.add_argument("--relabel", default="argmax", help="argmax or assign")
+    ap.add_argument("--relabel", default="assign", help="assign or argmax")
     ap.add_argument("--gamma", type=float, default=0.95, help="skills' PPO discount")
     ap.add_argument("--ent-coef", type=float, default=0.01, help="skills' entropy bonus")
     ap.add_argument("--states", type=int, default=16, help="start states per primitive")

@@ -17,9 +17,15 @@ segment (VIC / SkiLD-style: what changed, not where the agent went):
   active skills; a segment cut by ``t_max`` has no outcome and earns ``cut_reward``; one cut
   by the episode's or the rollout's end bootstraps from V(s', k).
 - **hindsight relabelling** (``relabel``): every terminated segment is relabelled to the skill
-  its outcome best matches, k* = argmax_k q(k | outcome), and skill k* is trained to imitate
-  it (behaviour cloning of its actions *and* of its termination decisions: continue on the
-  earlier events, stop on the last one), GCSL-style. Behaviour cloning rather than relabelled
+  its outcome best matches and that skill is trained to imitate it (behaviour cloning of its
+  actions *and* of its termination decisions: continue on the earlier events, stop on the
+  last one), GCSL-style, each kind of outcome weighted equally (``bc_balance``). "Best
+  matches" is ``assign`` by default: a greedy one-to-one matching of outcome kinds to skills
+  by mean q(k | outcome) (``relabel_assigned``); ``argmax`` (k* = argmax_k q(k | outcome))
+  let duplicate skills persist and left outcomes nobody owned without imitation data
+  (seed 0: 15/19 primitives, held-out accuracy 0.62 at 4.9M steps, vs 19/19 and 0.69 for
+  ``assign`` at 8M, whose on-policy accuracy was ahead at every matched step count).
+  Behaviour cloning rather than relabelled
   PPO because the relabelled segment is off-policy for k*: PPO would need the ratio
   pi_k*(a|s) / pi_k(a|s) over up to ``t_max`` steps, which explodes, while imitation of a
   segment that reached the outcome is a valid improvement step for a goal-reaching policy
@@ -287,9 +293,9 @@ class DiscoveryConfig:
     """weight of the relabelled behaviour cloning (0: off)"""
     bc_balance: bool = True
     """weigh imitated segments by 1 / frequency of their terminating events"""
-    relabel: str = "argmax"
-    """``argmax`` (the skill of highest q) or ``assign`` (one skill per outcome kind,
-    ``relabel_assigned``)"""
+    relabel: str = "assign"
+    """``assign`` (one skill per outcome kind, ``relabel_assigned``) or ``argmax`` (the skill
+    of highest q)"""
     relabel_min_q: float = 0.0
     """relabel only outcomes whose best skill has at least this probability"""
     disc_lr: float = 1e-3
