@@ -1,6 +1,6 @@
 """Outcome-based skill discovery on CompoGrid, and the skills x outcomes table (issue 13).
 
-``python -m experiments.discover --out DIR [--steps 6000000] [--num-skills 24] [--seed 0]
+``python -m experiments.discover --out DIR [--steps 8000000] [--num-skills 19] [--seed 0]
 [--start-skills N] [--bc-coef 1.0] [--cut-reward -1.0] [--reward-floor F] [--gamma 0.95]
 [--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
 trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
@@ -69,8 +69,8 @@ def train_supervised(steps: int, seed: int, log_path: Path) -> OptionLibrary:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
-    ap.add_argument("--steps", type=int, default=6_000_000, help="discovery env-step budget")
-    ap.add_argument("--num-skills", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=8_000_000, help="discovery env-step budget")
+    ap.add_argument("--num-skills", type=int, default=19)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-skills", type=int, default=None, help="VALOR growth from N")
     ap.add_argument("--bc-coef", type=float, default=1.0)

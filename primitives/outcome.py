@@ -38,11 +38,18 @@ segment (VIC / SkiLD-style: what changed, not where the agent went):
   and grow to ``min(K, 1.5 K + 1)`` whenever the on-policy discriminator accuracy reaches
   ``grow_at``.
 
-Why K = 24 by default: CompoGrid has 19 primitive outcomes (goto x7, pickup x4, drop x4, open
-box x2, open door, close door); K must be >= 19, and a few spare skills let a skill that is
-stuck sharing an outcome move to a free one (or to a composite outcome: open a box, then face
-the key) instead of pushing a rare outcome (drop) out; many more would split outcomes by
-context and thin each skill's data.
+Why K = 19 by default: CompoGrid has 19 kinds of object outcome (goto x7, pickup x4, drop x4,
+open box x2, open door, close door), so K >= 19, and with the assignment relabelling every kind
+gets its own skill. Spare skills were expected to find composite outcomes (open a box, then
+face the key); measured, they duplicated owned kinds instead, which costs discriminator
+accuracy and buys no coverage (seed 0, 8M steps: K = 24 covered 19/19 primitives with
+held-out accuracy 0.69, 0.87 once skills with the same main outcome are merged; K = 19
+covered 19/19 with accuracy 0.92). VALOR growth (``start_skills``) is there for larger K.
+
+Measured (``python -m experiments.discover --out DIR --steps 8000000``, seed 0, 8M env steps,
+~20 min on one core): every primitive has a skill that completes it from >= 0.94 of 32
+feasible start states (the same skills on 32 fresh states: >= 0.94), each skill ends on its
+own kind of outcome (one skill per kind), held-out discriminator accuracy 0.92.
 
 Examples:
     >>> cfg = DiscoveryConfig(total_env_steps=2048, num_envs=8, num_steps=64, num_skills=4)
@@ -270,8 +277,8 @@ def balance_weights(feats: torch.Tensor) -> torch.Tensor:
 class DiscoveryConfig:
     """Outcome-based discovery settings (see the module docstring)."""
 
-    num_skills: int = 24
-    """K (>= 19 covers CompoGrid's outcomes; see the module docstring for 24)"""
+    num_skills: int = 19
+    """K (>= 19 covers CompoGrid's outcomes; see the module docstring)"""
     total_env_steps: int = 8_000_000
     """budget (env steps; counts against the method's total)"""
     t_max: int = 32
