@@ -21,7 +21,11 @@ test: $(VENV_STAMP) lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -x --durations=15
 
 demo: $(VENV_STAMP)
-	OMP_NUM_THREADS=1 .venv/bin/compo heldout --config experiments/configs/demo.yaml --out runs/demo --overwrite
+	OMP_NUM_THREADS=1 .venv/bin/compo heldout --config experiments/configs/demo.yaml --out runs/demo/reward --overwrite
+	OMP_NUM_THREADS=1 .venv/bin/compo heldout --config experiments/configs/demo.yaml --out runs/demo/instruction --overwrite \
+		--set env_kwargs.task_info=instruction --set 'references=[random, oracle]' \
+		--set method_config.compositional.episodes_per_trial=1 --set eval.episodes=1
+	@echo "demo tables and curves: runs/demo/reward/{table.md,curves.png} and runs/demo/instruction/{table.md,curves.png}"
 
 bench: $(VENV_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.run

@@ -41,6 +41,7 @@ from primitives.option_training import (
     update_skills,
 )
 from primitives.options import OptionLibrary, check_positive_int
+from primitives.outcome import Discovery, DiscoveryConfig, OutcomeDiscriminator
 from rl.collect import Collector, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.io import safe_torch_load
@@ -65,11 +66,12 @@ def _controller_ppo() -> PPOConfig:
 class CompositionalConfig(BaseConfig):
     """The compositional agent (see the module docstring)."""
 
-    primitives: str = "supervised"
-    """skill library: 'discovered' (no task reward), 'supervised' (one skill per primitive),
+    primitives: str = "discovered"
+    """skill library: 'discovered' (outcome-based discovery, no task reward: the method),
+    'supervised' (one skill per primitive, trained on its completion: oracle skills),
     'random-frozen' (the floor)"""
     num_skills: int | None = None
-    """K; None: 19 (every CompoGrid primitive) for supervised, 24 for discovered/random"""
+    """K; None: 19 (one per CompoGrid primitive, or per outcome kind when discovered)"""
     t_max: int = 32
     """longest a skill runs before it is cut"""
     library_fraction: float = 0.3
@@ -129,7 +131,8 @@ class CompositionalConfig(BaseConfig):
     def K(self) -> int:
         if self.num_skills is not None:
             return int(self.num_skills)
-        return len(PRIMITIVES) if self.primitives == "supervised" else 24
+        # discovered: one skill per outcome kind (primitives.outcome: K = 19 covered 19/19)
+        return len(PRIMITIVES)
 
 
 class CompositionalAgent(RLModule):
@@ -165,6 +168,10 @@ class CompositionalAgent(RLModule):
             cfg.hidden, K, len(PRIMITIVES), cfg.key_dim, cfg.composer, instruction
         )
         self.graph = SkillGraph(K, cfg.graph)
+        if cfg.primitives == "discovered":  # part of the checkpoint: discovery state
+            self.discriminator = OutcomeDiscriminator(K, cfg.library_hidden)
+        self.discovery: Discovery | None = None
+        self._discovery_state: dict | None = None
         if cfg.library_checkpoint:
             self._load_library(cfg.library_checkpoint)
         budget = int(cfg.total_env_steps)
@@ -218,6 +225,19 @@ class CompositionalAgent(RLModule):
         self._phase = self.phase()
         kwargs = {**cfg.env_kwargs, "composition": self.train_set[0]}
         envs = make_vector_env(cfg.env_id, cfg.num_envs, kwargs, vectorization=cfg.vectorization)
+        if self._phase == 1 and cfg.primitives == "discovered":
+            envs.close()  # discovery runs in its own room (primitives.outcome.make_room)
+            dcfg = DiscoveryConfig(
+                num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=cfg.num_envs,
+                num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
+                hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
+                total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
+            )  # fmt: skip
+            self.discovery = Discovery(dcfg, self.library, self.discriminator)
+            if self._discovery_state is not None:
+                self.discovery.load_training_state(self._discovery_state)
+                self._discovery_state = None
+            return self.discovery.collector
         if self._phase == 1:
             # skills see no task reward: fresh layouts every episode, one-episode "trials"
             sampler = uniform_task_sampler(self.train_set, False)
@@ -253,18 +273,36 @@ class CompositionalAgent(RLModule):
         super().on_train_start()
 
     def extra_state(self) -> dict:
-        return {"act_gen": self.act_gen.get_state(), "phase": int(self._phase or self.phase())}
+        out = {"act_gen": self.act_gen.get_state(), "phase": int(self._phase or self.phase())}
+        if self.discovery is not None and self._phase == 1:
+            out["discovery"] = self.discovery.training_state()
+        return out
 
     def load_extra_state(self, state: dict) -> None:
         if "act_gen" in state:
             self.act_gen.set_state(state["act_gen"])
         self._saved_phase = int(state.get("phase", self.phase()))
+        self._discovery_state = state.get("discovery")
+        if self._discovery_state is not None and self.discovery is not None:
+            self.discovery.load_training_state(self._discovery_state)
+            self._discovery_state = None
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         self._ensure_phase_collector()
         t0 = time.perf_counter()
         lib_opt, ctl_opt = self.optimizers()
+        if self.phase() == 1 and self.cfg.primitives == "discovered":
+            stats = self.discovery.step()  # no task reward: skills x outcomes MI
+            ro, terminal = self.discovery.last
+            self._count_chain_segments(ro, terminal.float(), terminal)
+            self.iteration += 1
+            self.log_scalars(
+                {"charts/phase": 1.0, "charts/SPS": (self.cfg.num_envs * self.cfg.skills.num_steps)
+                 / max(time.perf_counter() - t0, 1e-9),
+                 **{f"discovery/{k}": float(v) for k, v in stats.items()}}
+            )  # fmt: skip
+            return
         if self.phase() == 1:
             cfg = self.cfg.skills
             ro = self.collector.collect(cfg.num_steps)

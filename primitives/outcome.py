@@ -376,14 +376,32 @@ def make_room(num_envs: int, size: int = 8, max_steps: int | None = None):
 class Discovery:
     """The discovery loop's state: library, discriminator, optimisers, collector."""
 
-    def __init__(self, cfg: DiscoveryConfig) -> None:
+    def __init__(
+        self,
+        cfg: DiscoveryConfig,
+        library: OptionLibrary | None = None,
+        discriminator: OutcomeDiscriminator | None = None,
+    ) -> None:
+        """``library`` / ``discriminator``: train these (the compositional agent's phase 1)
+        instead of new ones; they must have ``cfg.num_skills`` skills."""
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.venv, sampler = make_room(cfg.num_envs, cfg.size, cfg.max_steps)
         obs_dim = self.venv.single_observation_space.shape[0]
         n_act = int(self.venv.single_action_space.n)
-        self.lib = OptionLibrary(obs_dim, n_act, cfg.num_skills, cfg.hidden, termination="learned")
-        self.disc = OutcomeDiscriminator(cfg.num_skills, cfg.hidden)
+        if library is None:
+            library = OptionLibrary(obs_dim, n_act, cfg.num_skills, cfg.hidden, "learned")
+        self.lib = library
+        self.disc = (
+            discriminator
+            if discriminator is not None
+            else OutcomeDiscriminator(cfg.num_skills, cfg.hidden)
+        )
+        if self.lib.num_skills != cfg.num_skills or self.lib.termination != "learned":
+            raise ValueError(
+                f"library with K={self.lib.num_skills}, termination={self.lib.termination!r};"
+                f" allowed: K={cfg.num_skills}, 'learned'"
+            )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.active = [cfg.start_skills or cfg.num_skills]
         self.policy = ChainPolicy(
@@ -404,6 +422,7 @@ class Discovery:
         rewards, terminal = discovery_rewards(
             self.disc, ro, seg, K, cfg.t_max, cfg.cut_reward, cfg.reward_floor
         )
+        self.last = (ro, terminal)  # the segments, for a caller that counts them (skill graph)
         stats = {"env_steps": self.collector.env_steps, "active_skills": K}
         ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, cfg.ppo)
         stats.update({f"ppo/{k}": v for k, v in ppo.items()})
@@ -464,6 +483,31 @@ class Discovery:
             self.disc_opt.step()
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
+
+    def training_state(self) -> dict:
+        """Everything beyond library and discriminator weights that training continues from
+        (optimisers, the outcome replay, the generator, growth, counters): plain data."""
+        r = self.replay
+        return {
+            "opt": self.opt.state_dict(),
+            "disc_opt": self.disc_opt.state_dict(),
+            "replay": {"feats": r.feats[: r.n].clone(), "skill": r.skill[: r.n].clone(),
+                       "at": r.at},
+            "gen": self.gen.get_state(),
+            "active": self.active[0],
+            "iteration": self.iteration,
+        }  # fmt: skip
+
+    def load_training_state(self, st: dict) -> None:
+        self.opt.load_state_dict(st["opt"])
+        self.disc_opt.load_state_dict(st["disc_opt"])
+        n = int(st["replay"]["feats"].shape[0])
+        self.replay.feats[:n] = st["replay"]["feats"]
+        self.replay.skill[:n] = st["replay"]["skill"]
+        self.replay.n, self.replay.at = n, int(st["replay"]["at"])
+        self.gen.set_state(st["gen"])
+        self.active[0] = int(st["active"])
+        self.iteration = int(st["iteration"])
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (loads with ``weights_only=True``)."""

@@ -331,6 +331,7 @@ TINY_COMPO = [
     "--set", "total_env_steps=384", "--set", "num_envs=2", "--set", "ppo.num_steps=64",
     "--set", "skills.num_steps=32", "--set", "hidden=16", "--set", "library_hidden=16",
     "--set", "episodes_per_trial=2", "--set", "library_fraction=0.3",
+    "--set", "primitives=supervised",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from rl.collect import make_vector_env
 from rl.train import fit
 
 TINY = {
+    "primitives": "supervised",
     "env_kwargs": {"task_info": "reward", "size": 8},
     "num_envs": 4,
     "episodes_per_trial": 2,
@@ -275,3 +276,29 @@ def test_update_replays_the_acting_policy_exactly(composer):
     v = D.valid
     torch.testing.assert_close(new[v], D.logp[v], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values[v], D.value[v], atol=1e-5, rtol=1e-5)
+
+
+def test_discovered_library_phase_and_resume(tmp_path):
+    """primitives='discovered': phase 1 is outcome-based discovery (no task reward) on the
+    agent's own library and discriminator; its state is in the checkpoint and a run killed
+    inside phase 1 resumes to the same parameters."""
+    cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5}
+    full = fit(CompositionalAgent(cfg), tmp_path / "full", logger=False, checkpoint_every=1)
+    assert full.phase1_iters >= 2
+    ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("discriminator.") for k in ck["state_dict"])
+    assert full.graph.tries.sum() > 0 and full.library.termination == "learned"
+
+    class Dies(CompositionalAgent):
+        def training_step(self, batch, batch_idx):
+            if self.iteration == 1:
+                raise RuntimeError("killed in phase 1")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="phase 1"):
+        fit(Dies(cfg), tmp_path / "cut", logger=False, checkpoint_every=1)
+    ck1 = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "discovery" in ck1["rl_state"]["extra"]
+    resumed = fit(CompositionalAgent(cfg), tmp_path / "cut", resume=True, logger=False)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -48,6 +48,7 @@ CONFIGS = {
     # phase 1 (skills) is 4 iterations, phase 2 (controller) 8: the first kill lands in
     # phase 1, the second in phase 2, so the first resume crosses the phase boundary
     "compositional": {
+        "primitives": "supervised",
         "env_kwargs": {"task_info": "reward", "size": 8, "max_steps": 12},
         "num_envs": 2,
         "episodes_per_trial": 2,
