@@ -304,8 +304,8 @@ def _episode_lines(axes, steps, doc) -> None:
     ends = bounds[1:] + [len(steps)]
     for ep, (b0, b1) in zip(doc["episodes"], zip(bounds, ends)):
         mark = "success" if ep["success"] else "fail"
-        axes[0].text((b0 + b1) / 2, 1.0, f"ep {ep['index']}: {mark}", fontsize=7, ha="center",
-                     va="bottom", transform=axes[0].get_xaxis_transform(),
+        axes[-1].text((b0 + b1) / 2, 0.97, f"ep {ep['index']}: {mark}", fontsize=7, ha="center",
+                     va="top", transform=axes[-1].get_xaxis_transform(),
                      color="tab:green" if ep["success"] else "tab:red")  # fmt: skip
 
 
