@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import gymnasium as gym
@@ -261,25 +260,3 @@ def test_reward_floor_bounds_the_diayn_reward_below(tmp_path):
     rows = [h for h in m.history if "charts/intrinsic_reward" in h]
     assert rows and all(h["charts/intrinsic_reward"] == pytest.approx(2.0) for h in rows)
     assert all(h["charts/mi_estimate"] < math.log(3) for h in rows)  # logged before the floor
-
-
-def test_disc_probe_reports_online_and_held_out_accuracy(tmp_path):
-    from experiments.disc_probe import main as probe_main
-    from experiments.disc_probe import probe
-
-    m = DiscoveryModule({**TINY, "num_skills": 3, "seed": 1})
-    fit(m, tmp_path, logger=False)
-    ckpt = tmp_path / "checkpoints" / "final.ckpt"
-    rep = probe(ckpt, steps=32, test_envs=1, epochs=2)
-    assert rep["probe_steps"] == 32 * m.cfg.num_envs and rep["num_skills"] == 3
-    for key in ("online_accuracy", "probe_accuracy", "probe_train_accuracy"):
-        assert 0.0 <= rep[key] <= 1.0
-    assert sum(s["share_of_steps"] for s in rep["skills"]) == pytest.approx(1.0)
-    assert rep == probe(ckpt, steps=32, test_envs=1, epochs=2)  # seeded: same report
-    with pytest.raises(ValueError, match="test_envs=0"):
-        probe(ckpt, steps=8, test_envs=0)
-    out = tmp_path / "probe.json"
-    probe_main([str(ckpt), "--steps", "16", "--test-envs", "1", "--epochs", "1", "--out", str(out)])
-    assert json.loads(out.read_text())["probe_steps"] == 16 * m.cfg.num_envs
-    with pytest.raises(SystemExit, match="does not exist"):
-        probe_main([str(tmp_path / "nope.ckpt")])
