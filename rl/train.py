@@ -283,7 +283,7 @@ def _restore(module: RLModule, ckpt: dict) -> None:
     except RuntimeError as e:  # another architecture: a user error, in one line
         first = str(e).strip().splitlines()[-1].strip()
         raise ValueError(
-            f"checkpoint {str(path)!r} does not fit method {method!r} as configured in it: {first}"
+            f"the checkpoint does not fit method {module.method!r} as configured in it: {first}"
         ) from None
     module.on_load_checkpoint(ckpt)
     module._resume_state = None
