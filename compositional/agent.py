@@ -189,6 +189,8 @@ class CompositionalAgent(RLModule):
         ckpt = safe_torch_load(path)
         state = ckpt.get("state_dict", ckpt)
         lib = {k[len("library.") :]: v for k, v in state.items() if k.startswith("library.")}
+        if not lib and isinstance(state.get("library"), dict):  # primitives.outcome's file
+            lib = dict(state["library"])
         if not lib:
             lib = dict(state)
         mine = self.library.state_dict()
