@@ -302,6 +302,8 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
             episodes=ev.episodes, num_envs=ev.num_envs, seed=ev.seed,
         )  # fmt: skip
 
+    pairs = len(cfg.method_specs()) * len(cfg.seeds)
+    done, started = 0, time.perf_counter()
     for spec in cfg.method_specs():
         succ, ret, steps, wall = {}, {}, 0, 0.0
         for seed in cfg.seeds:
@@ -312,8 +314,13 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
             wall += time.perf_counter() - t0
             succ[seed], ret[seed] = r["success"], r["return"]
             steps = module.env_steps
+            done += 1
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (pairs - done)
             log(
-                f"[{spec['name']} seed {seed}] meta-train steps {steps:,}; success by episode {np.round(r['success'].mean(0), 2).tolist()}"
+                f"[{spec['name']} seed {seed}] meta-train steps {steps:,}; success by episode "
+                f"{np.round(r['success'].mean(0), 2).tolist()} ({done}/{pairs} trained rows, "
+                f"{elapsed / 60:.1f} min, ~{eta / 60:.0f} min to go before the reference rows)"
             )
         methods[spec["name"]] = summarize(
             succ, ret, n_boot=ev.bootstrap, meta_train_env_steps=steps,
