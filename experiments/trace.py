@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from envs.core import Composition, Task
-from envs.grid import PRIMITIVE_INDEX
+from envs.grid import PRIMITIVE_INDEX, PRIMITIVES
 from experiments.registry import REGISTRY
 from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
@@ -251,8 +251,16 @@ def _plot_skill_trace(doc: dict, path: Path, plt) -> None:
     K = len(steps[0]["alpha"])
     names = [n or f"skill {k}" for k, n in enumerate(doc.get("skill_names") or [None] * K)]
     sk = np.array([s["skill"] for s in steps])
-    sub = np.array([s.get("subtask", -1) for s in steps])
-    used = sorted(set(sk.tolist()) | {v for v in sub.tolist() if v >= 0 and v < K})
+    # the current sub-task is drawn on the row of the skill named after its primitive (the
+    # supervised library: skill k = primitive k; discovered: the skill whose outcome it is)
+    by_name = {}
+    for k, n in enumerate(names):
+        by_name.setdefault(n, k)
+    sub = np.array(
+        [by_name.get(str(PRIMITIVES[v]), -1) if v >= 0 else -1 for v in
+         (s.get("subtask", -1) for s in steps)]
+    )  # fmt: skip
+    used = sorted(set(sk.tolist()) | {v for v in sub.tolist() if v >= 0})
     row = {k: i for i, k in enumerate(used)}
     fig, axes = plt.subplots(
         2, 1, figsize=(12, 1.2 + 0.32 * len(used) + 2.2), sharex=True,
@@ -269,7 +277,7 @@ def _plot_skill_trace(doc: dict, path: Path, plt) -> None:
     ok = sub >= 0
     ax.plot(
         t[ok], [row.get(int(v), np.nan) for v in sub[ok]], "k_", ms=6, mew=1.5,
-        label="current sub-task (as the skill for that primitive)",
+        label="current sub-task (on the row of the skill named after it)",
     )  # fmt: skip
     dec = [i for i, s in enumerate(steps) if s["decision"]]
     ax.plot(dec, [row[int(sk[i])] + 0.45 for i in dec], "kv", ms=3, label="decision")
