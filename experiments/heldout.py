@@ -41,6 +41,7 @@ from rl.protocol import (
     ScratchPPOAgent,
     heldout_tasks,
     plot_curves,
+    provenance,
     results_document,
     results_json_text,
     run_trials,
@@ -289,6 +290,7 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
     for spec in specs:
         cls = method_class(spec["method"])
         config_from_dict(cls.config_cls, method_run_config(cfg, spec, cfg.seeds[0]))
+    origin = provenance()  # the commit the run starts from (it may move while it trains)
     out = prepare_run_dir(out, overwrite=overwrite)
     command = " ".join(shlex.quote(a) for a in ["compo", *sys.argv[1:]]) if sys.argv else ""
     dump_yaml(out / "config.yaml", asdict(cfg))
@@ -346,8 +348,9 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
         methods[ref]["note"] = " ".join(sorted(notes)) or REFERENCE_NOTES[ref]
         log(f"[{ref}] success by episode {np.round(methods[ref]['success_at'], 2).tolist()}")
     doc = results_document(
-        asdict(cfg), split.to_dict(), methods, resamples=ev.bootstrap, tasks=tasks, command=command
-    )
+        asdict(cfg), split.to_dict(), methods, resamples=ev.bootstrap, tasks=tasks,
+        command=command, origin=origin,
+    )  # fmt: skip
     doc["fields"]["note"] = "what a reference row is (ppo_finetune: where its weights came from)"
     atomic_write_text(out / "results.json", results_json_text(doc))
     notes = [f"- {n}: {m['note']}" for n, m in doc["methods"].items() if m.get("note")]

@@ -279,6 +279,7 @@ def results_document(
     seed: int = BOOTSTRAP_SEED,
     tasks: Sequence[str] | None = None,
     command: str = "",
+    origin: dict | None = None,
 ) -> dict:
     """The ``results.json`` document (schema 2) of a run from its ``summarize`` entries.
 
@@ -294,7 +295,8 @@ def results_document(
     return {
         "schema": SCHEMA,
         "command": command,
-        **provenance(),
+        # the code a run *started* from (``origin``, taken before training) unless not given
+        **(origin if origin is not None else provenance()),
         "config": config,
         "split": split,
         "heldout_tasks": None if tasks is None else [str(t) for t in tasks],
