@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from compositional.controller import current_token
 from envs.grid_events import NUM_PRIMITIVES
 from rl.collect import Rollout
-from rl.ppo import PPOConfig, explained_variance, ppo_loss
+from rl.ppo import PPOConfig, explained_variance, minibatch_step
 
 
 @dataclass
@@ -218,20 +217,11 @@ def update_controller(
             else:
                 new_logp = logp_all.gather(-1, D.skill[envs][..., None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
-            adv = D.adv[envs][mask]
-            if cfg.norm_adv and adv.numel() > 1:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            terms = ppo_loss(
-                new_logp[mask], D.logp[envs][mask], adv, values[mask], D.value[envs][mask],
-                D.ret[envs][mask], entropy[mask], clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef,
-                ent_coef=cfg.ent_coef,
+            minibatch_step(
+                new_logp[mask], D.logp[envs][mask], D.adv[envs][mask], values[mask],
+                D.value[envs][mask], D.ret[envs][mask], entropy[mask], params, optimizer, cfg,
+                stats, backward,
             )  # fmt: skip
-            optimizer.zero_grad()
-            (backward or torch.Tensor.backward)(terms["loss"])
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            for k, v in terms.items():
-                stats.setdefault(k, []).append(float(v.detach()))
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["explained_variance"] = explained_variance(D.value[D.train], D.ret[D.train])
     return out

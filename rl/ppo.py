@@ -108,6 +108,28 @@ class PPOConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a number in [0, 1]")
 
 
+def minibatch_step(
+    new_logp, old_logp, adv, new_values, old_values, returns, entropy,
+    params: list[nn.Parameter], optimizer: torch.optim.Optimizer, cfg: PPOConfig,
+    stats: dict[str, list[float]], backward=None,
+) -> None:  # fmt: skip
+    """One PPO gradient step on a minibatch: normalise its advantages, the clipped loss, the
+    step with a clipped gradient norm; the loss terms are appended to ``stats``. Shared by
+    ``ppo_update`` and the compositional agent's decision-level update."""
+    if cfg.norm_adv and adv.numel() > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    terms = ppo_loss(
+        new_logp, old_logp, adv, new_values, old_values, returns, entropy,
+        clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+    )  # fmt: skip
+    optimizer.zero_grad()
+    (backward or torch.Tensor.backward)(terms["loss"])
+    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    for k, v in terms.items():
+        stats.setdefault(k, []).append(float(v.detach()))
+
+
 def ppo_update(
     rollout: Rollout,
     evaluate,
@@ -140,19 +162,10 @@ def ppo_update(
         for start in range(0, n, mb_size):
             mb = perm[start : start + mb_size]
             new_logp, entropy, new_values = evaluate(mb)
-            mb_adv = b_adv[mb]
-            if cfg.norm_adv and mb_adv.numel() > 1:
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-            terms = ppo_loss(
-                new_logp, b_logp[mb], mb_adv, new_values, b_values[mb], b_ret[mb], entropy,
-                clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            minibatch_step(
+                new_logp, b_logp[mb], b_adv[mb], new_values, b_values[mb], b_ret[mb], entropy,
+                params, optimizer, cfg, stats, backward,
             )  # fmt: skip
-            optimizer.zero_grad()
-            (backward or torch.Tensor.backward)(terms["loss"])
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            for k, v in terms.items():
-                stats.setdefault(k, []).append(float(v.detach()))
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["explained_variance"] = explained_variance(b_values[b_idx], b_ret[b_idx])
     return out
