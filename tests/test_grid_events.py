@@ -8,7 +8,7 @@ import torch
 
 import envs  # noqa: F401
 from envs.core import Task
-from envs.grid import PRIMITIVES, Oracle, all_compositions
+from envs.grid import ENTITIES, PRIMITIVES, Oracle, all_compositions
 from envs.grid_events import completed, events, feasible, object_state, task_free
 
 
@@ -56,15 +56,7 @@ def test_feasible():
     st = object_state(o)
     on, carried, door = st[:, :7] > 0, st[:, 7:14] > 0, st[:, 14] > 0
     for j, p in enumerate(PRIMITIVES):
-        e = [
-            "red ball",
-            "blue ball",
-            "green key",
-            "yellow key",
-            "purple box",
-            "grey box",
-            "door",
-        ].index(p.obj)
+        e = ENTITIES.index(p.obj)
         if p.verb == "drop":
             np.testing.assert_array_equal(f[:, j], carried[:, e])
         elif p.verb == "toggle":
