@@ -5,7 +5,9 @@ Each held-out task gets one trial (``episodes`` episodes, through the method's o
 last step of the trial — RL²'s hidden state, PEARL's posterior sample z, the compositional
 controller's state — so nothing about the policy is reimplemented here. We draw PCA and t-SNE
 maps coloured by the first primitive's verb and report how embedding distances correlate with
-task distances (Pearson and Spearman over task pairs).
+task (composition) distances: Pearson and Spearman over task pairs, each with the p-value of a
+Mantel permutation test (``mantel_test``), since the pairs of one set of tasks are not
+independent and the usual correlation p-value does not apply to them (Mantel 1967).
 """
 
 from __future__ import annotations
@@ -76,27 +78,124 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def correlations(emb: np.ndarray, comps: list[Composition]) -> dict:
-    """Pearson and Spearman correlation of pairwise embedding vs task distances."""
-    n = len(comps)
+def mantel_test(
+    a: np.ndarray, b: np.ndarray, permutations: int = 999, seed: int = 0
+) -> tuple[float, float]:
+    """Mantel test of two (n, n) symmetric distance matrices: the Pearson correlation ``r`` of
+    their upper triangles, and the one-sided p-value of ``r`` against the null that the rows of
+    one matrix are unrelated to the other's, estimated by relabelling ``b``'s objects
+    (the same permutation of its rows and columns) ``permutations`` times:
+    ``p = (1 + #{r_perm >= r}) / (1 + permutations)`` (Mantel 1967; Legendre & Legendre,
+    Numerical Ecology, sec. 10.5.1). One-sided because the question is whether similar tasks get
+    similar embeddings (a positive correlation). A constant triangle gives ``(nan, nan)``.
+
+    Examples:
+        >>> x = np.arange(6.0)
+        >>> d = np.abs(x[:, None] - x[None])
+        >>> r, p = mantel_test(d, d, permutations=99)
+        >>> round(r, 6), p <= 0.05
+        (1.0, True)
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = a.shape[0]
+    if a.shape != (n, n) or b.shape != (n, n):
+        raise ValueError(f"mantel_test needs two (n, n) matrices; got {a.shape} and {b.shape}")
+    if permutations < 1:
+        raise ValueError(f"permutations={permutations}; allowed: an integer >= 1")
     iu = np.triu_indices(n, 1)
-    d_emb = np.linalg.norm(emb[:, None] - emb[None], axis=-1)[iu]
-    d_task = np.array([[task_distance(comps[i], comps[j]) for j in range(n)] for i in range(n)])[iu]
-    if d_emb.std() == 0 or d_task.std() == 0:
-        return {"pearson": None, "spearman": None, "pairs": int(len(iu[0]))}
-    pearson = float(np.corrcoef(d_emb, d_task)[0, 1])
-    spearman = float(np.corrcoef(_rank(d_emb), _rank(d_task))[0, 1])
-    return {"pearson": pearson, "spearman": spearman, "pairs": int(len(iu[0]))}
+    x = a[iu] - a[iu].mean()
+    if x.std() == 0 or b[iu].std() == 0:
+        return float("nan"), float("nan")
+    x /= np.linalg.norm(x)
+
+    def r_of(tri: np.ndarray) -> np.ndarray:  # (..., pairs) -> (...,) Pearson with x
+        y = tri - tri.mean(-1, keepdims=True)
+        return (y @ x) / np.linalg.norm(y, axis=-1)
+
+    r = float(r_of(b[iu]))
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(n) for _ in range(permutations)])  # (P, n)
+    # b relabelled: b[perm][:, perm], read on the upper triangle, for every permutation at once
+    tri = b[perms[:, iu[0]], perms[:, iu[1]]]  # (P, pairs)
+    hits = int((r_of(tri) >= r - 1e-12).sum())
+    return r, (1 + hits) / (1 + permutations)
+
+
+def distance_matrices(emb: np.ndarray, comps: list[Composition]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n) Euclidean embedding distances and (n, n) task distances (``task_distance``)."""
+    n = len(comps)
+    d_emb = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    d_task = np.array([[task_distance(comps[i], comps[j]) for j in range(n)] for i in range(n)])
+    return d_emb, d_task
+
+
+def _rank_matrix(d: np.ndarray) -> np.ndarray:
+    """The symmetric matrix of the average ranks of ``d``'s upper triangle (Spearman's Mantel)."""
+    n = d.shape[0]
+    iu = np.triu_indices(n, 1)
+    out = np.zeros_like(d, dtype=float)
+    out[iu] = _rank(d[iu])
+    return out + out.T
+
+
+def correlations(
+    emb: np.ndarray, comps: list[Composition], permutations: int = 999, seed: int = 0
+) -> dict:
+    """Pearson and Spearman correlation of pairwise embedding vs task distances, each with its
+    Mantel permutation p-value (``pearson_p``, ``spearman_p``; see ``mantel_test``)."""
+    n = len(comps)
+    pairs = n * (n - 1) // 2
+    d_emb, d_task = distance_matrices(emb, comps)
+    iu = np.triu_indices(n, 1)
+    if d_emb[iu].std() == 0 or d_task[iu].std() == 0:
+        return {"pearson": None, "spearman": None, "pearson_p": None, "spearman_p": None,
+                "pairs": pairs, "permutations": permutations}  # fmt: skip
+    pearson, pearson_p = mantel_test(d_emb, d_task, permutations, seed)
+    spearman, spearman_p = mantel_test(
+        _rank_matrix(d_emb), _rank_matrix(d_task), permutations, seed
+    )
+    return {
+        "pearson": pearson,
+        "pearson_p": pearson_p,
+        "spearman": spearman,
+        "spearman_p": spearman_p,
+        "pairs": pairs,
+        "permutations": permutations,
+        "test": "Mantel, one-sided (r_perm >= r), rows and columns of the task-distance "
+        "matrix permuted together",
+    }
+
+
+def describe_correlation(corr: dict) -> str:
+    """One line: the two correlations with their Mantel p-values."""
+    if corr["pearson"] is None:
+        return f"correlation undefined: a distance is constant over the {corr['pairs']} pairs"
+    return (
+        f"embedding distance vs composition distance over {corr['pairs']} task pairs: "
+        f"Pearson r = {corr['pearson']:.2f} (Mantel p = {corr['pearson_p']:.3g}), "
+        f"Spearman rho = {corr['spearman']:.2f} (p = {corr['spearman_p']:.3g}); "
+        f"{corr['permutations']} permutations"
+    )
+
+
+def pca(x: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) principal-component coordinates of ``x`` and the (k,) share of its variance each
+    component explains (zero columns where ``x`` has fewer than ``k`` dimensions)."""
+    x = x - x.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    total = float((s**2).sum())
+    m = min(k, vt.shape[0])
+    coords = np.zeros((len(x), k))
+    coords[:, :m] = x @ vt[:m].T
+    ratio = np.zeros(k)
+    if total > 0:
+        ratio[:m] = s[:m] ** 2 / total
+    return coords, ratio
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    return (
-        x @ vt[:2].T
-        if vt.shape[0] >= 2
-        else np.concatenate([x @ vt[:1].T, np.zeros((len(x), 1))], 1)
-    )
+    """(n, 2) PCA coordinates of ``x`` (see ``pca``)."""
+    return pca(x, 2)[0]
 
 
 def run_embed(
@@ -106,21 +205,30 @@ def run_embed(
     seed: int = 0,
     overwrite: bool = False,
     raw: dict | None = None,
-) -> dict:
-    """Write ``embed.json`` (embeddings, correlations) and ``embed.png`` (PCA, t-SNE)."""
+    log=print,
+) -> list[Path]:
+    """Write ``embed.json`` (embeddings, correlations with Mantel p-values) and ``embed.png``
+    (PCA and t-SNE maps); ``log`` the correlation line; return the paths written.
+
+    Options in ``raw``: ``num_tasks`` (40), ``episodes`` (2), ``num_envs`` (10),
+    ``permutations`` (999, of the Mantel test)."""
     raw = dict(raw or {})
     raw.pop("seed", None)
     num_tasks = int(raw.pop("num_tasks", 40))
     episodes = int(raw.pop("episodes", 2))
     num_envs = int(raw.pop("num_envs", 10))
+    permutations = int(raw.pop("permutations", 999))
     if raw:
         raise ValueError(
-            f"unknown embed option {sorted(raw)[0]!r}; allowed: num_tasks, episodes, num_envs"
+            f"unknown embed option {sorted(raw)[0]!r}; allowed: num_tasks, episodes, num_envs, "
+            "permutations"
         )
     if num_tasks < 3 or episodes < 1:
         raise ValueError(
             f"num_tasks={num_tasks}, episodes={episodes}; need num_tasks >= 3, episodes >= 1"
         )
+    if permutations < 1:
+        raise ValueError(f"permutations={permutations}; allowed: an integer >= 1")
     module = load_module(checkpoint, REGISTRY)
     cfg = module.cfg
     import envs as _envs
@@ -154,8 +262,8 @@ def run_embed(
     out = prepare_run_dir(out, overwrite=overwrite)
     emb = np.stack(rows)
     comps = [t.composition for t in tasks]
-    corr = correlations(emb, comps)
-    pca = pca_2d(emb)
+    corr = correlations(emb, comps, permutations, seed)
+    coords, explained = pca(emb, 2)
     tsne = None
     if len(emb) >= 5:
         from sklearn.manifold import TSNE
@@ -172,15 +280,21 @@ def run_embed(
         "correlation": corr,
         "task_distance": "share of positions whose primitives differ",
         "embeddings": emb.round(5).tolist(),
-        "pca": pca.round(5).tolist(),
+        "pca": coords.round(5).tolist(),
+        "pca_explained_variance": explained.round(4).tolist(),
         "tsne": None if tsne is None else tsne.round(5).tolist(),
     }
-    atomic_write_json(Path(out) / "embed.json", doc)
-    _plot(doc, comps, Path(out) / "embed.png")
-    return doc
+    paths = [Path(out) / "embed.json", Path(out) / "embed.png"]
+    atomic_write_json(paths[0], doc)
+    _plot(doc, comps, paths[1])
+    log(f"{module.method}: {describe_correlation(corr)}")
+    return paths
 
 
 def _plot(doc: dict, comps: list[Composition], path: Path) -> None:
+    """PCA (axes: components with their share of the variance) and t-SNE maps side by side,
+    coloured by the first primitive's verb; the title gives the correlations with their Mantel
+    p-values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,21 +302,36 @@ def _plot(doc: dict, comps: list[Composition], path: Path) -> None:
 
     verbs = sorted({c[0].verb for c in comps})
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(verbs)}
-    maps = [("PCA", doc["pca"])] + ([("t-SNE", doc["tsne"])] if doc["tsne"] else [])
-    fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 4.5), squeeze=False)
-    for ax, (name, xy) in zip(axes[0], maps):
+    ev = doc.get("pca_explained_variance") or [float("nan")] * 2
+    maps = [
+        ("PCA", doc["pca"], [f"PC{i + 1} ({100 * v:.0f}% of variance)" for i, v in enumerate(ev)])
+    ]
+    if doc["tsne"]:
+        maps.append(("t-SNE", doc["tsne"], ["t-SNE 1 (no units)", "t-SNE 2 (no units)"]))
+    fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 5.0), squeeze=False)
+    for ax, (name, xy, labels) in zip(axes[0], maps):
         xy = np.asarray(xy)
         for v in verbs:
             idx = [i for i, c in enumerate(comps) if c[0].verb == v]
-            ax.scatter(xy[idx, 0], xy[idx, 1], color=colors[v], label=f"first: {v}", s=28)
-        ax.set_title(f"{doc['method']} task embeddings — {name}")
+            ax.scatter(xy[idx, 0], xy[idx, 1], color=colors[v], label=f"first sub-task: {v}", s=28)
+        ax.set(xlabel=labels[0], ylabel=labels[1], title=name)
         ax.grid(alpha=0.3)
     corr = doc["correlation"]
-    if corr["pearson"] is not None:
-        fig.suptitle(
-            f"distance correlation with task distance: Pearson {corr['pearson']:.2f}, Spearman {corr['spearman']:.2f}",
-            fontsize=9,
+    head = (
+        f"{doc['method']}: task memory after {doc['episodes']} episode(s) of "
+        f"{len(comps)} held-out tasks ({doc['embedding_dim']}-d)"
+    )
+    if corr["pearson"] is None:
+        line = "correlation undefined (a distance is constant over the task pairs)"
+    else:
+        line = (
+            f"embedding vs composition distance: Pearson r = {corr['pearson']:.2f} "
+            f"(Mantel p = {corr['pearson_p']:.3g}), Spearman rho = {corr['spearman']:.2f} "
+            f"(p = {corr['spearman_p']:.3g}); {corr['pairs']} pairs, "
+            f"{corr['permutations']} permutations"
         )
+    what = f"composition distance: {doc['task_distance']}; embedding distance: Euclidean"
+    fig.suptitle(f"{head}\n{line}\n{what}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -8,17 +8,17 @@ trace needs no second implementation of the policy.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from envs.core import Composition, Task
-from envs.grid import PRIMITIVE_INDEX, PRIMITIVES
+from envs.grid import PRIMITIVE_INDEX
 from experiments.registry import REGISTRY
+from experiments.trace_pictures import GIF_TILE, plot_trace, write_gif
 from rl.collect import Collector, PolicyWrapper, make_vector_env
-from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
+from rl.io import atomic_write_json, prepare_run_dir
 from rl.train import load_module
 
 
@@ -31,6 +31,7 @@ class _Recorder(PolicyWrapper):
         self.frames: list[np.ndarray] = []
         self.steps: list[dict] = []
         self.subtasks: list[int] = []
+        self.progress: list[int] = []
 
     def _env(self):
         """Env 0 as a reference env: the batched CompoGrid loads its state into one (it is the
@@ -43,11 +44,13 @@ class _Recorder(PolicyWrapper):
     def step(self, obs, memory, prev):
         env = self._env()
         if self.render:
-            self.frames.append(env.render())
+            # no highlight: the agent sees the whole room (MiniGrid would shade a 7x7 view cone)
+            self.frames.append(env.get_frame(highlight=False, tile_size=GIF_TILE))
         out = self.inner.step(obs, memory, prev)
         if hasattr(env, "progress") and hasattr(env, "composition"):
             c = env.composition
             self.subtasks.append(PRIMITIVE_INDEX[c[env.progress]] if env.progress < len(c) else -1)
+            self.progress.append(int(env.progress))
         row = {"action": _round(out.action[0].tolist()), "value": round(float(out.value[0]), 4)}
         for k, v in out.extras.items():
             if v[0].numel() > 32:
@@ -78,10 +81,11 @@ def run_trace(
     overwrite: bool = False,
     nmi_episodes: int = 200,
     log=print,
-) -> dict:
-    """Write ``trace.json``, ``trace.png`` and ``trace.gif`` for one trial on ``composition``;
-    for an agent with skills, also the normalised mutual information between the active skill
-    and the current sub-task over ``nmi_episodes`` held-out episodes (``skill_subtask_nmi``)."""
+) -> list[Path]:
+    """Write ``trace.json``, ``trace.png`` and ``trace.gif`` (CompoGrid only) for one trial on
+    ``composition`` (pictures: ``experiments.trace_pictures``); for an agent with skills, also
+    the normalised mutual information between the active skill and the current sub-task over
+    ``nmi_episodes`` held-out episodes (``skill_subtask_nmi``). Returns the paths written."""
     if nmi_episodes < 0:
         raise ValueError(f"nmi_episodes={nmi_episodes}; allowed: an integer >= 0")
     module = load_module(checkpoint, REGISTRY)
@@ -98,7 +102,6 @@ def run_trace(
     torch.manual_seed(seed)
     policy, hook = module.trial_policy(envs)
     rec = _Recorder(policy, envs, render=grid)
-    rewards: list[float] = []
     col = Collector(envs, rec, episodes_per_trial=episodes, seed=seed, on_episode_end=hook)
     ro = col.collect_trials([Task(comp, layout_seed)])
     envs.close()
@@ -111,6 +114,7 @@ def run_trace(
         s["episode"] = ep_index[i]
         if i < len(rec.subtasks):
             s["subtask"] = rec.subtasks[i]
+            s["progress"] = rec.progress[i]  # sub-tasks completed before this step
     doc = {
         "checkpoint": str(checkpoint),
         "method": module.method,
@@ -134,11 +138,13 @@ def run_trace(
             f"normalised mutual information between active skill and current sub-task: "
             f"{nmi['nmi']:.3f} over {nmi['episodes']} held-out episodes ({nmi['steps']} steps)"
         )
-    atomic_write_json(out / "trace.json", doc)
-    _plot_trace(doc, out / "trace.png")
+    paths = [out / "trace.json", out / "trace.png"]
+    atomic_write_json(paths[0], doc)
+    plot_trace(doc, paths[1])
     if rec.frames:
-        _write_gif(rec.frames[:n], steps, out / "trace.gif")
-    return doc
+        paths.append(out / "trace.gif")
+        write_gif(rec.frames[:n], doc, paths[2])
+    return paths
 
 
 def nmi(x: np.ndarray, y: np.ndarray) -> float:
@@ -214,127 +220,9 @@ def skill_subtask_nmi(module, episodes: int, seed: int = 0) -> dict:
     }
 
 
-def _plot_trace(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = doc["steps"]
-    if steps and "skill" in steps[0] and "decision" in steps[0]:
-        return _plot_skill_trace(doc, path, plt)
-    t = np.arange(len(steps))
-    fig, axes = plt.subplots(2, 1, figsize=(11, 4.9), sharex=True)
-    ax = axes[0]
-    names = ACTION_NAMES
-    acts = [s["action"] if np.isscalar(s["action"]) else np.linalg.norm(s["action"]) for s in steps]
-    ax.plot(t, acts, ".", ms=4)
-    if all(np.isscalar(s["action"]) for s in steps):
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize=7)
-    ax.set_ylabel("action")
-    ax.set_title(f"{doc['method']}: actions — {doc['composition']}")
-    _reward_row(axes[1], doc, t)
-    _episode_lines(axes, steps, doc)
-    fig.tight_layout()
-    _save(fig, path, plt)
-
-
-ACTION_NAMES = ["left", "right", "forward", "pickup", "drop", "toggle"]
-
-
-def _plot_skill_trace(doc: dict, path: Path, plt) -> None:
-    """One coloured bar per segment (the skill that ran alone), the current sub-task under it,
-    decisions, episode boundaries and successes, and the reward."""
-    steps = doc["steps"]
-    t = np.arange(len(steps))
-    K = len(steps[0]["alpha"])
-    names = [n or f"skill {k}" for k, n in enumerate(doc.get("skill_names") or [None] * K)]
-    sk = np.array([s["skill"] for s in steps])
-    # the current sub-task is drawn on the row of the skill named after its primitive (the
-    # supervised library: skill k = primitive k; discovered: the skill whose outcome it is)
-    by_name = {}
-    for k, n in enumerate(names):
-        by_name.setdefault(n, k)
-    sub = np.array(
-        [by_name.get(str(PRIMITIVES[v]), -1) if v >= 0 else -1 for v in
-         (s.get("subtask", -1) for s in steps)]
-    )  # fmt: skip
-    used = sorted(set(sk.tolist()) | {v for v in sub.tolist() if v >= 0})
-    row = {k: i for i, k in enumerate(used)}
-    fig, axes = plt.subplots(
-        2, 1, figsize=(12, 1.2 + 0.32 * len(used) + 2.2), sharex=True,
-        gridspec_kw={"height_ratios": [max(2, 0.32 * len(used)), 1.3]},
-    )  # fmt: skip
-    ax = axes[0]
-    cmap = plt.get_cmap("tab20")
-    start = 0
-    for i in range(1, len(steps) + 1):
-        if i == len(steps) or steps[i]["decision"]:
-            k = int(sk[start])
-            ax.barh(row[k], i - start, left=start - 0.5, height=0.7, color=cmap(k % 20))
-            start = i
-    ok = sub >= 0
-    ax.plot(
-        t[ok], [row.get(int(v), np.nan) for v in sub[ok]], "k_", ms=6, mew=1.5,
-        label="current sub-task (on the row of the skill named after it)",
-    )  # fmt: skip
-    dec = [i for i, s in enumerate(steps) if s["decision"]]
-    ax.plot(dec, [row[int(sk[i])] + 0.45 for i in dec], "kv", ms=3, label="decision")
-    ax.set_yticks(range(len(used)))
-    ax.set_yticklabels([f"{k} {names[k]}" for k in used], fontsize=7)
-    ax.invert_yaxis()
-    ax.legend(loc="upper right", fontsize=7)
-    title = f"{doc['method']}: one skill per segment — {doc['composition']}"
-    if doc.get("skill_subtask_nmi"):
-        title += f"  (skill/sub-task NMI {doc['skill_subtask_nmi']['nmi']:.2f} held-out)"
-    ax.set_title(title, fontsize=9)
-    _reward_row(axes[1], doc, t)
-    _episode_lines(axes, steps, doc)
-    fig.tight_layout()
-    _save(fig, path, plt)
-
-
-def _reward_row(ax, doc, t) -> None:
-    ax.bar(t, [s["reward"] for s in doc["steps"]], color="tab:green", width=1.0)
-    ax.set_ylabel("reward")
-    ax.set_xlabel("env step in trial")
-
-
-def _episode_lines(axes, steps, doc) -> None:
-    """Episode boundaries, and each episode's outcome written above the first row."""
-    bounds = [0] + [
-        i for i in range(1, len(steps)) if steps[i]["episode"] != steps[i - 1]["episode"]
-    ]
-    for a in axes:
-        for i in bounds[1:]:
-            a.axvline(i - 0.5, color="k", ls="--", lw=0.8)
-    ends = bounds[1:] + [len(steps)]
-    for ep, (b0, b1) in zip(doc["episodes"], zip(bounds, ends)):
-        mark = "success" if ep["success"] else "fail"
-        axes[-1].text((b0 + b1) / 2, 0.97, f"ep {ep['index']}: {mark}", fontsize=7, ha="center",
-                     va="top", transform=axes[-1].get_xaxis_transform(),
-                     color="tab:green" if ep["success"] else "tab:red")  # fmt: skip
-
-
-def _save(fig, path: Path, plt) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _write_gif(frames: list[np.ndarray], steps: list[dict], path: Path) -> None:
-    import imageio.v3 as iio
-
-    small = [f[::4, ::4] for f in frames]  # 640 px -> 160 px keeps the GIF small
-    buf = io.BytesIO()
-    iio.imwrite(buf, np.stack(small), extension=".gif", duration=120, loop=0)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def run_graph(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> None:
-    """``graph.png`` and ``graph.graphml`` of a compositional agent's skill-transition graph."""
+def run_graph(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """``graph.png`` and ``graph.graphml`` of a compositional agent's skill-transition graph;
+    returns the paths written."""
     module = load_module(checkpoint, REGISTRY)
     if module.method != "compositional":
         raise ValueError(
@@ -343,4 +231,5 @@ def run_graph(checkpoint: str | Path, out: str | Path, *, overwrite: bool = Fals
     from compositional.graph import write_graph
 
     out = prepare_run_dir(out, overwrite=overwrite)
-    write_graph(module, out)
+    written = write_graph(module, out)
+    return [Path(written["png"]), Path(written["graphml"])]

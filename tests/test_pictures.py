@@ -1,0 +1,136 @@
+"""Pictures that explain themselves (issue 15, item 6): the statistics they print and what
+each figure promises to show."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.embed import mantel_test
+
+
+def _distances(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x[:, None] - x[None], axis=-1)
+
+
+def test_mantel_r_is_the_pearson_correlation_of_the_upper_triangles():
+    rng = np.random.default_rng(0)
+    a, b = _distances(rng.normal(size=(12, 3))), _distances(rng.normal(size=(12, 3)))
+    iu = np.triu_indices(12, 1)
+    r, _ = mantel_test(a, b, permutations=9)
+    assert r == pytest.approx(np.corrcoef(a[iu], b[iu])[0, 1])
+
+
+def test_mantel_detects_a_known_correlation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(15, 2))
+    a = _distances(x)
+    b = _distances(x + 0.3 * rng.normal(size=x.shape))  # the same points, jittered
+    r, p = mantel_test(a, b, permutations=199, seed=0)
+    assert r > 0.8
+    assert p == pytest.approx(1 / 200)  # no relabelling comes close
+    r_neg, p_neg = mantel_test(a, a.max() - a, permutations=199)
+    assert r_neg < -0.9 and p_neg > 0.95  # one-sided: a negative correlation is not evidence
+
+
+def test_mantel_p_is_roughly_uniform_on_independent_matrices():
+    rng = np.random.default_rng(2)
+    ps = np.array(
+        [
+            mantel_test(
+                _distances(rng.normal(size=(10, 2))),
+                _distances(rng.normal(size=(10, 2))),
+                permutations=99,
+                seed=i,
+            )[1]
+            for i in range(200)
+        ]
+    )
+    assert 0.4 < ps.mean() < 0.6
+    assert (ps <= 0.05).mean() < 0.1  # about 5% false positives at the 5% level
+    assert 0.15 < (ps <= 0.25).mean() < 0.35
+
+
+def test_mantel_bad_input():
+    with pytest.raises(ValueError, match="permutations=0"):
+        mantel_test(np.zeros((3, 3)), np.zeros((3, 3)), permutations=0)
+    with pytest.raises(ValueError, match=r"\(n, n\)"):
+        mantel_test(np.zeros((3, 3)), np.zeros((4, 4)))
+    r, p = mantel_test(np.ones((4, 4)), _distances(np.arange(4.0)[:, None]))
+    assert np.isnan(r) and np.isnan(p)
+
+
+# --- trace.gif and trace.png ---------------------------------------------------------------------
+
+TINY_PPO = ["--set", "total_env_steps=256", "--set", "num_envs=2", "--set", "ppo.num_steps=64"]
+
+
+@pytest.fixture(scope="module")
+def ppo_ckpt(tmp_path_factory):
+    from experiments.cli import main
+
+    out = tmp_path_factory.mktemp("ppo")
+    assert main(["train", "--method", "ppo", "--out", str(out), "--overwrite", *TINY_PPO]) == 0
+    return str(out / "checkpoints" / "final.ckpt")
+
+
+def test_annotated_frame_keeps_the_room_and_writes_the_text_beside_it():
+    from experiments.trace_pictures import PANEL_PX, annotate_frame
+
+    room = np.random.default_rng(0).integers(0, 255, size=(320, 320, 3), dtype=np.uint8)
+    a = annotate_frame(room, [("step 1", (0, 0, 0)), ("skill 3: goto(red ball)", (0, 0, 0))])
+    b = annotate_frame(room, [("step 2", (0, 0, 0)), ("skill 3: goto(red ball)", (0, 0, 0))])
+    again = annotate_frame(room, [("step 1", (0, 0, 0)), ("skill 3: goto(red ball)", (0, 0, 0))])
+    assert a.shape == (320, 320 + PANEL_PX, 3)
+    assert np.array_equal(a[:, :320], room)  # the room itself is untouched
+    assert np.array_equal(a, again)
+    diff = np.flatnonzero(np.any(a != b, axis=(1, 2)))  # rows where the two frames differ
+    assert len(diff) > 0 and diff.max() < 40  # only on the first text line ("step 1" / "2")
+    assert not np.any(a[:, :320] != b[:, :320])
+    small = annotate_frame(room[:64, :64], [("x", (0, 0, 0))])
+    assert small.shape[0] >= 256  # a panel is never shorter than 256 px
+
+
+def test_trace_gif_frames_are_readable_and_say_what_happens(ppo_ckpt, tmp_path):
+    import json
+
+    import imageio.v3 as iio
+
+    from experiments.trace import run_trace
+    from experiments.trace_pictures import frame_lines
+
+    out = tmp_path / "trace"
+    paths = run_trace(ppo_ckpt, "goto(red ball) > open(door)", out, episodes=2, log=lambda s: None)
+    assert paths == [out / "trace.json", out / "trace.png", out / "trace.gif"]
+    doc = json.loads((out / "trace.json").read_text())
+    gif = iio.imread(out / "trace.gif")
+    assert gif.shape[0] == len(doc["steps"]) == sum(e["length"] for e in doc["episodes"])
+    assert gif.shape[1] >= 256 and gif.shape[2] >= 256  # was 64 px before issue 15
+    lines = [frame_lines(doc, i) for i in range(len(doc["steps"]))]
+    assert lines[0][0][0] == "ppo, trial step 0"
+    assert any(text.startswith("action: ") for text, _ in lines[0])
+    assert ("-->  goto(red ball)", (200, 0, 0)) in lines[0]  # the current sub-task
+    last = lines[doc["episodes"][0]["length"] - 1]
+    assert any(text.startswith("episode 0 ends: ") for text, _ in last)
+    # different text -> different pixels in the panel
+    for i in (0, 1, len(gif) - 2):
+        assert lines[i] != lines[i + 1]
+        assert np.any(gif[i][:, 320:] != gif[i + 1][:, 320:])
+    assert (out / "trace.png").stat().st_size > 10_000
+
+
+def test_trace_png_without_frames_or_sub_tasks(tmp_path):
+    """A Meta-World-like trace (continuous actions, no sub-task) still draws."""
+    from experiments.trace_pictures import plot_trace
+
+    steps = [
+        {"action": [0.1, -0.2, 0.3, 0.0], "value": 0.0, "reward": float(i % 3), "episode": i // 5}
+        for i in range(10)
+    ]
+    doc = {
+        "method": "pearl", "composition": "reach(puck) > push(puck)", "layout_seed": 0,
+        "steps": steps,
+        "episodes": [{"index": e, "return": 5.0, "success": e == 1, "length": 5} for e in (0, 1)],
+    }  # fmt: skip
+    plot_trace(doc, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 5_000
