@@ -37,7 +37,11 @@ def ablation_config(raw: dict) -> HeldoutConfig:
         raise ValueError("'methods' is fixed by compo ablate; choose rows with 'variants'")
     variants = raw.pop("variants", list(ABLATIONS))
     base = raw.pop("base", {})
-    unknown = [v for v in variants if v not in ABLATIONS]
+    if not isinstance(variants, list) or not variants:
+        raise ValueError(
+            f"variants={variants!r}; allowed: a non-empty list of {', '.join(ABLATIONS)}"
+        )
+    unknown = [v for v in variants if not isinstance(v, str) or v not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation {unknown[0]!r}; allowed: {', '.join(ABLATIONS)}")
     raw.setdefault("references", ["random"])
@@ -55,5 +59,8 @@ def ablation_config(raw: dict) -> HeldoutConfig:
     return config_from_dict(HeldoutConfig, raw)
 
 
-def run_ablate(raw: dict, out: str | Path, *, overwrite: bool = False) -> dict:
-    return run_heldout(ablation_config(raw), out, overwrite=overwrite)
+def run_ablate(
+    raw: dict, out: str | Path, *, overwrite: bool = False, resume: bool = False, **kwargs
+) -> dict:
+    """``run_heldout`` on the ablation rows of ``raw`` (``--resume`` keeps finished rows)."""
+    return run_heldout(ablation_config(raw), out, overwrite=overwrite, resume=resume, **kwargs)

@@ -100,7 +100,8 @@ def cmd_heldout(args) -> None:
     if seed is not None:
         raw["seeds"] = [seed]
     cfg = config_from_dict(HeldoutConfig, raw)
-    run_heldout(cfg, args.out or Path("runs") / "heldout", overwrite=args.overwrite)
+    out = args.out or Path("runs") / "heldout"
+    run_heldout(cfg, out, overwrite=args.overwrite, resume=args.resume)
     print((Path(args.out or "runs/heldout") / "table.md").read_text())
 
 
@@ -129,7 +130,9 @@ def cmd_ablate(args) -> None:
     from experiments.ablate import run_ablate
 
     raw = _config(args)
-    run_ablate(raw, args.out or Path("runs") / "ablate", overwrite=args.overwrite)
+    run_ablate(
+        raw, args.out or Path("runs") / "ablate", overwrite=args.overwrite, resume=args.resume
+    )
     print((Path(args.out or "runs/ablate") / "table.md").read_text())
 
 
@@ -186,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="allow writing into an existing run folder"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the killed run in OUT: finished (method, seed) pairs are kept",
+    )
     _common(p)
     p.set_defaults(func=cmd_heldout)
 
@@ -217,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="composer / graph / primitives / inner-loop ablations")
     p.add_argument(
         "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the killed run in OUT: finished (method, seed) pairs are kept",
     )
     _common(p)
     p.set_defaults(func=cmd_ablate)

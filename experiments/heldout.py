@@ -20,19 +20,29 @@ Left unset, ``references`` is every row that applies to the run (see ``default_r
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 import envs
 from experiments.registry import METHODS, REGISTRY, method_class
-from rl.config import config_from_dict, merge
+from rl.config import config_from_dict, config_to_dict, merge
 from rl.ideal_observer import IdealObserverAgent
-from rl.io import atomic_write_text, dump_yaml, prepare_run_dir
+from rl.io import (
+    TEMP_GLOB,
+    atomic_write_text,
+    dump_yaml,
+    load_yaml,
+    prepare_run_dir,
+    remove_temp_files,
+)
 from rl.protocol import (
     EvalConfig,
     FinetunePPOAgent,
@@ -48,7 +58,14 @@ from rl.protocol import (
     summarize,
     table_markdown,
 )
-from rl.train import fit, load_module
+from rl.train import (
+    RUN_ENTRIES,
+    check_same_run,
+    fit,
+    latest_checkpoint,
+    load_module,
+    prepare_train_dir,
+)
 
 REFERENCES = ("random", "oracle", "ideal_observer", "ppo_scratch", "ppo_finetune")
 
@@ -130,6 +147,11 @@ class HeldoutConfig:
         names = [m["name"] for m in out]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate method names in {names}")
+        for n in names:  # each row's runs live in the folder <out>/<name>
+            if not isinstance(n, str) or n in ("pairs", "tb") or "/" in n or n.startswith("."):
+                raise ValueError(
+                    f"method name {n!r}; allowed: a folder name other than 'pairs' and 'tb'"
+                )
         return out
 
 
@@ -240,24 +262,23 @@ def reference_agent(name: str, seed: int, split: envs.Split):
 
 
 def pretrained_ppo(
-    cfg: HeldoutConfig, out: Path, seed: int, trained: dict[str, dict], log=print
+    cfg: HeldoutConfig, out: Path, seed: int, trained: dict[str, dict], train, log=print
 ) -> tuple[object, str, int]:
     """``ppo_finetune``'s starting point for ``seed``: the PPO network trained on the train
     compositions, its provenance and its training env steps.
 
     The run's own PPO row's checkpoint when one was trained (``pretrained_spec``), else a PPO
-    trained here under ``<out>/ppo_finetune/seed<k>`` with the run's budget and PPO config.
+    trained here by ``train(spec, seed)`` under ``<out>/ppo_finetune/seed<k>`` with the run's
+    budget and PPO config.
     """
     spec = pretrained_spec(cfg)
     if spec is not None:
-        ckpt = out / spec["name"] / f"seed{seed}" / "checkpoints" / "final.ckpt"
+        ckpt = pair_folder(out, spec["name"], seed) / "checkpoints" / "final.ckpt"
         module = load_module(ckpt, REGISTRY, expected="ppo")
         steps = int(trained[spec["name"]]["meta_train_env_steps"])
         note = f"the run's '{spec['name']}' row (its checkpoint of the same seed)"
     else:
-        spec = {"name": "ppo_finetune", "method": "ppo", "config": {}}
-        module = method_class("ppo")(method_run_config(cfg, spec, seed))
-        fit(module, out / "ppo_finetune" / f"seed{seed}")
+        module = train({"name": "ppo_finetune", "method": "ppo", "config": {}}, seed)
         steps = module.env_steps
         note = (
             "a PPO trained for this row with the run's budget and PPO config, as no 'ppo' row"
@@ -281,19 +302,146 @@ def eval_tasks(cfg: HeldoutConfig) -> tuple:
     return split, tasks
 
 
-def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False, log=print) -> dict:
-    """Train and evaluate every method and reference; write the run folder; return results."""
-    # validate every method config before anything is written
-    specs = cfg.method_specs()
-    if "ppo_finetune" in cfg.references and pretrained_spec(cfg) is None:
-        specs.append({"name": "ppo_finetune", "method": "ppo", "config": {}})
+#: per-(row, seed) results of the run so far, kept so ``--resume`` skips finished pairs
+PAIRS = "pairs"
+#: the heldout results as Lightning logger scalars (TensorBoard events by default)
+LOGS = "tb"
+
+
+def pair_folder(out: Path, name: str, seed: int) -> Path:
+    """The training run folder of row ``name`` for ``seed`` (``compo train``'s layout)."""
+    return out / name / f"seed{seed}"
+
+
+def _pair_file(out: Path, name: str, seed: int) -> Path:
+    return out / PAIRS / name / f"seed{seed}.json"
+
+
+def _save_pair(out: Path, name: str, seed: int, r: dict, **extra) -> None:
+    # JSON floats round-trip exactly, so a resumed run's table equals the uninterrupted one's
+    row = {"success": r["success"].tolist(), "return": r["return"].tolist(), **extra}
+    atomic_write_text(_pair_file(out, name, seed), json.dumps(row) + "\n")
+
+
+def _load_pair(out: Path, name: str, seed: int) -> dict | None:
+    path = _pair_file(out, name, seed)
+    if not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text())
+        row["success"], row["return"] = np.asarray(row["success"]), np.asarray(row["return"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ValueError(f"--resume: {str(path)!r} is damaged; rerun with --overwrite") from None
+    return row
+
+
+def _train_configs(cfg: HeldoutConfig, specs: list[dict]) -> dict[tuple[str, int], dict]:
+    """``compo train``'s view of every pair: ``{"method": ..., **resolved config}``, built (and
+    so validated) before anything is written."""
+    out = {}
     for spec in specs:
         cls = method_class(spec["method"])
-        config_from_dict(cls.config_cls, method_run_config(cfg, spec, cfg.seeds[0]))
+        for seed in cfg.seeds:
+            c = config_from_dict(cls.config_cls, method_run_config(cfg, spec, seed))
+            out[spec["name"], seed] = {"method": spec["method"], **config_to_dict(c)}
+    return out
+
+
+def _open_run(cfg: HeldoutConfig, out: Path, overwrite: bool, resume: bool) -> Path:
+    """Validate ``out`` for this run, then make it ready (config.yaml written, the old run's
+    pair results cleared under ``overwrite``)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue or replace")
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {str(out)!r} holds no run to resume")
+        check_same_run(load_yaml(saved), asdict(cfg), repr(str(saved)))
+    out = prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    remove_temp_files(out)
+    if not resume:
+        # an --overwrite must not leave the old run's pairs for a later --resume to pick up
+        shutil.rmtree(out / PAIRS, ignore_errors=True)
+        dump_yaml(saved, asdict(cfg))
+    return out
+
+
+def _check_train_folder(folder: Path) -> None:
+    """Refuse an ``--overwrite`` that would clear a pair folder holding files that training
+    did not write."""
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.iterdir()):
+        if p.name not in RUN_ENTRIES and not p.match(TEMP_GLOB):
+            raise ValueError(
+                f"--overwrite: {str(folder)!r} holds {p.name!r}, which training did not write; "
+                "choose another --out"
+            )
+
+
+def _fit_pair(module, folder: Path, config: dict, resume: bool) -> None:
+    """Train one pair in its own ``compo train`` folder, continuing its checkpoint under
+    ``resume`` (a pair killed before its first checkpoint starts again)."""
+    started = resume and (
+        (folder / "config.yaml").is_file() or latest_checkpoint(folder) is not None
+    )
+    has_files = folder.is_dir() and any(folder.iterdir())
+    cont = prepare_train_dir(folder, config, resume=started, overwrite=has_files and not started)
+    fit(module, folder, resume=cont)
+
+
+def log_results(doc: dict, logger: Logger) -> None:
+    """Log each row's success per episode index (the step axis) and its AUC through a
+    Lightning logger."""
+    for name, m in doc["methods"].items():
+        for i, v in enumerate(m["success_at"]):
+            logger.log_metrics({f"heldout/{name}/success": float(v)}, step=i)
+        logger.log_metrics({f"heldout/{name}/auc": float(m["auc"])}, step=0)
+    logger.save()
+    logger.finalize("success")
+
+
+def run_heldout(
+    cfg: HeldoutConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    log=print,
+    logger: Logger | None = None,
+) -> dict:
+    """Train and evaluate every method and reference; write the run folder; return results.
+
+    Each finished (row, seed) pair is stored in ``<out>/pairs/`` as soon as it is evaluated;
+    with ``resume`` a killed run keeps those, continues the interrupted pair from its training
+    checkpoint (``<out>/<row>/seed<k>``, a ``compo train`` folder) and ends with the table of
+    the uninterrupted run. ``logger`` (default: TensorBoard under ``<out>/tb``) receives each
+    row's success per episode index and AUC.
+    """
+    # validate every method config before anything is written
+    specs = cfg.method_specs()
+    if not specs and not cfg.references:
+        raise ValueError("methods=[] and references=[]; allowed: at least one row")
+    trained_specs = list(specs)
+    if "ppo_finetune" in cfg.references and pretrained_spec(cfg) is None:
+        trained_specs.append({"name": "ppo_finetune", "method": "ppo", "config": {}})
+    configs = _train_configs(cfg, trained_specs)
     origin = provenance()  # the commit the run starts from (it may move while it trains)
-    out = prepare_run_dir(out, overwrite=overwrite)
+    if overwrite:
+        for name, seed in configs:
+            _check_train_folder(pair_folder(Path(out), name, seed))
+    out = _open_run(cfg, Path(out), overwrite, resume)
+    origin_file = out / PAIRS / "origin.json"
+    if resume and origin_file.is_file():
+        origin = json.loads(origin_file.read_text())  # the commit the *first* start ran
+    else:
+        atomic_write_text(origin_file, json.dumps(origin) + "\n")
+    if overwrite:  # the old run's training folders go now, not pair by pair (a kill between)
+        for (name, seed), config in configs.items():
+            folder = pair_folder(out, name, seed)
+            if folder.is_dir() and any(folder.iterdir()):
+                prepare_train_dir(folder, config, overwrite=True)
     command = " ".join(shlex.quote(a) for a in ["compo", *sys.argv[1:]]) if sys.argv else ""
-    dump_yaml(out / "config.yaml", asdict(cfg))
     split, tasks = eval_tasks(cfg)
     ev = cfg.eval
     methods: dict[str, dict] = {}
@@ -304,18 +452,27 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
             episodes=ev.episodes, num_envs=ev.num_envs, seed=ev.seed,
         )  # fmt: skip
 
-    pairs = len(cfg.method_specs()) * len(cfg.seeds)
+    def train(spec: dict, seed: int):
+        module = method_class(spec["method"])(method_run_config(cfg, spec, seed))
+        folder = pair_folder(out, spec["name"], seed)
+        _fit_pair(module, folder, configs[spec["name"], seed], resume)
+        return module
+
+    pairs = len(specs) * len(cfg.seeds)
     done, started = 0, time.perf_counter()
-    for spec in cfg.method_specs():
+    for spec in specs:
         succ, ret, steps, wall = {}, {}, 0, 0.0
         for seed in cfg.seeds:
-            t0 = time.perf_counter()
-            module = method_class(spec["method"])(method_run_config(cfg, spec, seed))
-            fit(module, out / spec["name"] / f"seed{seed}")
-            r = evaluate(module)
-            wall += time.perf_counter() - t0
+            r = _load_pair(out, spec["name"], seed) if resume else None
+            if r is None:
+                t0 = time.perf_counter()
+                module = train(spec, seed)
+                r = evaluate(module)
+                r["env_steps"], r["wall_s"] = module.env_steps, time.perf_counter() - t0
+                _save_pair(out, spec["name"], seed, r, env_steps=r["env_steps"], wall_s=r["wall_s"])
+            wall += r["wall_s"]
             succ[seed], ret[seed] = r["success"], r["return"]
-            steps = module.env_steps
+            steps = int(r["env_steps"])
             done += 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (pairs - done)
@@ -331,21 +488,27 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
     for ref in cfg.references:
         succ, ret, steps, wall, notes = {}, {}, 0, 0.0, set()
         for seed in cfg.seeds:
-            t0 = time.perf_counter()
-            if ref == "ppo_finetune":
-                net, note, steps = pretrained_ppo(cfg, out, seed, methods, log)
-                notes.add(note)
-                agent = FinetunePPOAgent(net)
-            else:
-                agent = reference_agent(ref, seed, split)
-            r = evaluate(agent)
-            wall += time.perf_counter() - t0
+            r = _load_pair(out, ref, seed) if resume else None
+            if r is None:
+                t0 = time.perf_counter()
+                note, steps = REFERENCE_NOTES.get(ref, ""), 0
+                if ref == "ppo_finetune":
+                    net, note, steps = pretrained_ppo(cfg, out, seed, methods, train, log)
+                    agent = FinetunePPOAgent(net)
+                else:
+                    agent = reference_agent(ref, seed, split)
+                r = evaluate(agent)
+                r.update(env_steps=steps, wall_s=time.perf_counter() - t0, note=note)
+                _save_pair(out, ref, seed, r, env_steps=steps, wall_s=r["wall_s"], note=note)
+            wall += r["wall_s"]
+            steps = int(r["env_steps"])
+            notes.add(r["note"])
             succ[seed], ret[seed] = r["success"], r["return"]
         methods[ref] = summarize(
             succ, ret, n_boot=ev.bootstrap, meta_train_env_steps=steps,
             wall_s=wall / len(cfg.seeds), trained=ref == "ppo_finetune",
         )  # fmt: skip
-        methods[ref]["note"] = " ".join(sorted(notes)) or REFERENCE_NOTES[ref]
+        methods[ref]["note"] = " ".join(sorted(notes))
         log(f"[{ref}] success by episode {np.round(methods[ref]['success_at'], 2).tolist()}")
     doc = results_document(
         asdict(cfg), split.to_dict(), methods, resamples=ev.bootstrap, tasks=tasks,
@@ -358,4 +521,6 @@ def run_heldout(cfg: HeldoutConfig, out: str | Path, *, overwrite: bool = False,
         out / "table.md", table_markdown(doc) + "\nReference rows:\n\n" + "\n".join(notes) + "\n"
     )
     plot_curves(doc["methods"], out / "curves.png", title=f"Held-out compositions ({cfg.family})")
+    shutil.rmtree(out / LOGS, ignore_errors=True)  # a resumed run logs the whole table again
+    log_results(doc, logger or TensorBoardLogger(str(out), name=LOGS, version=""))
     return doc
