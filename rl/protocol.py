@@ -419,7 +419,13 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
 
     sizes = {(len(m["seeds"]), m["num_tasks"]) for m in methods.values()}
     same = len(sizes) == 1
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    if same:
+        ((s, t),) = sizes
+        who = f"{s} seeds × {t} held-out tasks"
+        title = f"{title}\n{who}"
+    else:
+        who = "the seeds × tasks given per method"
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8))
     for name, m in methods.items():
         x = np.arange(len(m["success_at"]))
         style = "--" if not m.get("trained", True) else "-"
@@ -432,21 +438,20 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
             if all(b is not None for b in ci):
                 ci = np.asarray(ci, dtype=float)
                 ax.fill_between(x, ci[:, 0], ci[:, 1], color=c, alpha=0.15, lw=0)
-    axes[0].axhline(0.8, color="grey", lw=0.8, ls=":")
+    axes[0].axhline(0.8, color="grey", lw=0.8, ls=":", label="0.8 (episodes to 0.8)")
     axes[0].set(
         xlabel="episode index in trial (0 = zero-shot)", ylabel="success rate",
         ylim=(-0.02, 1.02), title=title,
     )  # fmt: skip
     axes[1].set(xlabel="episode index in trial (0 = zero-shot)", ylabel="return", title="Return")
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0].title.set_fontsize(10)
+    axes[1].legend(
+        *axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left",
+        bbox_to_anchor=(1.02, 1.0), frameon=False,
+    )  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if same:
-        ((s, t),) = sizes
-        who = f"{s} seeds × {t} held-out tasks"
-    else:
-        who = "the seeds × tasks given per method"
     if all(len(m["seeds"]) < MIN_RUNS_FOR_INTERVAL for m in methods.values()):
         bands = f"No bands: an interval needs at least {MIN_RUNS_FOR_INTERVAL} seeds."
     else:
@@ -455,7 +460,7 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
             f" none for a method with fewer than {MIN_RUNS_FOR_INTERVAL} seeds."
         )
     fig.text(
-        0.5, 0.01, f"Lines: mean over {who}. {bands} Dashed: reference rows.",
+        0.5, 0.01, f"Lines: mean over {who}. {bands} Dashed: reference rows (not meta-trained).",
         ha="center", va="bottom", fontsize=8, wrap=True,
     )  # fmt: skip
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -134,3 +134,23 @@ def test_trace_png_without_frames_or_sub_tasks(tmp_path):
     }  # fmt: skip
     plot_trace(doc, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 5_000
+
+
+# --- curves.png ----------------------------------------------------------------------------------
+
+
+def test_curves_for_equal_and_unequal_seeds_x_tasks(tmp_path):
+    from rl.protocol import plot_curves, summarize
+
+    rng = np.random.default_rng(0)
+
+    def method(seeds: int, tasks: int, trained: bool) -> dict:
+        s = {i: (rng.uniform(size=(tasks, 4)) < 0.5).astype(float) for i in range(seeds)}
+        return summarize(s, s, n_boot=50, meta_train_env_steps=0, wall_s=0.0, trained=trained)
+
+    same = {"ppo": method(3, 4, True), "random": method(3, 4, False)}
+    plot_curves(same, tmp_path / "same.png", title="t")
+    mixed = {"ppo": method(3, 4, True), "rl2": method(1, 5, True)}
+    plot_curves(mixed, tmp_path / "mixed.png", title="t")
+    for name in ("same.png", "mixed.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
