@@ -100,10 +100,13 @@ class SkillGraph(nn.Module):
 
 
 def write_graph(agent, out_dir: str | os.PathLike, min_weight: float = 0.5) -> dict:
-    """Write ``graph.png`` (matrix and graph) and ``graph.graphml`` of ``agent.graph``.
+    """Write ``graph.png`` (matrix and graph, one shared colour scale) and ``graph.graphml`` of
+    ``agent.graph``; return their paths (``{"png": ..., "graphml": ...}``).
 
-    Edges drawn: P[i, j] >= ``min_weight`` and observed at least 5 times; the matrix on the left
-    shows every entry, with unobserved ones blank.
+    Left: every entry of the feasibility matrix, with the episode start as its last row and
+    unobserved entries blank. Right: the edges with P[i, j] >= ``min_weight`` observed at least
+    5 times, coloured by P on the same scale; each node coloured by its feasibility at an
+    episode start.
     """
     import matplotlib
 
@@ -120,38 +123,52 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float = 0.5) -> d
     names = [n or f"skill {k}" for k, n in enumerate(names or [None] * graph.num_skills)]
     g = graph.to_networkx(names=names)
     k = graph.num_skills
-    P = graph.feasibility()[:k].numpy()
-    seen = graph.tries[:k].numpy() > 0
-    fig, (hax, ax) = plt.subplots(1, 2, figsize=(14, 6.5), gridspec_kw={"width_ratios": [1, 1.1]})
-    im = hax.imshow(np.where(seen, P, np.nan), cmap="viridis", vmin=0, vmax=1)
-    hax.set(xlabel="next skill", ylabel="previous skill", xticks=range(k), yticks=range(k))
+    P = graph.feasibility().numpy()  # (K + 1, K): row K = episode start
+    seen = graph.tries.numpy() > 0
+    cmap, norm = plt.get_cmap("viridis"), matplotlib.colors.Normalize(0, 1)
+    fig, (hax, ax) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1, 1.15]})
+    hax.imshow(np.where(seen, P, np.nan), cmap=cmap, norm=norm)
+    hax.axhline(k - 0.5, color="k", lw=1)
+    hax.set(xlabel="next skill", ylabel="previous skill", xticks=range(k), yticks=range(k + 1))
     hax.set_xticklabels([str(i) for i in range(k)], fontsize=6)
-    hax.set_yticklabels([f"{i} {n}" for i, n in enumerate(names)], fontsize=6)
+    hax.set_yticklabels([f"{i} {n}" for i, n in enumerate(names)] + ["episode start"], fontsize=6)
     hax.set_title(
-        "P(next skill reaches its outcome | previous skill); blank = never tried", fontsize=9
+        "P(next skill reaches its outcome | previous skill)\n"
+        "(successes + 1) / (tries + 2); blank = never tried",
+        fontsize=9,
     )
-    fig.colorbar(im, ax=hax, fraction=0.046, pad=0.04)
     pos = nx.circular_layout(g)
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ecae1", node_size=500)
-    nx.draw_networkx_labels(
-        g, pos, labels={n: f"{n}\n{names[n]}" for n in g.nodes}, ax=ax, font_size=6
-    )
+    start = [g.nodes[n]["start"] for n in g.nodes]
+    nx.draw_networkx_nodes(
+        g, pos, ax=ax, node_color=start, cmap=cmap, vmin=0, vmax=1, node_size=520,
+        edgecolors="k", linewidths=0.5,
+    )  # fmt: skip
+    for n, (x, y) in pos.items():  # labels outside the circle, so they never cover an edge
+        ax.text(1.13 * x, 1.13 * y, f"{n} {names[n]}", fontsize=6, ha="left" if x > 0.01 else
+                "right" if x < -0.01 else "center", va="center")  # fmt: skip
     edges = [
         (i, j) for i, j, d in g.edges(data=True) if d["weight"] >= min_weight and d["tries"] >= 5
     ]
     nx.draw_networkx_edges(
-        g, pos, edgelist=edges, width=[2 * g[i][j]["weight"] for i, j in edges], ax=ax,
-        arrows=True, connectionstyle="arc3,rad=0.1", alpha=0.5,
+        g, pos, edgelist=edges, width=[2.5 * g[i][j]["weight"] for i, j in edges], ax=ax,
+        arrows=True, connectionstyle="arc3,rad=0.1", node_size=520,
+        edge_color=[cmap(norm(g[i][j]["weight"])) for i, j in edges],
     )  # fmt: skip
     ax.set_title(
         f"skill graph ({graph.mode}): {len(edges)} edges with P >= {min_weight} (>= 5 tries); "
-        f"{int(graph.tries.sum())} segments counted",
+        f"{int(graph.tries.sum())} segments counted\nnode colour: P at an episode start",
         fontsize=9,
     )
+    ax.set_xlim(-1.75, 1.75)
+    ax.set_ylim(-1.3, 1.3)
+    ax.set_aspect("equal")
     ax.axis("off")
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=[hax, ax], fraction=0.025, pad=0.02,
+        label="P(skill reaches its outcome) — both panels",
+    )  # fmt: skip
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(out / "graph.png", buf.getvalue())
     text = "\n".join(nx.generate_graphml(g)) + "\n"

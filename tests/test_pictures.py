@@ -154,3 +154,29 @@ def test_curves_for_equal_and_unequal_seeds_x_tasks(tmp_path):
     plot_curves(mixed, tmp_path / "mixed.png", title="t")
     for name in ("same.png", "mixed.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- graph.png -----------------------------------------------------------------------------------
+
+
+def test_write_graph_draws_matrix_and_graph(tmp_path):
+    import torch
+
+    from compositional.graph import SkillGraph, write_graph
+
+    class Agent:  # what write_graph reads of the compositional agent
+        graph = SkillGraph(4)
+
+        def skill_names(self):
+            return ["goto(door)", None, "open(door)", None]
+
+    g = torch.Generator().manual_seed(0)
+    prev, skill = (
+        torch.randint(-1, 4, (300,), generator=g),
+        torch.randint(0, 4, (300,), generator=g),
+    )
+    Agent.graph.update(prev, skill, (skill == (prev + 1) % 4).long())
+    paths = write_graph(Agent(), tmp_path)
+    assert (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
+    assert "open(door)" in (tmp_path / "graph.graphml").read_text()
+    assert paths == {"png": str(tmp_path / "graph.png"), "graphml": str(tmp_path / "graph.graphml")}
