@@ -5,9 +5,9 @@
 [--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
 trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
 ``library.pt`` (plain state dict, ``rl.io.safe_torch_load``), ``log.jsonl`` (one line per
-rollout), then ``table.md`` / ``table.json`` from ``primitives.outcome_eval``: per skill and
-primitive how often the skill completes the primitive when started where it is feasible,
-the best skill per primitive, the discriminator's accuracy on held-out segments.
+rollout), then ``table.md`` / ``table.json`` / ``table.png`` from ``primitives.outcome_eval``:
+per skill and primitive how often the skill completes the primitive when started where it is
+feasible, the best skill per primitive, the discriminator's accuracy on held-out segments.
 
 ``--evaluate CKPT`` only evaluates a saved discovery checkpoint; ``--supervised STEPS``
 trains the supervised library (one skill per primitive, event termination) for STEPS env
@@ -32,7 +32,7 @@ from primitives.option_training import (
 )
 from primitives.options import OptionLibrary
 from primitives.outcome import DiscoveryConfig, discover, load_discovered, make_room
-from primitives.outcome_eval import evaluate_library
+from primitives.outcome_eval import evaluate_library, plot_library
 from rl.collect import Collector
 from rl.io import (
     append_jsonl,
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_torch_save(state, out / "library.pt")
     atomic_write_json(out / "table.json", result["json"])
     atomic_write_text(out / "table.md", result["markdown"])
+    plot_library(result["json"], out / "table.png")
     print(result["markdown"])
 
 

@@ -340,3 +340,68 @@ def evaluate_library(
         "discriminator": disc_stats,
     }
     return {"json": js, "markdown": markdown_table(table, names, disc_stats, fresh)}
+
+
+def plot_library(js: dict, path) -> None:
+    """``table.png`` of a library's measurement (``evaluate_library(...)["json"]``, also
+    read back from ``table.json``): three skills x outcomes heatmaps on one shared 0..1 colour
+    scale — how often skill k completes primitive p from a state where p is feasible (the best
+    skill per primitive boxed), how often it also *ends* on p's completion, and where each
+    skill's runs ended (share of its runs per outcome; the last two columns: terminated with
+    no object event, cut by t_max)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from rl.io import atomic_write_bytes
+
+    success, ends = np.asarray(js["success"]), np.asarray(js["ends_with"])
+    counts = np.asarray(js["outcome_counts"], dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    prims, names = js["primitives"], js["skill_names"]
+    K = len(names)
+    # rows in the order of the outcome each skill is named by (``main_outcomes``): a library
+    # that covers every primitive once shows a diagonal in the last panel
+    main = main_outcomes({"outcome_counts": counts})
+    order = np.argsort(np.where(main >= 0, main, NUM_PRIMITIVES), kind="stable")
+    success, ends, share = success[order], ends[order], share[order]
+    row_of = {int(k): i for i, k in enumerate(order)}
+    panels = [
+        (success, prims, f"completes p (start: p feasible; {js['n_states']} states per p)"),
+        (ends, prims, "completes p on the step its termination fires"),
+        (share, [*PRIM_NAMES, "no object event", "cut by t_max"], "where its runs ended"),
+    ]
+    fig, axes = plt.subplots(
+        1, 3, figsize=(7 + 0.9 * K, 2.5 + 0.3 * K), sharey=True,
+        gridspec_kw={"width_ratios": [len(p[1]) for p in panels]},
+    )  # fmt: skip
+    for ax, (data, cols, title) in zip(axes, panels):
+        im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="equal")
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=90, fontsize=6)
+        ax.set_xlabel("primitive p (its outcome)" if cols is prims else "outcome")
+        ax.set_title(title, fontsize=9)
+    for j, k in enumerate(js["best_skill"]):
+        i = row_of[int(k)]
+        axes[0].add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
+    axes[0].set_yticks(range(K))
+    axes[0].set_yticklabels([f"{k}: {names[k]}" for k in order], fontsize=6)
+    axes[0].set_ylabel("skill (named by its most frequent outcome, with its share)")
+    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="rate (all three panels)")
+    head = (
+        f"skills x outcomes: {js['primitives_at_0.9']} / {len(prims)} primitives with a skill at "
+        f">= 0.9 success (red boxes: the best skill per primitive), "
+        f"{js['primitives_ending_at_0.9']} / {len(prims)} also ending on it"
+    )
+    disc = js.get("discriminator")
+    if disc:
+        head += f"; discriminator accuracy on held-out segments {disc['accuracy']:.2f}"
+    fig.suptitle(head, fontsize=10, y=0.9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -180,3 +180,17 @@ def test_write_graph_draws_matrix_and_graph(tmp_path):
     assert (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
     assert "open(door)" in (tmp_path / "graph.graphml").read_text()
     assert paths == {"png": str(tmp_path / "graph.png"), "graphml": str(tmp_path / "graph.graphml")}
+
+
+# --- the discovery table's picture ---------------------------------------------------------------
+
+
+def test_library_picture_from_a_stored_table(tmp_path):
+    import json
+    from pathlib import Path
+
+    from primitives.outcome_eval import plot_library
+
+    table = Path(__file__).parents[1] / "results" / "discovery_seed0" / "table.json"
+    plot_library(json.loads(table.read_text()), tmp_path / "table.png")
+    assert (tmp_path / "table.png").stat().st_size > 20_000
