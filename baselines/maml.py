@@ -141,6 +141,7 @@ from baselines.maml_trpo import (
 )
 from rl.collect import Collector, Episode, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
+from rl.diagnostics import grad_norm, inner_grad_norm
 from rl.module import RLModule
 
 log = logging.getLogger(__name__)
@@ -498,6 +499,7 @@ class MAMLModule(RLModule):
                 values=signal[0], advantages=signal[1],
             )  # fmt: skip
         self._acting.params = {k: v.detach() for k, v in phi_act.items()}
+        inner_norm = float(inner_grad_norm(theta, phi_act, cfg.inner_lr, cfg.inner_steps).mean())
         t2 = time.perf_counter()
         ro_post = col.collect_trials(tasks)
         self._acting.params = None
@@ -512,6 +514,7 @@ class MAMLModule(RLModule):
             phi_mean = {k: v.detach().mean(0) for k, v in phi_act.items()}
             for k, p in self.net.named_parameters():
                 p.grad = (p.detach() - phi_mean[k]).clone()
+            meta_norm = grad_norm(p.grad for p in self.net.parameters())
             loss = outer_loss(
                 self.net, phi_act, post, gamma=cfg.gamma, values=self._values(post),
                 normalize_adv=cfg.normalize_adv,
@@ -519,6 +522,7 @@ class MAMLModule(RLModule):
         elif cfg.outer_optimizer == "trpo":
             new_theta, trpo_stats = self.trpo_update(pre, post, signal)
             extra.update(trpo_stats)
+            meta_norm = trpo_stats["trpo/grad_norm"]
             loss = -torch.tensor(trpo_stats["trpo/surrogate_before"])
             # theta + step as an SGD step of rate 1 (zero pseudo-gradient: keep theta)
             for k, p in self.net.named_parameters():
@@ -526,9 +530,13 @@ class MAMLModule(RLModule):
         else:
             loss, _ = self.meta_loss(pre, post, signal)
             backward(loss)
+            meta_norm = grad_norm(p.grad for p in self.net.parameters())  # before clipping
             if cfg.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        # what rl.diagnostics.MetaRLDiagnostics reads after the iteration
+        self.last_rollouts = (ro_pre, ro_post)
+        self.grad_norms = {"inner": inner_norm, "meta": meta_norm}
         t4 = time.perf_counter()
 
         pre_eps, post_eps = ro_pre.episodes, ro_post.episodes

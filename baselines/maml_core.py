@@ -469,10 +469,14 @@ class PerEnvPolicy:
             # drop the singleton batch dim of each env
             action = dist.sample().squeeze(1)
             return StepOutput(
-                action, dist.log_prob(action.unsqueeze(1)).squeeze(1), torch.zeros(obs.shape[0])
-            )
+                action, dist.log_prob(action.unsqueeze(1)).squeeze(1), torch.zeros(obs.shape[0]),
+                extras={"entropy": dist.entropy().squeeze(1)},  # for rl.diagnostics
+            )  # fmt: skip
         action = dist.sample()
-        return StepOutput(action, dist.log_prob(action), torch.zeros(obs.shape[0]))
+        return StepOutput(
+            action, dist.log_prob(action), torch.zeros(obs.shape[0]),
+            extras={"entropy": dist.entropy()},
+        )  # fmt: skip
 
     def bootstrap_value(self, obs: torch.Tensor, memory: Any, prev: Prev) -> torch.Tensor:
         # MAML uses Monte-Carlo returns within an episode (truncation is treated as the end)

@@ -84,9 +84,12 @@ class PEARLPolicy:
         return self.z.clone()
 
     def step(self, obs: torch.Tensor, memory: torch.Tensor, prev: Prev) -> StepOutput:
-        action, logp = self.nets.act(obs, self.z, greedy=self.greedy, generator=self.generator)
+        action, logp, entropy = self.nets.act(
+            obs, self.z, greedy=self.greedy, generator=self.generator, with_entropy=True
+        )
         n = obs.shape[0]
-        return StepOutput(action, logp, torch.zeros(n), self.z.clone(), {"z": self.z.clone()})
+        extras = {"z": self.z.clone(), "entropy": entropy}  # entropy: for rl.diagnostics
+        return StepOutput(action, logp, torch.zeros(n), self.z.clone(), extras)
 
     def bootstrap_value(self, obs: torch.Tensor, memory: torch.Tensor, prev: Prev) -> torch.Tensor:
         return torch.zeros(obs.shape[0])  # SAC learns from replay; no on-policy bootstrap
@@ -337,6 +340,7 @@ class PEARLModule(RLModule):
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         stats = {k: v / max(1, updates) for k, v in sums.items()}
+        self.last_rollouts = (ro,)  # read by rl.diagnostics.MetaRLDiagnostics
         self._log(ro, stats, time.perf_counter() - t0, updates)
         if self.env_steps >= cfg.total_env_steps and self._trainer is not None:
             self.trainer.should_stop = True

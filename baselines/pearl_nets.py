@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 from rl.nets import mlp
 from rl.sac import (
+    LOG_STD_MAX,
+    LOG_STD_MIN,
     actor_loss_continuous,
     actor_loss_discrete,
     alpha_loss,
@@ -184,8 +186,12 @@ class PEARLNets(nn.Module):
         *,
         greedy: bool = False,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Env actions and their log-probabilities for (N, obs) and (N, latent)."""
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Env actions and their log-probabilities for (N, obs) and (N, latent); with
+        ``with_entropy`` also the (N,) entropy of the sampling distribution (discrete: exact;
+        continuous: of the Gaussian before the tanh squashing, an upper bound), which
+        ``rl.diagnostics`` reads."""
         out = self.actor(torch.cat([obs, z], -1))
         if self.discrete:
             logp_all = torch.log_softmax(out, -1)
@@ -193,10 +199,16 @@ class PEARLNets(nn.Module):
                 a = logp_all.argmax(-1)
             else:
                 a = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-            return a, logp_all.gather(-1, a[:, None]).squeeze(-1)
+            res = (a, logp_all.gather(-1, a[:, None]).squeeze(-1))
+            return (*res, -(logp_all.exp() * logp_all).sum(-1)) if with_entropy else res
         mean, log_std = out.chunk(2, -1)
         u, logp = squashed_gaussian(mean, log_std, deterministic=greedy, generator=generator)
-        return rescale_action(u, self.low, self.high), logp
+        res = (rescale_action(u, self.low, self.high), logp)
+        if not with_entropy:
+            return res
+        # the clamp squashed_gaussian applies to log_std
+        ls = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return (*res, (ls + 0.5 * math.log(2 * math.pi * math.e)).sum(-1))
 
 
 def pearl_losses(

@@ -259,7 +259,10 @@ class RL2Policy:
             action = dist.probs.argmax(-1) if hasattr(dist, "probs") else dist.mean
         else:
             action = dist.sample()
-        return StepOutput(action, dist.log_prob(action), self.net.value(f), memory)
+        return StepOutput(
+            action, dist.log_prob(action), self.net.value(f), memory,
+            {"entropy": dist.entropy()},  # for rl.diagnostics
+        )  # fmt: skip
 
     def bootstrap_value(self, obs: torch.Tensor, memory: Memory, prev: Prev) -> torch.Tensor:
         f, _ = self._features(obs, memory, prev)
@@ -354,6 +357,7 @@ class RL2Module(RLModule):
         ro = self.collector.collect(cfg.ppo.num_steps)
         adv, ret = trial_advantages(ro, None, cfg.ppo.gamma, cfg.ppo.gae_lambda)
         stats = self.ppo_epochs(ro, adv, ret)
+        self.last_rollouts = (ro,)  # read by rl.diagnostics.MetaRLDiagnostics
         self.log_iteration(ro, stats, time.perf_counter() - t0)
 
     def ppo_epochs(self, ro: Rollout, adv: torch.Tensor, ret: torch.Tensor) -> dict[str, float]:

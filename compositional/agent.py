@@ -331,6 +331,7 @@ class CompositionalAgent(RLModule):
         if ends.any():  # after the update: the prior the decisions were taken with stays fixed
             self.graph.update(ex["seg_prev"][ends], ex["seg_skill"][ends], ex["seg_ok"][ends])
         n_dec = D.count
+        self.last_rollouts = (ro,)  # read by rl.diagnostics.MetaRLDiagnostics
         extra = {
             "charts/phase": 2.0,
             "charts/decisions_per_episode": n_dec / max(len(ro.episodes), 1),

@@ -117,11 +117,17 @@ class SkillLevelPolicy:
             else:
                 extras["seg_ok"][idx] = by_beta[idx]
         # inner loop (ablation): one REINFORCE step on a per-trial skill bias per episode
+        if cfg.inner_loop == "on":
+            # the step's gradient norm for rl.diagnostics (NaN: no inner step at this step)
+            extras["inner_grad_norm"] = torch.full((B,), float("nan"))
         if cfg.inner_loop == "on" and boundary.any():
             i = boundary.nonzero().squeeze(-1)
             base = torch.where(m[EP_CNT][i] > 0, m[EP_MEAN][i], torch.full_like(m[EP_MEAN][i], 0.5))
             m[BIAS] = m[BIAS].clone()
-            m[BIAS][i] += cfg.inner_lr * (m[EP_RET][i] - base)[:, None] * m[ACC][i]
+            grad = (m[EP_RET][i] - base)[:, None] * m[ACC][i]
+            m[BIAS][i] += cfg.inner_lr * grad
+            stepped = m[ACC][i].abs().sum(-1) > 0  # an episode ended (not a fresh trial)
+            extras["inner_grad_norm"][i[stepped]] = grad[stepped].norm(dim=-1)
             m[EP_MEAN] = m[EP_MEAN].clone()
             m[EP_MEAN][i] = (m[EP_MEAN][i] * m[EP_CNT][i] + m[EP_RET][i]) / (m[EP_CNT][i] + 1)
             m[EP_CNT] = m[EP_CNT] + boundary.float()
@@ -182,10 +188,13 @@ class SkillLevelPolicy:
             action = torch.multinomial(mix, 1, generator=self.gen).squeeze(-1)
             extras["pi_a"] = pi[torch.arange(B), :, action]
             dec_logp = torch.log((alpha * extras["pi_a"]).sum(-1).clamp_min(1e-12))
+            probs = mix
         else:
             # Categorical(logits).sample() without the distribution object (same draw)
             probs = torch.softmax(a.library.logits(obs, skill), -1)
             action = torch.multinomial(probs, 1, True).squeeze(-1)
+        # entropy of the acting distribution, for rl.diagnostics
+        extras["skill_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         m[SEG_LEN] = m[SEG_LEN] + 1
         m[LAST_OBS] = obs
         extras.update(

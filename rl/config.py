@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class DiagnosticsConfig:
+    """Meta-RL diagnostics during training (``rl.diagnostics.MetaRLDiagnostics``)."""
+
+    enabled: bool = True
+    """log the ``diagnostics/*`` scalars every iteration and warn on the conditions below"""
+    slope_threshold: float = 0.01
+    """adaptation slope of the return (per episode of a trial) below which it counts as flat"""
+    slope_patience: int = 20
+    """consecutive flat iterations before the one-line warning"""
+    meta_grad_threshold: float = 1e-5
+    """meta-gradient norm below which the warning says it vanished"""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"diagnostics.enabled={self.enabled!r}; allowed: true, false")
+        if isinstance(self.slope_patience, bool) or int(self.slope_patience) < 1:
+            raise ValueError(
+                f"diagnostics.slope_patience={self.slope_patience!r}; allowed: an integer >= 1"
+            )
+        if not self.meta_grad_threshold >= 0:
+            raise ValueError(
+                f"diagnostics.meta_grad_threshold={self.meta_grad_threshold!r}; allowed: a "
+                "number >= 0"
+            )
+        if not math.isfinite(self.slope_threshold):
+            raise ValueError(
+                f"diagnostics.slope_threshold={self.slope_threshold!r}; allowed: a finite number"
+            )
 
 
 @dataclasses.dataclass
@@ -36,8 +68,17 @@ class BaseConfig:
     """meta-training env-step budget"""
     seed: int = 0
     """seed of torch, numpy and the envs"""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    """meta-RL diagnostics during training (adaptation slope, gradient norms, entropies)"""
 
     def __post_init__(self) -> None:
+        if isinstance(self.diagnostics, dict):
+            self.diagnostics = config_from_dict(DiagnosticsConfig, self.diagnostics, "diagnostics.")
+        if not isinstance(self.diagnostics, DiagnosticsConfig):
+            raise ValueError(
+                f"diagnostics={self.diagnostics!r}; allowed: a mapping with keys enabled, "
+                "slope_threshold, slope_patience, meta_grad_threshold"
+            )
         for k in ("episodes_per_trial", "num_envs", "total_env_steps"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer >= 1")

@@ -125,6 +125,9 @@ class RLModule(L.LightningModule):
     # -- logging ------------------------------------------------------------------------------------
     def log_scalars(self, scalars: dict[str, float]) -> None:
         """Write namespaced scalars to TensorBoard at x = env steps, and keep a history row."""
+        diagnostics = getattr(self, "diagnostics_callback", None)  # rl.diagnostics
+        if diagnostics is not None:
+            scalars = {**scalars, **diagnostics.scalars_for(self)}
         step = self.env_steps
         row = {
             "iteration": self.iteration,

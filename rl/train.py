@@ -30,6 +30,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from rl.diagnostics import diagnostics_callbacks
 from rl.io import (
     TEMP_GLOB,
     atomic_torch_save,
@@ -166,6 +167,16 @@ def _canonical(x: Any) -> Any:
     return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
+def _training_config(x: Any) -> Any:
+    """``_canonical`` without the ``diagnostics`` settings, which only watch a run: another
+    threshold (or a run written before they existed) is the same run."""
+    x = _canonical(x)
+    for cfg in (x, x.get("config") if isinstance(x, dict) else None):
+        if isinstance(cfg, dict):
+            cfg.pop("diagnostics", None)
+    return x
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     """Dotted key of the first value that differs between two nested configs."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -186,7 +197,7 @@ def _lookup(cfg: dict, dotted: str) -> Any:
 def check_same_run(saved: dict, wanted: dict, where: str) -> None:
     """Raise a one-line ``ValueError`` if ``saved`` (the folder's method + config) is not
     ``wanted`` (the command's)."""
-    saved, wanted = _canonical(saved), _canonical(wanted)
+    saved, wanted = _training_config(saved), _training_config(wanted)
     # the method first: another method's config differs in many keys, and says less
     key = _first_difference(saved.get("method"), wanted.get("method"), "method.")
     key = key or _first_difference(saved, wanted)
@@ -332,7 +343,7 @@ def fit(
         ckpt = read_checkpoint(last)
         st = ckpt["rl_state"]
         module.history = _trim_log(out, int(st["iteration"]))
-        same = _canonical(ckpt["hyper_parameters"]) == _canonical(module.hparams)
+        same = _training_config(ckpt["hyper_parameters"]) == _training_config(module.hparams)
         if st.get("finished") and same:
             _restore(module, ckpt)
             return module
@@ -346,7 +357,8 @@ def fit(
         accelerator="cpu",
         devices=1,
         logger=tb if logger else False,
-        callbacks=[LastCheckpoint(ckpt_dir, checkpoint_every)],
+        # meta-RL diagnostics (config: diagnostics)
+        callbacks=[LastCheckpoint(ckpt_dir, checkpoint_every), *diagnostics_callbacks(module)],
         enable_checkpointing=False,  # no default ModelCheckpoint: LastCheckpoint is the one
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
