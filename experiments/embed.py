@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.core import Composition
+from envs.core import Composition, Task
 from experiments.registry import REGISTRY
 from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
@@ -198,6 +198,40 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     return pca(x, 2)[0]
 
 
+def trial_embeddings(
+    module, tasks: list[Task], *, episodes: int, num_envs: int = 10, seed: int = 0
+) -> np.ndarray:
+    """(len(tasks), d) task embeddings of a trained ``module``: its policy's memory at the last
+    step of one trial of ``episodes`` episodes on each task (``module.embedding_of_memory``
+    selects the part that is the embedding, if the method says), in batches of ``num_envs``
+    trials whose episode seeds come from ``seed``. ``ValueError`` for a method without memory."""
+    cfg = module.cfg
+    k = min(num_envs, len(tasks))
+    env = make_vector_env(cfg.env_id, k, {**cfg.env_kwargs, "composition": tasks[0].composition})
+    rows = []
+    try:
+        for b, start in enumerate(range(0, len(tasks), k)):
+            batch = list(tasks[start : start + k])
+            pad = k - len(batch)
+            batch += [batch[-1]] * pad
+            policy, hook = module.trial_policy(env)
+            # a method may say which part of its memory is the task embedding
+            rec = _MemoryRecorder(policy, getattr(module, "embedding_of_memory", None))
+            col = Collector(
+                env, rec, episodes_per_trial=episodes, seed=seed + b, on_episode_end=hook
+            )
+            ro = col.collect_trials(batch)
+            if not rec.memory:
+                raise ValueError("the policy reported no memory")
+            mem = torch.stack(rec.memory)  # (T, k, d)
+            last = ro.valid.long().cumsum(0).argmax(0)  # last valid step per env
+            for i in range(k - pad):
+                rows.append(mem[last[i], i].numpy())
+    finally:
+        env.close()
+    return np.stack(rows)
+
+
 def run_embed(
     checkpoint: str | Path,
     out: str | Path,
@@ -235,32 +269,9 @@ def run_embed(
 
     split = _envs.make_split(cfg.split_family, seed=cfg.split_seed)
     tasks = heldout_tasks(split.heldout, num_tasks, seed, split.meta.get("heldout_layout_seeds"))
-    k = min(num_envs, num_tasks)
-    env = make_vector_env(cfg.env_id, k, {**cfg.env_kwargs, "composition": tasks[0].composition})
-    rows = []
-    try:
-        for b, start in enumerate(range(0, num_tasks, k)):
-            batch = list(tasks[start : start + k])
-            pad = k - len(batch)
-            batch += [batch[-1]] * pad
-            policy, hook = module.trial_policy(env)
-            # a method may say which part of its memory is the task embedding
-            rec = _MemoryRecorder(policy, getattr(module, "embedding_of_memory", None))
-            col = Collector(
-                env, rec, episodes_per_trial=episodes, seed=seed + b, on_episode_end=hook
-            )
-            ro = col.collect_trials(batch)
-            if not rec.memory:
-                raise ValueError("the policy reported no memory")
-            mem = torch.stack(rec.memory)  # (T, k, d)
-            last = ro.valid.long().cumsum(0).argmax(0)  # last valid step per env
-            for i in range(k - pad):
-                rows.append(mem[last[i], i].numpy())
-    finally:
-        env.close()
+    emb = trial_embeddings(module, tasks, episodes=episodes, num_envs=num_envs, seed=seed)
     # nothing is written before the embeddings exist: bad checkpoints fail above
     out = prepare_run_dir(out, overwrite=overwrite)
-    emb = np.stack(rows)
     comps = [t.composition for t in tasks]
     corr = correlations(emb, comps, permutations, seed)
     coords, explained = pca(emb, 2)
