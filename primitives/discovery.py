@@ -576,8 +576,13 @@ class SkillTrainer:
         self.visits += counts.view_as(self.visits)
 
 
-def save_heatmaps(visits: torch.Tensor, path: str | Path, title: str = "") -> None:
-    """Per-skill agent-cell visitation (a grid of K panels, rows = y), written atomically."""
+def save_heatmaps(
+    visits: torch.Tensor, path: str | Path, title: str = "", layout_seed: int | None = None
+) -> None:
+    """Per-skill agent-cell visitation of a CompoGrid room (a grid of K panels, rows = y),
+    written atomically: each panel is the share of that skill's visits per cell, on one colour
+    scale shared by all panels; the room's walls are drawn (the inner wall's door is at a
+    random height in each layout) and, with a fixed ``layout_seed``, its objects."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -585,25 +590,74 @@ def save_heatmaps(visits: torch.Tensor, path: str | Path, title: str = "") -> No
 
     from rl.io import atomic_write_bytes
 
-    k = visits.shape[0]
+    k, size = visits.shape[0], visits.shape[-1]
+    share = (visits / visits.sum((1, 2), keepdim=True).clamp(min=1)).numpy()
+    vmax = max(float(share.max()), 1e-9)
+    objects = _room_objects(size, layout_seed) if layout_seed is not None else {}
     cols = min(k, 4)
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.6), squeeze=False)
+    im = None
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
         if i >= k:
             ax.axis("off")
             continue
-        v = visits[i]
-        ax.imshow((v / v.sum().clamp(min=1)).numpy(), cmap="viridis")
-        ax.set_title(f"skill {i} (n={int(v.sum())})", fontsize=8)
-    fig.suptitle(title or "agent-cell visitation per skill", fontsize=10)
-    fig.tight_layout()
+        im = ax.imshow(share[i], cmap="viridis", vmin=0, vmax=vmax)
+        _draw_room(ax, size, objects)
+        ax.set_title(f"skill {i} (n={int(visits[i].sum())})", fontsize=8)
+    room = (
+        f"hatched: walls; layout {layout_seed}: balls o, keys ^, boxes s, door: open square"
+        if objects
+        else "hatched: walls (the door is at a random height of the see-through inner wall); "
+        "objects are placed at random in each episode (not drawn)"
+    )
+    fig.suptitle(f"{title or 'agent-cell visitation per skill'}\n{room}", fontsize=9)
+    fig.colorbar(
+        im, ax=list(axes.flat), fraction=0.03, pad=0.02, label="share of the skill's visits"
+    )
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _room_objects(size: int, layout_seed: int) -> dict[str, tuple[int, int]]:
+    """Cell of each entity in CompoGrid's layout ``layout_seed`` (the reference env's own
+    ``_gen_grid``, so the picture cannot drift from the env)."""
+    from envs.grid import ENTITIES, CompoGridEnv
+
+    env = CompoGridEnv(size=size, layout_seed=layout_seed)
+    env.reset(seed=0)
+    return {name: env.entity_cell(name) for name in ENTITIES if env.entity_cell(name)}
+
+
+def _draw_room(ax, size: int, objects: dict[str, tuple[int, int]]) -> None:
+    """CompoGrid's walls (outer rectangle, inner wall at x = size - 3) hatched; objects as
+    coloured markers (ball: circle, key: triangle, box: square, door: a gap in the wall)."""
+    from matplotlib.patches import Rectangle
+
+    from envs.grid import DOOR_COLOR
+
+    wall_x = size - 3
+    for x in range(size):
+        for y in range(size):
+            if x in (0, size - 1, wall_x) or y in (0, size - 1):
+                if objects.get("door") == (x, y):
+                    continue
+                # door at an unknown height: the inner wall is hatched only, so the visits to
+                # the open door's cell show through
+                see = x == wall_x and 0 < y < size - 1 and "door" not in objects
+                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fc="none" if see else "0.55",
+                                       ec="0.3", hatch="///", lw=0.3))  # fmt: skip
+    marker = {"ball": "o", "key": "^", "box": "s"}
+    for name, (x, y) in objects.items():
+        if name == "door":  # an open square in the wall's colour gap
+            ax.plot(x, y, "s", mfc="none", mec=DOOR_COLOR, mew=2, ms=11)
+            continue
+        colour, kind = name.split()
+        ax.plot(x, y, marker[kind], color=colour, mec="white", mew=0.8, ms=7)
 
 
 # --- the LightningModule ------------------------------------------------------------------------------
@@ -677,7 +731,10 @@ class DiscoveryModule(RLModule):
     def on_train_end(self) -> None:
         root = getattr(self.trainer, "default_root_dir", None)
         if root and self.trainer_.grid_size > 0 and self.trainer_.visits.sum() > 0:
-            save_heatmaps(self.trainer_.visits, Path(root) / "heatmaps.png")
+            save_heatmaps(
+                self.trainer_.visits, Path(root) / "heatmaps.png",
+                layout_seed=self.cfg.env_kwargs.get("layout_seed"),
+            )  # fmt: skip
 
     def extra_state(self) -> dict:
         return {**self.trainer_.state_dict(), "env_steps": int(self.env_steps)}

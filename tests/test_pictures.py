@@ -194,3 +194,22 @@ def test_library_picture_from_a_stored_table(tmp_path):
     table = Path(__file__).parents[1] / "results" / "discovery_seed0" / "table.json"
     plot_library(json.loads(table.read_text()), tmp_path / "table.png")
     assert (tmp_path / "table.png").stat().st_size > 20_000
+
+
+# --- visitation heatmaps -------------------------------------------------------------------------
+
+
+def test_visitation_heatmaps_draw_the_room(tmp_path):
+    import torch
+
+    from envs.grid import ENTITIES
+    from primitives.discovery import _room_objects, save_heatmaps
+
+    cells = _room_objects(8, layout_seed=3)
+    assert set(cells) == set(ENTITIES)  # every object of the layout is drawn
+    assert cells["door"][0] == 8 - 3  # in the inner wall
+    assert all(1 <= x < 8 - 3 and 1 <= y < 7 for n, (x, y) in cells.items() if n != "door")
+    visits = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for seed, name in ((3, "fixed.png"), (None, "random.png")):
+        save_heatmaps(visits, tmp_path / name, layout_seed=seed)
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
