@@ -213,3 +213,35 @@ def test_visitation_heatmaps_draw_the_room(tmp_path):
     for seed, name in ((3, "fixed.png"), (None, "random.png")):
         save_heatmaps(visits, tmp_path / name, layout_seed=seed)
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- compo embed through the console script ------------------------------------------------------
+
+
+def test_embed_prints_the_correlations_with_mantel_p_values(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    compo = str(Path(sys.executable).parent / "compo")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    small = ["--set", "rnn=gru", "--set", "hidden=16", "--set", "num_layers=1"]
+    ck = tmp_path / "rl2"
+    subprocess.run(
+        [compo, "train", "--method", "rl2", "--out", str(ck), *small, *TINY_PPO],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    out = tmp_path / "emb"
+    run = subprocess.run(
+        [compo, "embed", "--checkpoint", str(ck / "checkpoints" / "final.ckpt"), "--out",
+         str(out), "--set", "num_tasks=8", "--set", "episodes=1", "--set", "permutations=99"],
+        check=True, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    corr = json.loads((out / "embed.json").read_text())["correlation"]
+    assert corr["permutations"] == 99 and corr["pairs"] == 28
+    assert 0.01 <= corr["pearson_p"] <= 1 and 0.01 <= corr["spearman_p"] <= 1
+    assert f"Pearson r = {corr['pearson']:.2f} (Mantel p = {corr['pearson_p']:.3g})" in run.stdout
+    doc = json.loads((out / "embed.json").read_text())
+    assert len(doc["pca_explained_variance"]) == 2 and sum(doc["pca_explained_variance"]) <= 1
