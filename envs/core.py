@@ -13,7 +13,12 @@ coverage guarantee:
   holds in another order: for each held-out ``h`` some train ``t != h`` has the same primitives
   with the same multiplicities (``order_split``);
 - ``pair``: every held-out composition contains an unordered pair of distinct primitives that
-  no train composition contains together (``pair_split``).
+  no train composition contains together (``pair_split``);
+- ``length``: extrapolation in length: train holds the shorter compositions, held-out only
+  longer ones (CompoGrid: lengths 2-3 vs 4). No train composition has the held-out length's
+  last position, so primitive-in-position coverage holds for the positions train has; in
+  its place every adjacent pair of a held-out composition occurs adjacent in train
+  (``transitions``), so what is new is the length alone (``length_split``).
 """
 
 from __future__ import annotations
@@ -143,6 +148,9 @@ class Split:
             d["kind"] = self.meta["split_kind"]
         if "heldout_pairs" in self.meta:
             d["heldout_pairs"] = list(self.meta["heldout_pairs"])
+        if "heldout_length" in self.meta:
+            d["train_lengths"] = list(self.meta["train_lengths"])
+            d["heldout_length"] = self.meta["heldout_length"]
         return d
 
 
@@ -190,21 +198,21 @@ def primitive_pairs(c: Composition) -> set[frozenset[Primitive]]:
     return {frozenset((a, b)) for i, a in enumerate(prims) for b in prims[i + 1 :]}
 
 
+def transitions(c: Composition) -> set[tuple[Primitive, Primitive]]:
+    """The adjacent pairs ``(c[i], c[i + 1])`` of ``c``: which sub-task follows which."""
+    return {(c[i], c[i + 1]) for i in range(len(c) - 1)}
+
+
 def multiset_key(c: Composition) -> tuple[Primitive, ...]:
     """``c``'s primitives with their multiplicities, order forgotten (its orders share it)."""
     return tuple(sorted(c))
 
 
-SPLIT_KINDS = ("default", "order", "pair")
+SPLIT_KINDS = ("default", "order", "pair", "length")
 
 
 def check_split_kind(kind: str) -> str:
     """``kind`` if it is a split kind; one clear ``ValueError`` otherwise."""
-    if kind == "length":
-        raise ValueError(
-            "split_kind='length' is not available yet: it tests on length-4 compositions and "
-            f"the env builds lengths <= 3; allowed: {', '.join(SPLIT_KINDS)}"
-        )
     if kind not in SPLIT_KINDS:
         raise ValueError(f"split_kind={kind!r}; allowed: {', '.join(SPLIT_KINDS)}")
     return kind
@@ -323,6 +331,69 @@ def pair_split(
         )
     train = tuple(c for c in pool if c not in heldout)
     return train, tuple(sorted(heldout)), tuple(held)
+
+
+def length_split(
+    short: Sequence[Sequence[Composition]],
+    long: Sequence[Composition],
+    *,
+    seed: int,
+    n_train: int,
+    n_heldout: int,
+) -> tuple[tuple[Composition, ...], tuple[Composition, ...]]:
+    """Split kind ``length``: train from the shorter compositions, held-out from longer ones.
+
+    Train: a greedy cover (in a seeded order) of every primitive-in-position of ``short`` (one
+    candidate list per train length), then each length filled at random up to an equal share
+    of ``n_train`` (a length the cover already filled past its share keeps what it has).
+    Held-out: up to ``n_heldout`` of ``long`` in a seeded order, keeping only compositions
+    whose primitives at the positions train has are trained there and whose adjacent pairs
+    (``transitions``) all occur adjacent in some train composition.
+
+    Returns:
+        ``(train, heldout)``; ``ValueError`` if no long composition qualifies.
+    """
+    if n_train < 1 or n_heldout < 1:
+        raise ValueError(
+            f"split_kind='length' with {n_train} train and {n_heldout} held-out compositions;"
+            " allowed: at least 1 of each (pool_size >= 2, 0 < train_fraction < 1)"
+        )
+    if any(not pool for pool in short) or not long:
+        raise ValueError("split_kind='length' with an empty candidate list; give compositions")
+    rng = np.random.default_rng(seed)
+    by_len = [[pool[i] for i in rng.permutation(len(pool))] for pool in short]
+    flat = [c for pool in by_len for c in pool]
+    order = [flat[i] for i in rng.permutation(len(flat))]
+    pos_of = {c: positions([c]) for c in order}
+    train: list[Composition] = []
+    needed = positions(order)
+    # greedy set cover in the seeded order, as split_compositions does
+    while needed:
+        best = max(order, key=lambda c: len(pos_of[c] & needed))
+        train.append(best)
+        needed -= pos_of[best]
+    for j, pool in enumerate(by_len):
+        share = n_train // len(by_len) + (1 if j < n_train % len(by_len) else 0)
+        members = set(pool)
+        mine = {c for c in train if c in members}
+        train += [c for c in pool if c not in mine][: max(0, share - len(mine))]
+    train_pos = positions(train)
+    train_next = set().union(*(transitions(c) for c in train))
+    span = max(len(c) for c in train)  # the positions train has: 0 .. span - 1
+    heldout: list[Composition] = []
+    for i in rng.permutation(len(long)):
+        c = long[i]
+        trained = {(p, k) for p, k in positions([c]) if k < span} <= train_pos
+        if trained and transitions(c) <= train_next:
+            heldout.append(c)
+            if len(heldout) == n_heldout:
+                break
+    if not heldout:
+        raise ValueError(
+            "split_kind='length' found no longer composition whose adjacent pairs all occur in"
+            f" train ({len(train)} compositions); raise pool_size or train_fraction"
+        )
+    return tuple(sorted(train)), tuple(sorted(heldout))
 
 
 def make_split(family: str = "grid", seed: int = 0, **kwargs) -> Split:

@@ -3,7 +3,8 @@
 ## Description
 One room with six coloured objects (two balls, two keys, two boxes) and a door in the room's
 right-hand wall leading to a one-cell corridor. A *task* is a composition of 2-3 primitives
-(``pickup(red ball) > open(door)``) plus a layout seed. Only the next sub-task in order is
+(``pickup(red ball) > open(door)``; 1-4 are accepted: split kind ``length`` holds out
+length 4) plus a layout seed. Only the next sub-task in order is
 checked after each step; completing it pays ``1/L`` and moves on.
 
 ## Mission Space
@@ -16,12 +17,14 @@ composition must be inferred from reward.
 is removed: it does nothing here).
 
 ## Observation Space
-A flat ``float32`` vector (``obs_dim`` = 146), fully observable and object-centric: per
+A flat ``float32`` vector (``obs_dim`` = 166), fully observable and object-centric: per
 entity (7) ``[on_grid, carried, x, y, ego_forward, ego_right, is_open, sign(ego_forward),
 sign(ego_right), in_front]``; the agent's
 position, direction one-hot and front-cell one-hot; the number of completed sub-tasks
 (one-hot, it can be read off the summed reward anyway so it leaks nothing in ``reward`` mode);
-and, in ``instruction`` mode only, one one-hot primitive token per position. With
+and, in ``instruction`` mode only, one one-hot primitive token per position (``MAX_LEN`` = 4
+positions, so the layout is the same for every composition length and split kind; positions
+beyond the composition's length are zeros). With
 ``cell_onehot=True`` (default False) the agent's x and y are appended as two one-hots of
 ``size`` entries each (``obs_dim`` + 2 * size): an MLP policy reads "which cell am I in" off
 them far faster than off the scaled coordinates (skill discovery over cells needs it).
@@ -40,6 +43,7 @@ them far faster than off the scaled coordinates (skill discovery over cells need
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -60,6 +64,7 @@ from envs.core import (
     Split,
     Task,
     check_split_kind,
+    length_split,
     multiset_key,
     order_split,
     pair_split,
@@ -96,7 +101,7 @@ def _all_primitives() -> tuple[Primitive, ...]:
 
 PRIMITIVES: tuple[Primitive, ...] = _all_primitives()
 PRIMITIVE_INDEX: dict[Primitive, int] = {p: i for i, p in enumerate(PRIMITIVES)}
-MAX_LEN = 3
+MAX_LEN = 4
 #: features per entity in the observation (see ``CompoGridEnv.gen_obs``)
 PER_ENTITY = 10
 MIN_SIZE = 7
@@ -183,14 +188,17 @@ def validate_composition(c: Composition | str) -> Composition:
 
 
 def all_compositions(lengths: tuple[int, ...] = (2, 3)) -> list[Composition]:
-    """Every feasible composition of the given lengths, in a fixed order."""
-    out = []
-    for n in lengths:
-        for combo in itertools.product(PRIMITIVES, repeat=n):
-            c = Composition(tuple(combo))
-            if infeasibility(c) is None:
-                out.append(c)
-    return out
+    """Every feasible composition of the given lengths, in a fixed order (207 of length 2,
+    2,743 of length 3, 35,158 of length 4)."""
+    return [c for n in lengths for c in _feasible_of_length(int(n))]
+
+
+@functools.cache
+def _feasible_of_length(n: int) -> tuple[Composition, ...]:
+    # cached: length 4 enumerates 19^4 candidates (~0.2 s), and splits and the ideal observer
+    # ask for it again and again
+    combos = (Composition(tuple(combo)) for combo in itertools.product(PRIMITIVES, repeat=n))
+    return tuple(c for c in combos if infeasibility(c) is None)
 
 
 def make_grid_split(
@@ -200,6 +208,7 @@ def make_grid_split(
     lengths: tuple[int, ...] = (2, 3),
     train_fraction: float = 0.5,
     split_kind: str = "default",
+    heldout_length: int | None = None,
 ) -> Split:
     """Seeded CompoGrid split: a pool of ``pool_size`` feasible compositions (equal share per
     length), split ``train_fraction`` / rest with every primitive-in-position covered by train.
@@ -207,8 +216,11 @@ def make_grid_split(
     ``split_kind`` (see ``envs.core``): ``"default"`` (a random partition of a random pool),
     ``"order"`` (held-out compositions are new orders of primitive multisets train holds in
     another order; the pool is drawn as several orders of each multiset, see
-    ``_order_pool``) or ``"pair"`` (held-out compositions contain a primitive pair no train
-    composition has; the same pool as ``"default"``, partitioned by ``pair_split``).
+    ``_order_pool``), ``"pair"`` (held-out compositions contain a primitive pair no train
+    composition has; the same pool as ``"default"``, partitioned by ``pair_split``) or
+    ``"length"`` (train: ``round(train_fraction * pool_size)`` compositions of ``lengths``,
+    equal share per length; held-out: the rest of the pool, all of ``heldout_length``,
+    default ``max(lengths) + 1`` = 4, at most ``MAX_LEN``; see ``length_split``).
     """
     check_split_kind(split_kind)
     lengths = tuple(sorted(set(int(n) for n in lengths)))
@@ -216,6 +228,13 @@ def make_grid_split(
         raise ValueError(f"lengths={lengths}; allowed: a subset of 1..{MAX_LEN}")
     if pool_size < 2:
         raise ValueError(f"pool_size={pool_size}; need at least 2 compositions")
+    if split_kind == "length":
+        return _length_kind(seed, pool_size, lengths, train_fraction, heldout_length)
+    if heldout_length is not None:
+        raise ValueError(
+            f"heldout_length={heldout_length} with split_kind={split_kind!r}; allowed: only"
+            " with split_kind='length'"
+        )
     meta: dict = {"lengths": list(lengths), "split_kind": split_kind}
     if split_kind == "order":
         pool = _order_pool(seed, pool_size, lengths, train_fraction)
@@ -232,6 +251,51 @@ def make_grid_split(
         meta["heldout_pairs"] = [" + ".join(str(p) for p in sorted(pr)) for pr in pairs]
         return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
     train, heldout = split_compositions(pool, seed=seed, train_fraction=train_fraction)
+    return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
+
+
+def _length_kind(
+    seed: int,
+    pool_size: int,
+    lengths: tuple[int, ...],
+    train_fraction: float,
+    heldout_length: int | None,
+) -> Split:
+    """Split kind ``length`` (see ``make_grid_split``): checks, then ``length_split``."""
+    longest = lengths[-1]
+    if longest >= MAX_LEN:
+        raise ValueError(
+            f"split_kind='length' with lengths={list(lengths)} holds out longer compositions"
+            f" than {longest}, which the env cannot build (lengths 1..{MAX_LEN}); allowed:"
+            f" train lengths below {MAX_LEN}"
+        )
+    held = longest + 1 if heldout_length is None else heldout_length
+    if isinstance(held, bool) or not isinstance(held, int | np.integer) or held > MAX_LEN:
+        raise ValueError(
+            f"heldout_length={held!r}: the env builds compositions of length 1..{MAX_LEN};"
+            f" allowed: an integer {longest + 1}..{MAX_LEN} (longer than lengths={list(lengths)})"
+        )
+    if held <= longest:
+        raise ValueError(
+            f"heldout_length={held} is not longer than the train lengths {list(lengths)};"
+            f" allowed: an integer {longest + 1}..{MAX_LEN}"
+        )
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
+    n_train = int(round(train_fraction * pool_size))
+    train, heldout = length_split(
+        [all_compositions((n,)) for n in lengths],
+        all_compositions((int(held),)),
+        seed=seed,
+        n_train=n_train,
+        n_heldout=pool_size - n_train,
+    )
+    meta = {
+        "lengths": [*lengths, int(held)],  # every length of the split (the ideal observer's)
+        "train_lengths": list(lengths),
+        "heldout_length": int(held),
+        "split_kind": "length",
+    }
     return Split("grid", train, heldout, PRIMITIVES, seed=seed, meta=meta)
 
 

@@ -25,7 +25,7 @@ As with the per-env path (``rl.collect.TrialEnv``): ``reset(options={"tasks": {i
 sets env ``i``'s composition and layout seed; ``options={"reset_mask": mask}`` resets only
 the masked envs; ``options={"replay": {i: (Task, seed, actions)}}`` resets env ``i`` and
 replays the actions (the collector's exact checkpoint restore). A batch may mix compositions
-of length 2 and 3.
+of every length the env builds (1..``MAX_LEN`` = 4).
 
 ## Autoreset
 ``autoreset_mode`` is gymnasium's ``AutoresetMode``: ``NEXT_STEP`` (gymnasium's default: the
@@ -181,7 +181,7 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         >>> v = gym.make_vec("CompoGrid-v0", num_envs=4, vectorization_mode="vector_entry_point")
         >>> obs, info = v.reset(seed=0)
         >>> obs.shape
-        (4, 146)
+        (4, 166)
     """
 
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}

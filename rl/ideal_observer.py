@@ -3,7 +3,8 @@
 Scripted skills plus exact Bayesian elimination of composition hypotheses:
 
 * **Hypotheses**: every feasible CompoGrid composition of the split's lengths
-  (``envs.grid.all_compositions``; 2,950 for lengths 2 and 3).
+  (``envs.grid.all_compositions``; 2,950 for lengths 2 and 3; 38,108 for split kind
+  ``length``, whose lengths are 2, 3 and the held-out 4).
 * **Prior** (``prior="frequency"``, the default): the train split's primitive-position
   frequencies with add-``smoothing`` (alpha) counts. With ``n_L`` train compositions of length
   ``L`` (only the hypotheses' lengths count) and ``n_{L,i}(p)`` of them having primitive ``p``
@@ -14,12 +15,21 @@ Scripted skills plus exact Bayesian elimination of composition hypotheses:
       prior(c)    proportional to P(len c) * prod_i P(c_i | len c, i), normalised over the
                   hypotheses.
 
+  A hypothesis length no train composition has (split kind ``length``: its held-out 4; train
+  has 2 and 3) gets its mass from the smoothing alone, ``P(L) = alpha / sum_L' (n_L' +
+  alpha)`` (about 1/103 for 100 train compositions and alpha = 1), and since train says
+  nothing about *position* i of that length, ``P(p | L, i)`` is the train's primitive
+  frequency pooled over every position and length, ``(n(p) + alpha) / (N + alpha * 19)``
+  with ``n(p)`` occurrences of ``p`` among ``N`` train sub-tasks. The small length mass
+  costs little: the first reward, ``1/L``, tells the length, and every hypothesis of
+  another length is eliminated then.
+
   ``prior="uniform"`` gives every hypothesis the same mass.
 * **Likelihood**: 1 if a hypothesis predicts exactly the observed reward at every step of the
   trial so far, else 0; so the posterior is the prior restricted to the surviving hypotheses.
   After each env step the observer computes which of the 19 primitives the step completed,
   with the env's own completion test (``CompoGridEnv._completed`` on the before/after states),
-  then advances every hypothesis's progress up to three times, exactly as
+  then advances every hypothesis's progress up to ``MAX_LEN`` (4) times, exactly as
   ``CompoGridEnv.step`` does (several sub-tasks can complete in one step), and drops the
   hypotheses whose predicted reward ``k / L`` differs from the observed one. Progress resets at
   every episode start; the surviving set persists over the trial's episodes and is reset
@@ -83,7 +93,10 @@ def frequency_prior(
     n_prims = len(PRIMITIVES)
     n_len = {L: 0 for L in lengths}
     counts = {L: np.zeros((L, n_prims)) for L in lengths}
+    pooled = np.zeros(n_prims)  # every train sub-task, any position and length
     for c in train:
+        for p in c:
+            pooled[PRIMITIVE_INDEX[p]] += 1
         if len(c) not in n_len:
             continue  # a train length the hypotheses do not have says nothing about them
         n_len[len(c)] += 1
@@ -92,6 +105,10 @@ def frequency_prior(
     total = sum(n + smoothing for n in n_len.values())
     p_len = {L: (n_len[L] + smoothing) / total for L in lengths}
     p_at = {L: (counts[L] + smoothing) / (n_len[L] + smoothing * n_prims) for L in lengths}
+    for L in lengths:
+        if n_len[L] == 0:  # a length train lacks (split kind 'length'): pooled frequencies
+            freq = (pooled + smoothing) / (pooled.sum() + smoothing * n_prims)
+            p_at[L] = np.tile(freq, (L, 1))
     w = np.array(
         [
             p_len[len(c)] * np.prod([p_at[len(c)][i, PRIMITIVE_INDEX[p]] for i, p in enumerate(c)])
@@ -127,6 +144,9 @@ class Hypotheses:
         self.prior = prior / prior.sum()
         # most probable first; a stable sort breaks ties by hypothesis order (deterministic)
         self.order = np.argsort(-self.prior, kind="stable")
+        #: each hypothesis's place in ``order`` (0: the most probable)
+        self.rank = np.empty(len(self.order), dtype=np.int64)
+        self.rank[self.order] = np.arange(len(self.order))
 
     def __len__(self) -> int:
         return len(self.compositions)
@@ -191,10 +211,14 @@ class Belief:
         self.progress[:] = 0
 
     def observe(self, completed: np.ndarray, reward: float) -> None:
-        """Advance every hypothesis by one step and drop those predicting another reward."""
-        prog, n = advance(self.hyp.table, self.hyp.length, self.progress, completed)
-        self.progress = prog
-        self.alive &= np.abs(n / self.hyp.length - reward) < REWARD_TOL
+        """Advance every surviving hypothesis by one step and drop those predicting another
+        reward (only survivors are computed: eliminated ones never come back, and with the
+        38,108 hypotheses of split kind ``length`` the full arrays cost ms per step)."""
+        live = np.flatnonzero(self.alive)
+        length = self.hyp.length[live]
+        prog, n = advance(self.hyp.table[live], length, self.progress[live], completed)
+        self.progress[live] = prog
+        self.alive[live] = np.abs(n / length - reward) < REWARD_TOL
         if not self.alive.any():
             raise RuntimeError(
                 "ideal observer: every hypothesis was eliminated (the task's composition is "
@@ -208,22 +232,23 @@ class Belief:
         """Index of the hypothesis to execute: the most probable survivor that can still be
         completed in this episode, else the most probable one whose next sub-task can be
         worked on; None if there is none."""
-        table, length = self.hyp.table, self.hyp.length
+        # only the survivors still unfinished in this episode are candidates
+        live = np.flatnonzero(self.alive & (self.progress < self.hyp.length))
+        table, length, progress = self.hyp.table[live], self.hyp.length[live], self.progress[live]
         # goto(box) is impossible once the box was opened (removed) in this episode
         blocked = np.zeros(len(PRIMITIVES) + 1, dtype=bool)  # last entry: the -1 padding
         for b in BOXES:
             if env.entity_cell(b) is None:
                 blocked[PRIMITIVE_INDEX[Primitive("goto", b)]] = True
         pos = np.arange(table.shape[1])
-        ahead = (pos >= self.progress[:, None]) & (pos < length[:, None])
-        live = self.alive & (self.progress < length)
-        completable = live & ~(blocked[table] & ahead).any(axis=1)
-        nxt = table[np.arange(len(table)), np.minimum(self.progress, table.shape[1] - 1)]
-        workable = live & ~blocked[nxt]
+        ahead = (pos >= progress[:, None]) & (pos < length[:, None])
+        completable = ~(blocked[table] & ahead).any(axis=1)
+        nxt = table[np.arange(len(table)), np.minimum(progress, table.shape[1] - 1)]
+        workable = ~blocked[nxt]
         for mask in (completable, workable):
-            ranked = self.hyp.order[mask[self.hyp.order]]
-            if ranked.size:
-                return int(ranked[0])
+            if mask.any():  # the most probable: the lowest rank (ties: hypothesis order)
+                cands = live[mask]
+                return int(cands[np.argmin(self.hyp.rank[cands])])
         return None
 
 

@@ -167,7 +167,8 @@ def test_hook_episodes_limits_the_hook_and_keeps_its_episodes_whole():
 
 @pytest.mark.parametrize("vectorization", ["sync", "async", "batched"])
 def test_exact_resume_from_state_dict(vectorization):
-    net = ActorCritic(146, gym.spaces.Discrete(6))
+    obs_dim = gym.make("CompoGrid-v0").observation_space.shape[0]  # 166 (4 instruction slots)
+    net = ActorCritic(obs_dim, gym.spaces.Discrete(6))
     torch.manual_seed(3)
     a = make(vectorization=vectorization, policy=FeedForwardPolicy(net), max_steps=40)
     first = a.collect(25)

@@ -14,6 +14,8 @@ from envs.core import Composition, Task
 from envs.grid import (
     _DIRS,
     ACTIONS,
+    MAX_LEN,
+    PRIMITIVE_INDEX,
     PRIMITIVES,
     Oracle,
     all_compositions,
@@ -157,9 +159,17 @@ def test_instruction_mode_reveals_tokens_reward_mode_hides_them():
     c = "pickup(red ball) > open(door)"
     a = gym.make("CompoGrid-v0", composition=c, task_info="instruction").reset(seed=0)[0]
     b = gym.make("CompoGrid-v0", composition=c, task_info="reward").reset(seed=0)[0]
-    n_instr = 3 * len(PRIMITIVES)
+    n_instr = MAX_LEN * len(PRIMITIVES)
     assert a[-n_instr:].sum() == 2 and b[-n_instr:].sum() == 0
     np.testing.assert_array_equal(a[:-n_instr], b[:-n_instr])
+    # four positions (split kind 'length' holds out length 4), one token each, in order; the
+    # observation has the same size whatever the length
+    c4 = Composition.parse("goto(door) > pickup(red ball) > open(door) > drop(red ball)")
+    o4 = gym.make("CompoGrid-v0", composition=c4, task_info="instruction").reset(seed=0)[0]
+    tokens = o4[-n_instr:].reshape(MAX_LEN, len(PRIMITIVES))
+    assert MAX_LEN == 4 and o4.shape == a.shape
+    assert [int(t.argmax()) for t in tokens] == [PRIMITIVE_INDEX[p] for p in c4]
+    assert (tokens.sum(axis=1) == 1).all()
 
 
 def test_cell_onehot_appends_the_agent_cell_and_changes_nothing_else():
@@ -196,6 +206,7 @@ def test_layout_from_seed_and_fixed_layout_seed():
         ({"composition": "drop(red ball) > open(door)"}, "infeasible composition"),
         ({"composition": "open(grey box) > goto(grey box)"}, "infeasible composition"),
         ({"composition": "pickup red ball"}, "cannot parse primitive"),
+        ({"composition": " > ".join(["goto(door)", "goto(red ball)"] * 3)}, "has length 6"),
         ({"size": 6}, "size=6 is too small"),
         ({"task_info": "oracle"}, "task_info='oracle'"),
         ({"cell_onehot": 1}, "cell_onehot=1; allowed: true or false"),

@@ -11,7 +11,8 @@ from envs.core import Task
 from envs.grid import Oracle, all_compositions
 from envs.grid_batch import MAX_ENVS, CompoGridVectorEnv
 
-COMPS = all_compositions((2, 3))
+# lengths 2-3 (every split) and a spread of length 4 (split kind 'length' holds it out)
+COMPS = all_compositions((2, 3)) + all_compositions((4,))[::37]
 
 
 def _ref(**kw):
@@ -67,10 +68,12 @@ def test_random_actions_match_reference(task_info, cell_onehot):
     assert pairs >= 64 and steps >= 5_000
 
 
-def test_oracle_trajectories_match_reference():
-    """Every held-out composition of the default split, solved by the oracle on the reference
-    env; the batched env sees the same actions and must agree on every step and succeed."""
-    split = envs.make_split("grid", seed=0)
+@pytest.mark.parametrize("kind", ["default", "length"])
+def test_oracle_trajectories_match_reference(kind):
+    """Every held-out composition of the default split (lengths 2-3) and of the length split
+    (length 4), solved by the oracle on the reference env; the batched env sees the same
+    actions and must agree on every step and succeed."""
+    split = envs.make_split("grid", seed=0, split_kind=kind)
     comps = list(split.heldout)
     for task_info in ("reward", "instruction"):
         v = CompoGridVectorEnv(len(comps), task_info=task_info, autoreset_mode="Disabled")
@@ -191,6 +194,10 @@ def test_replay_restores_the_stepped_state():
         ({"num_envs": 2, "layout_seed": 1.5}, "layout_seed=1.5"),
         ({"num_envs": 2, "layout_seed": [1, 2, 3]}, "3 entries"),
         ({"num_envs": 2, "size": 5}, "size=5"),
+        (
+            {"num_envs": 2, "composition": " > ".join(["goto(door)", "goto(red ball)"] * 3)},
+            "has length 6; allowed lengths: 1..4",
+        ),
     ],
 )
 def test_bad_input_one_line(kwargs, match):
@@ -200,8 +207,12 @@ def test_bad_input_one_line(kwargs, match):
 
 
 def test_mixed_lengths_in_one_batch():
-    comps = ["goto(red ball) > goto(door)", "pickup(green key) > goto(door) > drop(green key)"]
-    v = CompoGridVectorEnv(2, composition=comps, layout_seed=[4, 5], task_info="instruction")
+    comps = [
+        "goto(red ball) > goto(door)",
+        "pickup(green key) > goto(door) > drop(green key)",
+        "open(purple box) > pickup(blue ball) > toggle(door) > drop(blue ball)",
+    ]
+    v = CompoGridVectorEnv(3, composition=comps, layout_seed=[4, 5, 6], task_info="instruction")
     obs, _ = v.reset(seed=0)
     for i, c in enumerate(comps):
         ref_obs, _ = _ref(composition=c, layout_seed=4 + i, task_info="instruction").reset(seed=i)

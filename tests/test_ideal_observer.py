@@ -105,6 +105,34 @@ def test_frequency_prior_matches_hand_counts_on_a_tiny_split():
     assert prior.sum() == pytest.approx(1.0)
 
 
+def test_a_length_train_lacks_gets_smoothing_mass_and_pooled_frequencies():
+    a, b, c, d = "pickup(red ball)", "open(door)", "goto(green key)", "goto(blue ball)"
+    train = (C(f"{a} > {b}"), C(f"{a} > {c}"), C(f"{d} > {b} > toggle(door)"))
+    hyps = [C(f"{a} > {b}"), C(f"{d} > {b} > toggle(door)")]
+    hyps += [C(f"{a} > {b} > {c} > {d}"), C(f"{d} > {b} > toggle(door) > {c}")]
+    prior = frequency_prior(train, hyps, smoothing=1.0)
+    # P(L) = (n_L + 1) / (2+1 + 1+1 + 0+1): length 4, which no train composition has, gets 1/6;
+    # its positions use the 7 train sub-tasks pooled (a 2, b 2, c 1, d 1, toggle 1): (n+1)/26
+    w = [
+        3 / 6 * (3 / 21) * (2 / 21),
+        2 / 6 * (2 / 20) ** 3,
+        1 / 6 * (3 / 26) * (3 / 26) * (2 / 26) * (2 / 26),
+        1 / 6 * (2 / 26) * (3 / 26) * (2 / 26) * (2 / 26),
+    ]
+    np.testing.assert_allclose(prior, np.array(w) / sum(w), rtol=1e-12)
+
+
+def test_length_split_hypotheses_include_length_4():
+    split = envs.make_split("grid", seed=0, split_kind="length")
+    hyp = IdealObserverAgent(split).hypotheses
+    assert len(hyp) == 2950 + len(all_compositions((4,))) == 38108
+    assert all(c in hyp.index for c in split.heldout)
+    mass = {n: hyp.prior[hyp.length == n].sum() for n in (2, 3, 4)}
+    # 50 + 50 train compositions of lengths 2 and 3: length 4 has the smoothing mass only
+    assert 0 < mass[4] < 0.05 < min(mass[2], mass[3]) and sum(mass.values()) == pytest.approx(1)
+    assert hyp.prior.min() > 0
+
+
 def test_agent_priors_sum_to_one_and_prefer_train_positions():
     split = envs.make_split("grid", seed=0)
     freq = IdealObserverAgent(split).hypotheses
@@ -263,7 +291,7 @@ def collect(agent, tasks: list[Task], episodes: int, check=None):
             if hook is not None:
                 hook(i, ep)
             if check is not None:
-                check(policy, i)
+                check(policy, i, ep)
 
         col = Collector(vec, policy, episodes_per_trial=episodes, seed=0, on_episode_end=on_end)
         return col.collect_trials(tasks)
@@ -278,7 +306,7 @@ def test_true_composition_is_never_eliminated_over_many_trials():
     agent = IdealObserverAgent(split, prior="uniform")
     seen = []
 
-    def check(policy, i):
+    def check(policy, i, _episode):
         b = policy.beliefs[i]
         assert b.alive[agent.hypotheses.index[tasks[i].composition]], str(tasks[i])
         seen.append(int(b.alive.sum()))
@@ -286,6 +314,27 @@ def test_true_composition_is_never_eliminated_over_many_trials():
     ro = collect(agent, tasks, episodes=3, check=check)
     assert len(seen) == 36 and max(seen) < 2950  # every trial eliminated something
     assert np.mean([e.success for e in ro.episodes if e.episode_index == 2]) >= 0.9
+
+
+def test_length_4_tasks_are_inferred_and_solved():
+    """Held-out length-4 tasks of the length split: the true composition survives, the first
+    reward (1/4) leaves only length-4 hypotheses, and the trial ends up solving the task."""
+    split = envs.make_split("grid", seed=0, split_kind="length")
+    tasks = heldout_tasks(split.heldout, 4, seed=3)
+    agent = IdealObserverAgent(split)
+    hyp = agent.hypotheses
+    paid = [0.0] * len(tasks)
+
+    def check(policy, i, episode):
+        b = policy.beliefs[i]
+        assert b.alive[hyp.index[tasks[i].composition]], str(tasks[i])
+        paid[i] += float(episode.rewards.sum())
+        if paid[i] > 0:
+            assert set(hyp.length[b.alive].tolist()) == {4}
+
+    ro = collect(agent, tasks, episodes=3, check=check)
+    assert all(p > 0 for p in paid)
+    assert all(e.success for e in ro.episodes if e.episode_index == 2)
 
 
 def test_with_a_single_hypothesis_it_acts_exactly_like_the_oracle():
