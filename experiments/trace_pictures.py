@@ -262,8 +262,11 @@ def _subtask_panel(ax, doc: dict) -> None:
             text = str(comp[j]) if j < len(comp) else "all done"
             colour = SUBTASK_COLOURS[j % len(SUBTASK_COLOURS)] if j < len(comp) else "lightgrey"
             ax.axvspan(start - 0.5, i - 0.5, color=colour, lw=0)
-            ax.text((start + i - 1) / 2, 0.5, f"{j + 1}. {text}" if j < len(comp) else text,
-                    ha="center", va="center", fontsize=7, clip_on=True)  # fmt: skip
+            label = f"{j + 1}. {text}" if j < len(comp) else text
+            if (i - start) < 0.08 * len(steps):  # too narrow for the name: the number only
+                label = f"{j + 1}." if j < len(comp) else ""
+            ax.text((start + i - 1) / 2, 0.5, label, ha="center", va="center", fontsize=7,
+                    clip_on=True)  # fmt: skip
             start = i
     ax.set_yticks([])
     ax.set_ylabel("current\nsub-task", fontsize=8)
