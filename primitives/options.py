@@ -17,8 +17,8 @@ Termination (``termination``):
   trained with the skill's policy gradient.
 
 Examples:
-    >>> lib = OptionLibrary(146, 6, num_skills=19)
-    >>> obs = torch.zeros(3, 146)
+    >>> lib = OptionLibrary(166, 6, num_skills=19)
+    >>> obs = torch.zeros(3, 166)
     >>> lib.dist(obs, torch.tensor([0, 5, 18])).sample().shape
     torch.Size([3])
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -41,6 +42,9 @@ from rl.collect import Collector, Rollout
 from rl.io import safe_torch_load
 from rl.ppo import PPOConfig
 
+#: CompoGrid's observation size (166: 4 instruction positions, envs.grid.MAX_LEN)
+OBS_DIM = gym.make("CompoGrid-v0").observation_space.shape[0]
+
 
 class FirstEvents(torch.nn.Module):
     def __init__(self, k: int) -> None:
@@ -74,7 +78,7 @@ def hand_rollout(T: int, N: int, seg_start, fired, seg_len=None) -> Rollout:
         "beta_logp": z.clone(),
         "start_state": torch.zeros(T, N, 22),
     }
-    obs = torch.zeros(T, N, 146)
+    obs = torch.zeros(T, N, OBS_DIM)
     return Rollout(
         obs, torch.zeros(T, N, dtype=torch.long), z, z, z, b, b, z, b, b,
         torch.zeros(T, N, dtype=torch.long), torch.zeros(T, N, dtype=torch.long), z, z,
@@ -176,7 +180,7 @@ def chain_rollout(lib: OptionLibrary, steps: int = 48, n: int = 16, t_max: int =
 
 def test_termination_log_probs_recorded_and_only_event_steps_terminate():
     torch.manual_seed(0)
-    lib = OptionLibrary(146, 6, 3, termination="learned")
+    lib = OptionLibrary(OBS_DIM, 6, 3, termination="learned")
     ro = chain_rollout(lib)
     ex = ro.extras
     ev = torch.zeros_like(ex["term"])
@@ -222,7 +226,7 @@ def oracle_actor(lib: OptionLibrary):
 def test_harness_gives_one_for_oracle_skills():
     prims = [PRIMITIVE_INDEX[Primitive.parse(t)] for t in ("drop(green key)", "open(door)")]
     prims.append(PRIMITIVE_INDEX[Primitive.parse("goto(red ball)")])
-    lib = OptionLibrary(146, 6, 3, termination="event", event_of=prims)
+    lib = OptionLibrary(OBS_DIM, 6, 3, termination="event", event_of=prims)
     table = skill_outcome_table(lib, n_states=2, primitives=prims, actor=oracle_actor(lib))
     assert np.array_equal(np.diag(table["success"]), np.ones(3))
     assert np.array_equal(np.diag(table["ends_with"]), np.ones(3))
@@ -247,7 +251,7 @@ def test_tiny_discovery_end_to_end(tmp_path):
     assert len(hist) == 2 and hist[-1]["env_steps"] == 1024
     assert all(h["segments_terminated"] > 0 for h in hist)
     lib2, disc2 = load_discovered(safe_torch_load(tmp_path / "lib.pt"))
-    x = torch.randn(5, 146)
+    x = torch.randn(5, OBS_DIM)
     k = torch.arange(5) % 4
     assert torch.equal(lib.dist(x, k).logits, lib2.dist(x, k).logits)
     f = torch.rand(5, OUTCOME_DIM)
