@@ -1,7 +1,8 @@
 """``compo``: the one command-line entry point.
 
 Every subcommand takes ``--config FILE.yaml`` (keys of its config dataclass), ``--out DIR`` and
-``--seed``; ``--set key=value`` overrides single keys (dotted for nested ones, YAML values).
+``--seed``; ``--set key=value`` overrides single keys (dotted for nested ones, YAML values);
+``--quiet`` turns progress output off. Every subcommand ends by listing what it wrote.
 """
 
 from __future__ import annotations
@@ -38,6 +39,27 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+
+
+def _log(args):
+    """The progress printer of a command: ``print``, or nothing under ``--quiet``."""
+    return (lambda *a, **k: None) if args.quiet else print
+
+
+def _written(out: Path, since: float) -> list[str]:
+    """The entries of ``out`` (files, and folders as ``name/``) holding a file written since
+    ``since`` (``time.time()``), temporary files left aside."""
+    from rl.io import TEMP_GLOB
+
+    def fresh(p: Path) -> bool:
+        files = [q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p]
+        # 1 s of slack for file systems with coarse timestamps
+        return any(q.stat().st_mtime >= since - 1.0 and not q.match(TEMP_GLOB) for q in files)
+
+    if not out.is_dir():
+        return []
+    return [f"{p}/" if p.is_dir() else str(p) for p in sorted(out.iterdir()) if fresh(p)]
 
 
 def _config(args) -> dict:
@@ -48,18 +70,47 @@ def _config(args) -> dict:
     return cfg
 
 
+def _train_method(args, raw: dict) -> str:
+    """The method of ``compo train``: ``--method``, or the ``method`` key of a run's saved
+    config.yaml (``--config runs/X/config.yaml`` replays that run); both: they must agree."""
+    from experiments.registry import METHODS
+
+    saved = raw.pop("method", None)
+    if saved is not None and args.method is not None and saved != args.method:
+        raise ValueError(
+            f"--method {args.method} and config key method={saved!r} conflict; set one of them"
+        )
+    method = args.method or saved
+    if method is None:
+        raise ValueError(f"--method is required; allowed: {', '.join(METHODS)}")
+    return method
+
+
 def cmd_train(args) -> None:
     from experiments.registry import method_class
-    from rl.train import fit, prepare_train_dir
+    from rl.config_keys import print_config, resolve_user_keys
+    from rl.progress import show_progress
+    from rl.train import check_accelerator, fit, prepare_train_dir
 
+    raw = _config(args)
+    args.method = _train_method(args, raw)
+    cls = method_class(args.method)
+    if args.composition:
+        if "compositions" in _overrides(args.set):
+            raise ValueError("--composition and --set compositions=... conflict; use one of them")
+        raw["compositions"] = list(args.composition)
+    raw = resolve_user_keys(cls.config_cls, raw)
+    if args.print_config:
+        print(print_config(cls.config_cls, raw, args.method), end="")
+        args.out = None  # nothing written
+        return
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every}; allowed: an integer >= 1")
-    cls = method_class(args.method)
-    raw = _config(args)
-    if args.composition:
-        raw["compositions"] = list(args.composition)
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}; allowed: an integer >= 1")
+    check_accelerator(args.accelerator)
     module = cls(raw)  # validates the config before anything is written
-    out = Path(args.out or Path("runs") / args.method)
+    out = args.out = Path(args.out or Path("runs") / args.method)
     # validates the folder (another run's config, foreign files, unreadable checkpoint)
     # before its first write; clears the old run under --overwrite
     resume = prepare_train_dir(
@@ -69,7 +120,10 @@ def cmd_train(args) -> None:
         overwrite=args.overwrite,
     )
     t0 = time.perf_counter()
-    fit(module, out, resume=resume, checkpoint_every=args.checkpoint_every)
+    fit(
+        module, out, resume=resume, checkpoint_every=args.checkpoint_every, logger=args.logger,
+        accelerator=args.accelerator, threads=args.threads, progress=show_progress(args.quiet),
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     msg = f"{args.method}: {module.env_steps:,} env steps, {module.iteration} iterations"
     sr = module.recent_success()
@@ -79,7 +133,9 @@ def cmd_train(args) -> None:
     hit = first_reaching(module.history, 0.9)
     if hit is not None:
         print(f"training success (mean of 5 iterations) first >= 0.9 at {hit:,} env steps")
-    print(f"wall time {wall:.0f} s")
+    import torch
+
+    print(f"wall time {wall:.0f} s, {torch.get_num_threads()} torch threads, {args.accelerator}")
     print(f"checkpoint: {out / 'checkpoints' / 'final.ckpt'}")
 
 
@@ -101,7 +157,7 @@ def cmd_heldout(args) -> None:
         raw["seeds"] = [seed]
     cfg = config_from_dict(HeldoutConfig, raw)
     out = args.out or Path("runs") / "heldout"
-    run_heldout(cfg, out, overwrite=args.overwrite, resume=args.resume)
+    run_heldout(cfg, out, overwrite=args.overwrite, resume=args.resume, log=_log(args))
     print((Path(args.out or "runs/heldout") / "table.md").read_text())
 
 
@@ -131,7 +187,11 @@ def cmd_ablate(args) -> None:
 
     raw = _config(args)
     run_ablate(
-        raw, args.out or Path("runs") / "ablate", overwrite=args.overwrite, resume=args.resume
+        raw,
+        args.out or Path("runs") / "ablate",
+        overwrite=args.overwrite,
+        resume=args.resume,
+        log=_log(args),
     )
     print((Path(args.out or "runs/ablate") / "table.md").read_text())
 
@@ -148,6 +208,17 @@ def cmd_embed(args) -> None:
     )
 
 
+def cmd_diagnose(args) -> None:
+    from experiments.diagnose import DiagnoseConfig, run_diagnose
+
+    raw = _config(args)  # --seed: the layout draw and episode seeds
+    cfg = config_from_dict(DiagnoseConfig, raw)
+    run_diagnose(
+        args.checkpoint, args.out, composition=args.composition,
+        task=args.task, cfg=cfg, overwrite=args.overwrite,
+    )  # fmt: skip
+
+
 def cmd_eval(args) -> None:
     from experiments.evaluate import run_eval
     from rl.config import config_from_dict
@@ -157,7 +228,14 @@ def cmd_eval(args) -> None:
     out = args.out or Path("runs") / "eval"
     run_eval(args.checkpoint, out, eval_cfg=ev, overwrite=args.overwrite)
     print((Path(out) / "table.md").read_text())
-    print(f"wrote {out}/results.json, table.md, curves.png")
+
+
+def cmd_metaworld_eval(args) -> None:
+    from experiments.metaworld_eval import MetaWorldEvalConfig, run_metaworld_eval
+    from rl.config import config_from_dict
+
+    cfg = config_from_dict(MetaWorldEvalConfig, _config(args))  # --seed: the action-sampling seed
+    run_metaworld_eval(args.checkpoint, cfg, args.out, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method")
-    p.add_argument("--method", required=True, choices=list(METHODS), help="method to train")
+    p = sub.add_parser(
+        "train",
+        help="train one method",
+        epilog="Config keys of a method, with type, default and description: "
+        "compo train --method M --print-config (a YAML file --config accepts). "
+        "A run's OUT/config.yaml replays it: compo train --config OUT/config.yaml --out NEW.",
+    )
+    p.add_argument(
+        "--method", choices=list(METHODS), help="method to train (or the method key of --config)"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every config key of the method (type, default, description) and exit",
+    )
+    p.add_argument(
+        "--logger",
+        choices=["tensorboard", "csv"],
+        default="tensorboard",
+        help="Lightning logger of the training scalars: OUT/tb/ or OUT/csv/metrics.csv",
+    )
+    p.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator (default cpu, the tested one)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--composition", action="append", help="train on this composition (repeatable)")
     p.add_argument(
         "--resume",
@@ -251,18 +352,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="why a task fails: adaptation curve, gradient norms, entropy, embedding, neighbours",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a method checkpoint")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--composition", help="composition text of the task")
+    task.add_argument("--task", type=int, help="index of a held-out composition of the split")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p, out_default="runs/diagnose")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser(
+        "metaworld-eval",
+        help="metaworld's own ML1 evaluator on one Meta-World checkpoint, beside our protocol",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a Meta-World ML1 checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an existing run folder"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_metaworld_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out is None and args.command != "train":  # train's default depends on its method
+        args.out = Path("runs") / args.command
+    since = time.time()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # bad input: one clear line, no traceback, non-zero exit
         print(f"compo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    for path in _written(Path(args.out), since) if args.out is not None else []:
+        print(f"wrote {path}")
     return 0
 
 
