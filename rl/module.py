@@ -124,7 +124,15 @@ class RLModule(L.LightningModule):
 
     # -- logging ------------------------------------------------------------------------------------
     def log_scalars(self, scalars: dict[str, float]) -> None:
-        """Write namespaced scalars to TensorBoard at x = env steps, and keep a history row."""
+        """Send namespaced scalars to every Lightning logger of the run (TensorBoard, CSV...)
+        at x = env steps, and keep a history row.
+
+        ``logger.log_metrics(step=env steps)`` rather than ``self.log``: Lightning's own step is
+        the optimiser-step count, which differs between methods (one iteration takes one
+        meta-step or hundreds of minibatch steps), and the protocol compares methods at equal
+        env steps. Each logger saves after every iteration, so a killed run's logs reach its
+        last iteration, as ``train_log.jsonl`` does.
+        """
         diagnostics = getattr(self, "diagnostics_callback", None)  # rl.diagnostics
         if diagnostics is not None:
             scalars = {**scalars, **diagnostics.scalars_for(self)}
@@ -135,15 +143,10 @@ class RLModule(L.LightningModule):
             **{k: float(v) for k, v in scalars.items()},
         }
         self.history.append(row)
-        logger = self.logger
-        if (
-            logger is not None
-            and hasattr(logger, "experiment")
-            and hasattr(logger.experiment, "add_scalar")
-        ):
-            for k, v in scalars.items():
-                if v == v:  # skip NaN
-                    logger.experiment.add_scalar(k, float(v), step)
+        finite = {k: float(v) for k, v in scalars.items() if v == v}  # NaN: nothing to plot
+        for logger in self.loggers if finite else ():
+            logger.log_metrics(finite, step=step)
+            logger.save()
         log_dir = (
             getattr(self.trainer, "default_root_dir", None) if self._trainer is not None else None
         )

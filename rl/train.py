@@ -5,7 +5,8 @@ A run folder (``compo train --out DIR``) holds one run:
 
 - ``config.yaml``: the method and its resolved config;
 - ``train_log.jsonl``: one row per iteration (env steps, losses, success);
-- ``tb/``: TensorBoard events;
+- ``tb/``: TensorBoard events (``--logger tensorboard``, the default), or ``csv/metrics.csv``
+  (``--logger csv``): the same scalars, x = env steps;
 - ``checkpoints/last.ckpt``: the whole training state, rewritten atomically every
   ``checkpoint_every`` iterations and when training ends (one name, so ``--resume`` always
   finds it);
@@ -16,6 +17,7 @@ A run folder (``compo train --out DIR``) holds one run:
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from rl.diagnostics import diagnostics_callbacks
 from rl.io import (
@@ -57,7 +59,11 @@ LAST = "last.ckpt"
 FINAL = "final.ckpt"
 LOG = "train_log.jsonl"
 #: everything ``fit`` writes into a run folder; ``--overwrite`` removes exactly these
-RUN_ENTRIES = ("checkpoints", LOG, "tb", "heatmaps.png", "config.yaml")
+RUN_ENTRIES = ("checkpoints", LOG, "tb", "csv", "heatmaps.png", "config.yaml")
+#: ``compo train --logger`` choices: the folder each writes in a run folder
+LOGGERS = {"tensorboard": "tb", "csv": "csv"}
+#: ``compo train --accelerator`` choices (Lightning's names); CPU is the default and tested one
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -311,17 +317,68 @@ def _trim_log(out: Path, iteration: int) -> list[dict]:
     return rows
 
 
+def check_accelerator(name: str) -> str:
+    """``name`` if Lightning can run on it here, else a one-line ``ValueError``."""
+    if name not in ACCELERATORS:
+        raise ValueError(f"--accelerator {name!r}; allowed: {', '.join(ACCELERATORS)}")
+    if name in ("cpu", "auto"):
+        return name
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    key = "cuda" if name == "gpu" else name
+    if not AcceleratorRegistry[key]["accelerator"].is_available():
+        raise ValueError(f"--accelerator {name!r} is not available here; allowed: cpu, auto")
+    return name
+
+
+def _make_logger(kind: bool | str, out: Path, purge_step: int | None) -> Logger | None:
+    """The Lightning logger of a run folder; ``purge_step``: the first env step a resumed run
+    logs again (the old run's scalars from there on are dropped)."""
+    if kind is False:
+        return None
+    kind = "tensorboard" if kind is True else kind
+    if kind not in LOGGERS:
+        raise ValueError(f"--logger {kind!r}; allowed: {', '.join(LOGGERS)}")
+    if kind == "tensorboard":
+        # no hp_metric placeholder scalar: TensorBoard and CSV get the same scalars
+        return TensorBoardLogger(
+            str(out), name="tb", version="", purge_step=purge_step, default_hp_metric=False
+        )
+    old = out / "csv" / "metrics.csv"
+    kept = []
+    if purge_step is not None and old.is_file():
+        with old.open(newline="") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["step"]) < purge_step]
+    lg = CSVLogger(str(out), name="csv", version="")
+    # Lightning's CSV writer removes an existing metrics.csv when it opens: give it back the
+    # rows up to the checkpoint
+    for r in kept:
+        lg.experiment.log_metrics(
+            {k: float(v) for k, v in r.items() if k != "step" and v != ""}, int(r["step"])
+        )
+    if kept:
+        lg.save()
+    return lg
+
+
 def fit(
     module: RLModule,
     out: str | os.PathLike,
     *,
     resume: bool = False,
     checkpoint_every: int = CHECKPOINT_EVERY,
-    logger: bool = True,
+    logger: bool | str = True,
+    accelerator: str = "cpu",
+    threads: int = 1,
+    progress: bool = False,
 ) -> RLModule:
     """Train ``module`` for ``module.iterations()`` iterations, writing into ``out``:
-    ``tb/`` (TensorBoard), ``train_log.jsonl``, ``checkpoints/last.ckpt`` (every
-    ``checkpoint_every`` iterations and at the end) and ``checkpoints/final.ckpt`` (at the end).
+    ``tb/`` (TensorBoard; ``logger="csv"``: ``csv/metrics.csv``; ``logger=False``: neither),
+    ``train_log.jsonl``, ``checkpoints/last.ckpt`` (every ``checkpoint_every`` iterations and at
+    the end) and ``checkpoints/final.ckpt`` (at the end).
+
+    ``threads`` sets ``torch.set_num_threads`` for the run (results of some CPU kernels depend
+    on it, so a replay uses the same count); ``progress`` shows ``rl.progress.EnvStepsBar``.
 
     With ``resume``, continue from the run's latest checkpoint: ``train_log.jsonl`` keeps its
     rows up to the checkpoint and ``module.history`` holds them; a finished run resumed with
@@ -330,6 +387,9 @@ def fit(
     """
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every!r}; allowed: an integer >= 1")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads {threads!r}; allowed: an integer >= 1")
+    check_accelerator(accelerator)
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(out) if resume else None
@@ -337,7 +397,7 @@ def fit(
         raise FileNotFoundError(f"--resume: no checkpoint in {str(ckpt_dir)!r}")
     out.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     purge_step = None
     if last is not None:
         ckpt = read_checkpoint(last)
@@ -349,16 +409,19 @@ def fit(
             return module
         # TensorBoard hides the events of the iterations after the checkpoint (x = env steps)
         purge_step = int(st.get("env_steps", 0)) + 1
-    tb = None
-    if logger:
-        tb = TensorBoardLogger(str(out), name="tb", version="", purge_step=purge_step)
+    lg = _make_logger(logger, out, purge_step)
+    callbacks: list[Callback] = [LastCheckpoint(ckpt_dir, checkpoint_every)]
+    callbacks += diagnostics_callbacks(module)  # meta-RL diagnostics (config: diagnostics)
+    if progress:
+        from rl.progress import EnvStepsBar
+
+        callbacks.append(EnvStepsBar())
     trainer = L.Trainer(
         max_epochs=module.iterations(),
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
-        logger=tb if logger else False,
-        # meta-RL diagnostics (config: diagnostics)
-        callbacks=[LastCheckpoint(ckpt_dir, checkpoint_every), *diagnostics_callbacks(module)],
+        logger=lg if lg is not None else False,
+        callbacks=callbacks,
         enable_checkpointing=False,  # no default ModelCheckpoint: LastCheckpoint is the one
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
