@@ -231,3 +231,21 @@ def test_method_of_a_saved_config_must_agree(tb_run, tmp_path):
     assert r.returncode == 2
     assert "--method rl2 and config key method='ppo' conflict" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_csv_logger_of_a_resumed_run_keeps_the_rows_up_to_the_checkpoint(tmp_path):
+    from rl.train import _make_logger
+
+    first = _make_logger("csv", tmp_path, None)
+    for step in (128, 256, 384):
+        first.log_metrics({"charts/success": step / 1000, "losses/approx_kl": 0.01}, step=step)
+    first.save()
+    # resumed from a checkpoint at 256 env steps: it logs 384 again
+    again = _make_logger("csv", tmp_path, purge_step=257)
+    again.log_metrics({"charts/success": 0.5, "losses/approx_kl": 0.02}, step=384)
+    again.save()
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), float(r["charts/success"])) for r in rows] == [
+        (128, 0.128), (256, 0.256), (384, 0.5),
+    ]  # fmt: skip
