@@ -122,12 +122,23 @@ def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     for name, value in data.items():
         hint = hints.get(name)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            # the keys a user leaves out keep the *field's* default (e.g. the compositional
+            # controller's own PPO settings), not the section class's
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default):
+                value = merge(config_to_dict(default), value)
             kwargs[name] = config_from_dict(hint, value, where=f"{where}{name}.")
         elif dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(value):
             kwargs[name] = value
         else:
             kwargs[name] = _coerce(f"{where}{name}", hint, value)
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

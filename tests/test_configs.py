@@ -47,3 +47,19 @@ def test_a_config_with_an_unknown_option_fails_by_name(tmp_path):
     spec = cfg.method_specs()[0]
     with pytest.raises(ValueError, match="composer='maybe'"):
         config_from_dict(method_class("compositional").config_cls, method_run_config(cfg, spec, 0))
+
+
+def test_a_partial_nested_section_keeps_the_fields_own_defaults():
+    """``--set ppo.lr=...`` changes one key; the section's other keys stay the *field's*
+    defaults (the compositional controller's PPO differs from ``PPOConfig()``)."""
+    from compositional.agent import CompositionalConfig
+    from rl.config import config_from_dict
+
+    default = CompositionalConfig().ppo
+    cfg = config_from_dict(CompositionalConfig, {"ppo": {"lr": 0.002}})
+    assert cfg.ppo.lr == 0.002
+    assert (cfg.ppo.num_steps, cfg.ppo.num_minibatches) == (
+        default.num_steps,
+        default.num_minibatches,
+    )
+    assert (default.num_steps, default.num_minibatches) != (128, 4)  # not PPOConfig()'s
