@@ -38,12 +38,13 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from rl import distributed
 from rl.collect import Collector, Prev, Rollout, StepOutput, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.gae import gae
 from rl.module import RLModule
 from rl.nets import ActionHead, mlp
-from rl.ppo import PPOConfig, explained_variance, ppo_loss
+from rl.ppo import PPO_TERMS, PPOConfig, empty_step, explained_variance, ppo_loss
 
 Memory = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -316,7 +317,7 @@ class RL2Module(RLModule):
     def make_collector(self) -> Collector:
         cfg: RL2Config = self.cfg
         envs = make_vector_env(
-            cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
+            cfg.env_id, self.num_local_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
             vectorization=cfg.vectorization,
         )  # fmt: skip
         sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())
@@ -362,34 +363,61 @@ class RL2Module(RLModule):
 
     def ppo_epochs(self, ro: Rollout, adv: torch.Tensor, ret: torch.Tensor) -> dict[str, float]:
         """PPO epochs over minibatches of envs (whole sequences keep BPTT exact), each term from
-        the shared ``ppo_loss``; advantages normalised per minibatch as in ``ppo_update``."""
+        the shared ``ppo_loss``; advantages normalised per minibatch as in ``ppo_update``.
+
+        Under DDP the minibatches are drawn from the envs of all ranks (rank 0's permutation,
+        broadcast), each rank evaluates the sequences of its own envs and scales its loss by
+        its share of the minibatch's valid steps (``rl.distributed``), so the step is the one
+        a single process holding every env would take.
+        """
         p = self.cfg.ppo
         opt = self.optimizers()
         params = list(self.net.parameters())
-        n_envs = ro.obs.shape[1]
+        rank, size = distributed.world()
+        n_local = ro.obs.shape[1]
+        n_envs = n_local * size
+        g_valid, g_adv = distributed.gather_envs(ro.valid), distributed.gather_envs(adv)
         groups = min(p.num_minibatches, n_envs)
         stats: dict[str, list[float]] = {}
+        rows, shares = [], []
         for _epoch in range(p.update_epochs):
-            perm = torch.randperm(n_envs)
-            for mb in torch.tensor_split(perm, groups):
-                new_logp, entropy, new_values = self.evaluate_rollout(ro, mb)
+            perm = torch.randperm(n_envs) if rank == 0 else torch.empty(n_envs, dtype=torch.long)
+            for g_mb in torch.tensor_split(distributed.broadcast(perm), groups):
+                _, mb = distributed.local_part(g_mb, n_local, rank)
                 valid = ro.valid[:, mb]
                 mb_adv = adv[:, mb][valid]
-                if p.norm_adv and mb_adv.numel() > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                g_sel = g_adv[:, g_mb][g_valid[:, g_mb]]
+                if p.norm_adv and g_sel.numel() > 1:
+                    mb_adv = (mb_adv - g_sel.mean()) / (g_sel.std() + 1e-8)
+                share = int(valid.sum()) / max(int(g_sel.numel()), 1)
+                if size > 1 and not valid.any():
+                    empty_step(params, opt, p, self.manual_backward)
+                    rows.append({})
+                    shares.append(0.0)
+                    continue
+                new_logp, entropy, new_values = self.evaluate_rollout(ro, mb)
                 terms = ppo_loss(
                     new_logp[valid], ro.logp[:, mb][valid], mb_adv, new_values[valid],
                     ro.values[:, mb][valid], ret[:, mb][valid], entropy[valid],
                     clip_coef=p.clip_coef, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                 )  # fmt: skip
                 opt.zero_grad()
-                self.manual_backward(terms["loss"])
+                loss = terms["loss"]
+                if size > 1:
+                    loss = loss * distributed.minibatch_scale(int(valid.sum()), g_sel.numel())
+                self.manual_backward(loss)
                 nn.utils.clip_grad_norm_(params, p.max_grad_norm)
                 opt.step()
                 for k, v in terms.items():
                     stats.setdefault(k, []).append(float(v.detach()))
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["explained_variance"] = explained_variance(ro.values[ro.valid], ret[ro.valid])
+                rows.append({k: float(v.detach()) for k, v in terms.items()})
+                shares.append(share)
+        if size == 1:
+            out = {k: float(np.mean(v)) for k, v in stats.items()}
+        else:
+            out = distributed.weighted_stats(rows, shares, PPO_TERMS)
+        g_values, g_ret = distributed.gather_envs(ro.values), distributed.gather_envs(ret)
+        out["explained_variance"] = explained_variance(g_values[g_valid], g_ret[g_valid])
         return out
 
     def trial_policy(self, envs: Any) -> tuple[RL2Policy, None]:

@@ -89,8 +89,9 @@ def _train_method(args, raw: dict) -> str:
 def cmd_train(args) -> None:
     from experiments.registry import method_class
     from rl.config_keys import print_config, resolve_user_keys
+    from rl.distributed import check_distributed, launch_rank
     from rl.progress import show_progress
-    from rl.train import check_accelerator, fit, prepare_train_dir
+    from rl.train import check_accelerator, fit, latest_checkpoint, prepare_train_dir
 
     raw = _config(args)
     args.method = _train_method(args, raw)
@@ -110,20 +111,29 @@ def cmd_train(args) -> None:
         raise ValueError(f"--threads {args.threads}; allowed: an integer >= 1")
     check_accelerator(args.accelerator)
     module = cls(raw)  # validates the config before anything is written
+    check_distributed(args.method, module.cfg.num_envs, args.devices, args.num_nodes, args.strategy)
     out = args.out = Path(args.out or Path("runs") / args.method)
-    # validates the folder (another run's config, foreign files, unreadable checkpoint)
-    # before its first write; clears the old run under --overwrite
-    resume = prepare_train_dir(
-        out,
-        {"method": args.method, **module.hparams["config"]},
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    rank = launch_rank(args.devices)
+    if rank == 0:
+        # validates the folder (another run's config, foreign files, unreadable checkpoint)
+        # before its first write; clears the old run under --overwrite
+        resume = prepare_train_dir(
+            out,
+            {"method": args.method, **module.hparams["config"]},
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    else:  # another DDP rank: rank 0 has prepared the folder (or prepares it: it only reads)
+        resume = args.resume and latest_checkpoint(out) is not None
     t0 = time.perf_counter()
     fit(
         module, out, resume=resume, checkpoint_every=args.checkpoint_every, logger=args.logger,
         accelerator=args.accelerator, threads=args.threads, progress=show_progress(args.quiet),
+        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
     )  # fmt: skip
+    if rank != 0:
+        args.out = None  # rank 0 reports
+        return
     wall = time.perf_counter() - t0
     msg = f"{args.method}: {module.env_steps:,} env steps, {module.iteration} iterations"
     sr = module.recent_success()
@@ -270,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--accelerator", default="cpu", help="Lightning accelerator (default cpu, the tested one)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes per node (DDP ranks; ppo and rl2 only when > 1): each steps "
+        "num_envs / (devices x num-nodes) envs",
+    )
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes of a DDP run (default 1)")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "ddp"],
+        default="auto",
+        help="Lightning strategy: auto (one process, DDP when devices x num-nodes > 1) or ddp",
+    )
     p.add_argument("--composition", action="append", help="train on this composition (repeatable)")
     p.add_argument(
         "--resume",

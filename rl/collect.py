@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from envs.core import Composition, Task
+from rl.distributed import derived_seed
 from rl.seeding import generator_state, set_generator_state
 
 # --- env construction -----------------------------------------------------------------------------
@@ -354,6 +355,8 @@ class Collector:
         self.E = episodes_per_trial
         self.task_sampler = task_sampler
         self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.rank, self.world = 0, 1
         self.record_phi = record_phi
         self.on_episode_end = on_episode_end
         self.hook_episodes = None if hook_episodes is None else frozenset(hook_episodes)
@@ -374,14 +377,41 @@ class Collector:
         )
         return Prev(a, torch.zeros(self.n), torch.zeros(self.n))
 
+    def shard(self, rank: int, world: int, seed: int | None = None) -> None:
+        """Make this collector rank ``rank``'s shard of a run of ``world`` processes with
+        ``n x world`` envs, this one's being envs ``[rank n, (rank+1) n)`` of that run.
+
+        What matches a 1-process collector of all ``n x world`` envs with the same seed: the
+        first trial's task and the first episode's seed of every env (each shard draws all of
+        them from the shared seed, in the 1-process order, and keeps its own). What cannot:
+        every later draw. One generator serves all envs, in the order their episodes end
+        across the whole batch, which a shard does not see; so from then on rank 0 continues
+        the seed's stream (one draw further) and every other rank draws from its own, seeded by
+        ``(seed, rank, that draw)``.
+        ``seed`` (default: the collector's) restarts the generator, for a run resumed under
+        another number of processes. Call before the first ``collect``.
+        """
+        if seed is not None:
+            self.seed = seed
+            self.rng = np.random.default_rng(seed)
+        self.rank, self.world = rank, world
+
     def _start(self, tasks: Sequence[Task] | None = None) -> None:
         """Begin fresh trials on every env."""
-        self.tasks: list[Task] = (
-            list(tasks) if tasks is not None else [self._sample_task() for _ in range(self.n)]
-        )
+        # continuous collection on a shard draws the first tasks and seeds of every shard's envs
+        # (see ``shard``); the trials of ``collect_trials`` are given
+        total = self.n * self.world if tasks is None else self.n
+        lo = self.rank * self.n if tasks is None else 0
+        drawn = list(tasks) if tasks is not None else [self._sample_task() for _ in range(total)]
+        self.tasks: list[Task] = drawn[lo : lo + self.n]
         self.trial_ids = [self._new_trial_id() for _ in range(self.n)]
         self.ep_in_trial = [0] * self.n
-        self.ep_seed = [int(self.rng.integers(2**31)) for _ in range(self.n)]
+        self.ep_seed = [int(self.rng.integers(2**31)) for _ in range(total)][lo : lo + self.n]
+        if tasks is None and self.world > 1:
+            # the same draw on every rank (they all drew the same so far), then a stream per rank
+            fresh = derived_seed(self.seed, self.rank, int(self.rng.integers(2**31)))
+            if self.rank > 0:
+                self.rng = np.random.default_rng(fresh)
         self._set_actions([[] for _ in range(self.n)])
         self.ep_return = np.zeros(self.n)
         self.ep_len = np.zeros(self.n, dtype=np.int64)

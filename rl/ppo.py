@@ -6,6 +6,7 @@ batches, minibatch ``mb_`` slices. The loss returns named terms; the module sums
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rl import distributed
 from rl.collect import Collector, FeedForwardPolicy, Rollout, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.gae import gae
@@ -108,14 +110,22 @@ class PPOConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a number in [0, 1]")
 
 
+#: the loss terms ``ppo_loss`` returns (the logged ``losses/*``)
+PPO_TERMS = ("loss", "loss_policy", "loss_value", "loss_entropy", "approx_kl", "clipfrac")
+
+
 def minibatch_step(
     new_logp, old_logp, adv, new_values, old_values, returns, entropy,
     params: list[nn.Parameter], optimizer: torch.optim.Optimizer, cfg: PPOConfig,
-    stats: dict[str, list[float]], backward=None,
+    stats: dict[str, list[float]], backward=None, scale: float | None = None,
 ) -> None:  # fmt: skip
     """One PPO gradient step on a minibatch: normalise its advantages, the clipped loss, the
     step with a clipped gradient norm; the loss terms are appended to ``stats``. Shared by
-    ``ppo_update`` and the compositional agent's decision-level update."""
+    ``ppo_update`` and the compositional agent's decision-level update.
+
+    ``scale`` multiplies the loss that is back-propagated (``rl.distributed.minibatch_scale``:
+    a rank's part of a minibatch spread over DDP ranks); ``None`` leaves it as it is.
+    """
     if cfg.norm_adv and adv.numel() > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     terms = ppo_loss(
@@ -123,11 +133,22 @@ def minibatch_step(
         clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
     )  # fmt: skip
     optimizer.zero_grad()
-    (backward or torch.Tensor.backward)(terms["loss"])
+    loss = terms["loss"] if scale is None else terms["loss"] * scale
+    (backward or torch.Tensor.backward)(loss)
     nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     for k, v in terms.items():
         stats.setdefault(k, []).append(float(v.detach()))
+
+
+def empty_step(params: list[nn.Parameter], optimizer, cfg: PPOConfig, backward=None) -> None:
+    """A DDP rank's step on a minibatch it holds no item of: a zero loss joins the gradient
+    all-reduce, then the same clip and step as every other rank (the gradients are the
+    average DDP wrote, the same on every rank)."""
+    optimizer.zero_grad()
+    (backward or torch.Tensor.backward)(distributed.zero_loss(params))
+    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
 
 
 def ppo_update(
@@ -143,31 +164,67 @@ def ppo_update(
 ) -> dict[str, float]:
     """Minibatch PPO epochs over a flat (T*N) batch of valid steps.
 
+    Under DDP (``rl.distributed``) the batch is the union of the ranks' rollouts, laid out as
+    a 1-process run of all their envs would hold it (rank r's envs are columns
+    ``[r n, (r+1) n)``): the permutation comes from rank 0, advantages are normalised over the
+    whole minibatch, and each rank evaluates and back-propagates the steps it holds.
+
     Args:
         evaluate: ``f(idx) -> (new_logp, entropy, new_values)`` for flat step indices ``idx``
-            (so feed-forward and recurrent policies share this update).
+            of this process's rollout (so feed-forward and recurrent policies share this
+            update).
         backward: ``loss -> None`` (Lightning's ``manual_backward``); defaults to ``loss.backward``.
     """
-    valid = rollout.valid.reshape(-1)
+    rank, size = distributed.world()
+    n_local = rollout.valid.shape[1]
+    n_envs = n_local * size
+    valid = distributed.gather_envs(rollout.valid).reshape(-1)
     b_idx = torch.nonzero(valid).squeeze(-1)
     b_logp = rollout.logp.reshape(-1)
     b_values = rollout.values.reshape(-1)
-    b_adv = advantages.reshape(-1)
+    b_adv = distributed.gather_envs(advantages).reshape(-1)
     b_ret = returns.reshape(-1)
     n = b_idx.numel()
     mb_size = max(1, n // cfg.num_minibatches)
+    flat = dataclasses.replace(cfg, norm_adv=False)  # normalised below, over the whole minibatch
     stats: dict[str, list[float]] = {}
+    rows, shares = [], []
     for _epoch in range(cfg.update_epochs):
-        perm = b_idx[torch.randperm(n)]
+        perm = torch.randperm(n) if rank == 0 else torch.empty(n, dtype=torch.long)
+        perm = b_idx[distributed.broadcast(perm)]
         for start in range(0, n, mb_size):
             mb = perm[start : start + mb_size]
-            new_logp, entropy, new_values = evaluate(mb)
-            minibatch_step(
-                new_logp, b_logp[mb], b_adv[mb], new_values, b_values[mb], b_ret[mb], entropy,
-                params, optimizer, cfg, stats, backward,
-            )  # fmt: skip
-    out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["explained_variance"] = explained_variance(b_values[b_idx], b_ret[b_idx])
+            mine, envs = distributed.local_part(mb % n_envs, n_local, rank)
+            local = (mb[mine] // n_envs) * n_local + envs  # flat indices of this rank's steps
+            adv = b_adv[mb]
+            if cfg.norm_adv and adv.numel() > 1:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            if size == 1:
+                new_logp, entropy, new_values = evaluate(local)
+                minibatch_step(
+                    new_logp, b_logp[local], adv, new_values, b_values[local], b_ret[local],
+                    entropy, params, optimizer, flat, stats, backward,
+                )  # fmt: skip
+                continue
+            one: dict[str, list[float]] = {}
+            if local.numel():
+                new_logp, entropy, new_values = evaluate(local)
+                minibatch_step(
+                    new_logp, b_logp[local], adv[mine], new_values, b_values[local],
+                    b_ret[local], entropy, params, optimizer, flat, one, backward,
+                    scale=distributed.minibatch_scale(local.numel(), mb.numel()),
+                )  # fmt: skip
+            else:
+                empty_step(params, optimizer, cfg, backward)
+            rows.append({k: v[0] for k, v in one.items()})
+            shares.append(local.numel() / mb.numel())
+    if size == 1:
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+    else:
+        out = distributed.weighted_stats(rows, shares, PPO_TERMS)
+    g_values = distributed.gather_envs(rollout.values).reshape(-1)
+    g_ret = distributed.gather_envs(returns).reshape(-1)
+    out["explained_variance"] = explained_variance(g_values[b_idx], g_ret[b_idx])
     return out
 
 
@@ -208,7 +265,7 @@ class PPOModule(RLModule):
     def make_collector(self) -> Collector:
         cfg: PPOModuleConfig = self.cfg
         envs = make_vector_env(
-            cfg.env_id, cfg.num_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
+            cfg.env_id, self.num_local_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
             vectorization=cfg.vectorization,
         )  # fmt: skip
         sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())

@@ -31,8 +31,10 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from rl.diagnostics import diagnostics_callbacks
+from rl.distributed import check_distributed
 from rl.io import (
     TEMP_GLOB,
     atomic_torch_save,
@@ -109,7 +111,8 @@ class LastCheckpoint(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: RLModule) -> None:
         # a run resumed with a larger budget is no longer finished; nor is its old final.ckpt
         pl_module.finished = False
-        (self.dir / FINAL).unlink(missing_ok=True)
+        if trainer.is_global_zero:
+            (self.dir / FINAL).unlink(missing_ok=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: RLModule) -> None:
         last_epoch = trainer.should_stop or trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
@@ -119,11 +122,13 @@ class LastCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: RLModule) -> None:
         pl_module.finished = True
         self._save(trainer)
-        _link_or_copy(self.dir / LAST, self.dir / FINAL)
+        if trainer.is_global_zero:
+            _link_or_copy(self.dir / LAST, self.dir / FINAL)
 
     def _save(self, trainer: L.Trainer) -> None:
+        # every rank takes part (the checkpoint gathers their collector states); rank 0 writes
         log = Path(trainer.default_root_dir) / LOG
-        if log.is_file():
+        if trainer.is_global_zero and log.is_file():
             # the rows up to this checkpoint reach the disk before it does (a crash of the
             # machine must not leave a checkpoint whose iterations are missing from the log)
             fd = os.open(log, os.O_RDONLY)
@@ -306,14 +311,16 @@ def _restore(module: RLModule, ckpt: dict) -> None:
     module._resume_state = None
 
 
-def _trim_log(out: Path, iteration: int) -> list[dict]:
+def _trim_log(out: Path, iteration: int, write: bool = True) -> list[dict]:
     """Keep the log rows up to the checkpoint's ``iteration`` (the resumed run logs the later
-    ones again), rewritten atomically; a torn last line goes too. Returns the kept rows."""
+    ones again), rewritten atomically (unless ``write`` is False: a DDP rank other than 0); a
+    torn last line goes too. Returns the kept rows."""
     log = out / LOG
     if not log.is_file():
         return []
     rows = [r for r in read_jsonl(log) if int(r.get("iteration", 0)) <= iteration]
-    atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
+    if write:
+        atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -371,6 +378,9 @@ def fit(
     accelerator: str = "cpu",
     threads: int = 1,
     progress: bool = False,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> RLModule:
     """Train ``module`` for ``module.iterations()`` iterations, writing into ``out``:
     ``tb/`` (TensorBoard; ``logger="csv"``: ``csv/metrics.csv``; ``logger=False``: neither),
@@ -379,6 +389,11 @@ def fit(
 
     ``threads`` sets ``torch.set_num_threads`` for the run (results of some CPU kernels depend
     on it, so a replay uses the same count); ``progress`` shows ``rl.progress.EnvStepsBar``.
+
+    ``devices`` x ``num_nodes`` > 1 (or ``strategy="ddp"``) trains on Lightning DDP (gloo on
+    CPU), each rank stepping ``num_envs / world size`` envs (``rl.distributed``); only rank 0
+    writes into ``out``. Lightning's launcher starts the other local ranks by running the
+    same command again (``compo train``), or torchrun / SLURM start them all.
 
     With ``resume``, continue from the run's latest checkpoint: ``train_log.jsonl`` keeps its
     rows up to the checkpoint and ``module.history`` holds them; a finished run resumed with
@@ -390,37 +405,26 @@ def fit(
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads {threads!r}; allowed: an integer >= 1")
     check_accelerator(accelerator)
+    size = check_distributed(module.method, module.cfg.num_envs, devices, num_nodes, strategy)
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(out) if resume else None
     if resume and last is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {str(ckpt_dir)!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out)
-    torch.set_num_threads(threads)
-    purge_step = None
-    if last is not None:
-        ckpt = read_checkpoint(last)
-        st = ckpt["rl_state"]
-        module.history = _trim_log(out, int(st["iteration"]))
-        same = _training_config(ckpt["hyper_parameters"]) == _training_config(module.hparams)
-        if st.get("finished") and same:
-            _restore(module, ckpt)
-            return module
-        # TensorBoard hides the events of the iterations after the checkpoint (x = env steps)
-        purge_step = int(st.get("env_steps", 0)) + 1
-    lg = _make_logger(logger, out, purge_step)
     callbacks: list[Callback] = [LastCheckpoint(ckpt_dir, checkpoint_every)]
     callbacks += diagnostics_callbacks(module)  # meta-RL diagnostics (config: diagnostics)
-    if progress:
-        from rl.progress import EnvStepsBar
-
-        callbacks.append(EnvStepsBar())
+    if size > 1 or strategy == "ddp":
+        # gloo on CPU; the LightningModule is wrapped, the methods' manual_backward syncs
+        run_on: Any = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
+    else:
+        run_on = "auto"
     trainer = L.Trainer(
         max_epochs=module.iterations(),
         accelerator=accelerator,
-        devices=1,
-        logger=lg if lg is not None else False,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=run_on,
+        logger=False,  # set below, on rank 0
         callbacks=callbacks,
         enable_checkpointing=False,  # no default ModelCheckpoint: LastCheckpoint is the one
         plugins=[AtomicCheckpointIO()],
@@ -431,6 +435,29 @@ def fit(
         default_root_dir=str(out),
         log_every_n_steps=1,
     )
+    writer = trainer.is_global_zero  # the one process that writes into ``out``
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(out)
+    torch.set_num_threads(threads)
+    purge_step = None
+    if last is not None:
+        ckpt = read_checkpoint(last)
+        st = ckpt["rl_state"]
+        module.history = _trim_log(out, int(st["iteration"]), write=writer)
+        same = _training_config(ckpt["hyper_parameters"]) == _training_config(module.hparams)
+        if st.get("finished") and same:
+            _restore(module, ckpt)
+            return module
+        # TensorBoard hides the events of the iterations after the checkpoint (x = env steps)
+        purge_step = int(st.get("env_steps", 0)) + 1
+    lg = _make_logger(logger, out, purge_step) if writer else None
+    if lg is not None:
+        trainer.loggers = [lg]
+    if progress and writer:
+        from rl.progress import EnvStepsBar
+
+        trainer.callbacks.append(EnvStepsBar())
     trainer.fit(module, ckpt_path=str(last) if last is not None else None)
     return module
 

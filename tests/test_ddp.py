@@ -1,0 +1,281 @@
+"""Scale-out on Lightning DDP (issue 14 item 5), on CPU with 2 gloo processes.
+
+1. The update: 2 processes, each holding half of the envs, end with the parameters of one
+   process holding all of them. Both are fed the same real CompoGrid rollouts (the sampling
+   RNG makes the rollouts of a 2-process run differ from a 1-process run's, see
+   ``Collector.shard``): a ``ReplayCollector`` serves rank r the columns ``[r n, (r+1) n)`` of
+   each stored rollout, and the real PPO / RL² modules train on them through the real
+   ``rl.train.fit`` (Lightning Trainer, DDPStrategy, ``manual_backward``). Parameters after 3
+   iterations (48 minibatch steps of PPO, 24 of RL²) agree within ``ATOL``, while training
+   moved them by far more; the logged losses agree too.
+2. End to end through ``compo train --devices 2 --strategy ddp``: summed env steps, one
+   checkpoint holding both ranks' collectors, a SIGKILLed run resumed under 2 processes ends
+   bit-for-bit as the uninterrupted run, and resumed under 1 process it finishes the budget.
+3. Bad layouts are one-line errors (exit 2, nothing written).
+
+Run as a script (``python tests/test_ddp.py replay ...``) it is the training side of 1.:
+Lightning's DDP launcher starts rank 1 by running the same command again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPO = str(ROOT / ".venv" / "bin" / "compo")
+PY = sys.executable
+#: largest |difference| allowed between the 1- and 2-process parameters: the two differ only in
+#: the order of float sums (each rank's mean loss, then DDP's all-reduce), ~1e-7 per step
+ATOL = 1e-5
+ITERATIONS = 3
+CONFIGS = {
+    "ppo": {"num_envs": 4, "ppo": {"num_steps": 32}},
+    "rl2": {
+        "num_envs": 4,
+        "rnn": "gru",
+        "hidden": 16,
+        "num_layers": 1,
+        "head_hidden": 16,
+        "episodes_per_trial": 2,
+        "ppo": {"num_steps": 32, "num_minibatches": 2},
+    },  # fmt: skip
+}
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# -- 1. the update: replayed rollouts, 1 vs 2 processes --------------------------------------------
+def shard_rollout(ro, rank: int, world: int):
+    """Rank ``rank``'s columns of a (T, N) rollout: envs ``[rank n, (rank+1) n)``."""
+    n = ro.obs.shape[1] // world
+    lo, hi = rank * n, (rank + 1) * n
+
+    def cut(x, dim):
+        if x is None:
+            return None
+        if isinstance(x, tuple):
+            return tuple(cut(m, dim) for m in x)
+        return x.narrow(dim, lo, n)
+
+    fields = {}
+    for f in dataclasses.fields(ro):
+        x = getattr(ro, f.name)
+        if f.name in ("last_value", "next_trial_start"):
+            fields[f.name] = cut(x, 0)
+        elif f.name == "memory_start":
+            fields[f.name] = cut(x, 1)
+        elif f.name == "extras":
+            fields[f.name] = {k: cut(v, 1) for k, v in x.items()}
+        elif f.name == "episodes":
+            fields[f.name] = [
+                dataclasses.replace(e, env_index=e.env_index - lo)
+                for e in x
+                if lo <= e.env_index < hi
+            ]
+        else:
+            fields[f.name] = cut(x, 1)
+    return type(ro)(**fields)
+
+
+def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None:
+    """Train ``method`` for ``ITERATIONS`` on the stored rollouts (this rank's shard of each)
+    through ``rl.train.fit``; rank 0 saves the parameters and the log rows to ``out``."""
+    from experiments.registry import method_class
+    from rl import distributed
+    from rl.collect import Collector
+    from rl.train import fit
+
+    stored = torch.load(rollouts_path, weights_only=False)  # written by this test
+    cls = method_class(method)
+
+    class ReplayCollector(Collector):
+        """A real collector (real envs, real policy) whose rollouts are the stored ones."""
+
+        def collect(self, num_steps: int):
+            rank, world = distributed.world()
+            ro = shard_rollout(stored[self.k], rank, world)
+            self.k += 1
+            self.env_steps += int(ro.valid.numel())
+            return ro
+
+    class Replay(cls):
+        def make_collector(self):
+            real = super().make_collector()
+            col = ReplayCollector(real.envs, real.policy, seed=int(self.cfg.seed))
+            col.k = 0
+            return col
+
+    budget = ITERATIONS * CONFIGS[method]["num_envs"] * CONFIGS[method]["ppo"]["num_steps"]
+    module = Replay({**CONFIGS[method], "total_env_steps": budget, "compositions": None})
+    strategy = "ddp" if devices > 1 else "auto"
+    fit(module, Path(out).with_suffix(".run"), logger=False, devices=devices, strategy=strategy)
+    if distributed.world()[0] == 0:
+        torch.save({"params": module.net.state_dict(), "history": module.history}, out)
+
+
+def _record_rollouts(method: str, path: Path) -> dict:
+    """``ITERATIONS`` real rollouts of the initial policy, all ``num_envs`` envs in 1 process."""
+    from experiments.registry import method_class
+
+    cfg = {**CONFIGS[method], "compositions": None}
+    module = method_class(method)(cfg)
+    col = module.make_collector()
+    rollouts = [col.collect(cfg["ppo"]["num_steps"]) for _ in range(ITERATIONS)]
+    col.envs.close()
+    torch.save(rollouts, path)
+    return {k: v.clone() for k, v in module.net.state_dict().items()}
+
+
+def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
+    cmd = [PY, __file__, "replay", str(devices), str(tmp), *methods]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {m: torch.load(tmp / f"{m}-{devices}.pt", weights_only=False) for m in methods}
+
+
+def test_two_processes_update_as_one(tmp_path):
+    methods = ["ppo", "rl2"]
+    init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
+    one = _run_replay(methods, 1, tmp_path)
+    two = _run_replay(methods, 2, tmp_path)
+    for m in methods:
+        diff = max((one[m]["params"][k] - two[m]["params"][k]).abs().max().item() for k in init[m])
+        moved = max((one[m]["params"][k] - init[m][k]).abs().max().item() for k in init[m])
+        assert diff < ATOL, (m, diff)
+        assert moved > 100 * ATOL, (m, moved)  # the tolerance is small against the training
+        h1, h2 = one[m]["history"], two[m]["history"]
+        assert [r["env_steps"] for r in h1] == [r["env_steps"] for r in h2]
+        for r1, r2 in zip(h1, h2):
+            for k in ("losses/loss_policy", "losses/loss_value", "losses/approx_kl"):
+                assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-7), (m, k)
+            # gathered values/returns in the 1-process layout: the very same numbers
+            assert r2["losses/explained_variance"] == r1["losses/explained_variance"]
+
+
+# -- 2. end to end through compo train ------------------------------------------------------------
+TRAIN = [
+    "--method", "ppo", "--quiet", "--logger", "csv",
+    "--set", "num_envs=4", "--set", "ppo.num_steps=32", "--set", "total_env_steps=512",
+]  # fmt: skip
+STEPS_PER_ITERATION = 4 * 32
+FULL = 512 // STEPS_PER_ITERATION
+
+
+def _train(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [COMPO, "train", *TRAIN, "--out", str(out), *extra],
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _ckpt(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _killed_run(out: Path, rows: int) -> int:
+    """Start a 2-process run and SIGKILL all its processes once its log has ``rows`` rows and
+    a checkpoint exists; returns the checkpoint's iteration."""
+    cmd = [COMPO, "train", *TRAIN, "--out", str(out), "--devices", "2", "--strategy", "ddp"]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # rank 1 (started by Lightning) shares the process group
+    )  # fmt: skip
+    ckpt, log = out / "checkpoints" / "last.ckpt", out / "train_log.jsonl"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file() and log.is_file() and log.read_text().count("\n") >= rows:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return _ckpt(out)["rl_state"]["iteration"]
+
+
+def test_ddp_train_kill_resume_same_and_other_n(tmp_path):
+    ref = tmp_path / "uninterrupted"
+    r = _train(ref, "--devices", "2", "--strategy", "ddp")
+    assert r.stdout.count("env steps") == 1  # rank 0 reports; rank 1 says nothing
+    rows = _log(ref)
+    assert [r["env_steps"] for r in rows] == [STEPS_PER_ITERATION * (i + 1) for i in range(FULL)]
+    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == ["final.ckpt", "last.ckpt"]
+    st = _ckpt(ref)["rl_state"]
+    assert st["world_size"] == 2 and st["env_steps"] == 512 and st["iteration"] == FULL
+    # each rank stepped its half of the envs (2 of 4), 256 env steps each
+    assert [len(x["collector"]["tasks"]) for x in st["ranks"]] == [2, 2]
+    assert [x["collector"]["env_steps"] for x in st["ranks"]] == [256, 256]
+    # the ranks act on different streams: their envs' episodes differ
+    assert st["ranks"][0]["collector"]["ep_seed"] != st["ranks"][1]["collector"]["ep_seed"]
+
+    killed = tmp_path / "killed"
+    it = _killed_run(killed, 2)
+    assert 1 <= it < FULL, f"the run was not interrupted (checkpoint of iteration {it})"
+    other_n = tmp_path / "killed_then_1"
+    subprocess.run(["cp", "-a", str(killed), str(other_n)], check=True)
+
+    # same N: the run ends as the uninterrupted one did, bit for bit
+    _train(killed, "--devices", "2", "--strategy", "ddp", "--resume")
+    a, b = _ckpt(ref), _ckpt(killed)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    strip = ("charts/SPS",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in _log(killed)] == [
+        {k: v for k, v in r.items() if k not in strip} for r in rows
+    ]
+
+    # another N: 1 process continues the 2-process checkpoint to the end of the budget
+    r = _train(other_n, "--resume")
+    st = _ckpt(other_n)["rl_state"]
+    assert st["iteration"] == FULL and st["env_steps"] == 512 and "world_size" not in st
+    assert [r["iteration"] for r in _log(other_n)] == list(range(1, FULL + 1))
+    assert [r["env_steps"] for r in _log(other_n)] == [r["env_steps"] for r in rows]
+    assert all(torch.isfinite(v).all() for v in _ckpt(other_n)["state_dict"].values())
+
+
+# -- 3. bad layouts ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "maml", "--devices", "2"], "supported for ppo, rl2 only"),
+        (["--method", "ppo", "--devices", "2", "--set", "num_envs=3"], "a multiple of 2"),
+        (["--method", "ppo", "--devices", "0"], "--devices 0"),
+        (["--method", "ppo", "--devices", "100000"], "--devices 100000"),
+        (["--method", "ppo", "--num-nodes", "0"], "--num-nodes 0"),
+    ],
+)
+def test_bad_layout_one_line(tmp_path, capsys, args, message):
+    from experiments.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "replay":  # replay DEVICES DIR METHOD...
+        devices, tmp = int(sys.argv[2]), Path(sys.argv[3])
+        for method in sys.argv[4:]:
+            rollouts, out = tmp / f"{method}-rollouts.pt", tmp / f"{method}-{devices}.pt"
+            replay_main(method, devices, str(rollouts), str(out))
