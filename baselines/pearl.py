@@ -123,6 +123,13 @@ class PEARLConfig(BaseConfig):
     """context-encoder MLP width"""
     num_train_tasks: int = 32
     """size of the task pool (composition, layout seed) drawn once from ``seed``"""
+    pool_layouts: str = "fixed"
+    """with fixed-layout trials: 'fixed' — a pool task is one (composition, layout) pair, as
+    oyster's tasks are fixed parameter draws; 'per_trial' — a pool task is a composition and
+    every trial draws a fresh layout (kept for the trial's episodes), so PEARL sees as many
+    layouts as the on-policy methods and z has only the composition to encode (a pool of 32
+    fixed pairs scored ~0.0 on *train* compositions with new layouts while training success on
+    its own 32 was 0.37: it memorised layouts)"""
     meta_batch: int = 4
     """tasks per gradient step"""
     updates_per_env_step: float = 0.5
@@ -172,6 +179,8 @@ class PEARLConfig(BaseConfig):
         super().__post_init__()
         if int(self.latent_dim) < 1:
             raise ValueError(f"latent_dim={self.latent_dim}; allowed: an integer >= 1")
+        if self.pool_layouts not in ("fixed", "per_trial"):
+            raise ValueError(f"pool_layouts={self.pool_layouts!r}; allowed: 'fixed', 'per_trial'")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r}; allowed: 'product', 'mean'")
         if not self.kl_weight >= 0:
@@ -225,6 +234,7 @@ class PEARLModule(RLModule):
         )
         if not cfg.fixed_layout:
             pool = [Task(t.composition, None) for t in pool]
+        self._layouts = cfg.train_layout_seeds()  # per_trial draws from these (None: any)
         self.task_pool: list[Task] = pool
         probe = make_vector_env(cfg.env_id, 1, {**cfg.env_kwargs, "composition": train_set[0]})
         obs_dim = int(probe.single_observation_space.shape[0])
@@ -320,7 +330,7 @@ class PEARLModule(RLModule):
         P = len(self.task_pool)
         ids = torch.randperm(P)[:n] if P >= n else torch.randint(P, (n,))
         task_ids = [int(k) for k in ids]
-        ro = self.collector.collect_trials([self.task_pool[k] for k in task_ids])
+        ro = self.collector.collect_trials([self._trial_task(k) for k in task_ids])
         self._store(ro, task_ids)
         updates = self.num_updates(ro.num_steps)
         opt = self.optimizers()
@@ -344,6 +354,18 @@ class PEARLModule(RLModule):
         self._log(ro, stats, time.perf_counter() - t0, updates)
         if self.env_steps >= cfg.total_env_steps and self._trainer is not None:
             self.trainer.should_stop = True
+
+    def _trial_task(self, k: int) -> Task:
+        """Pool task ``k`` as this trial plays it: with ``pool_layouts='per_trial'`` a fresh
+        layout (the global torch RNG: checkpointed, so a resumed run draws the same ones)."""
+        t = self.task_pool[k]
+        if self.cfg.pool_layouts == "fixed" or t.layout_seed is None:
+            return t
+        if self._layouts is not None:
+            return Task(
+                t.composition, int(self._layouts[int(torch.randint(len(self._layouts), ()))])
+            )
+        return Task(t.composition, int(torch.randint(2**31 - 1, ())))
 
     def _log(self, ro, losses: dict[str, float], seconds: float, updates: int) -> None:
         """``log_iteration``'s signals plus success of the prior-z episode (0) and of the last

@@ -348,6 +348,7 @@ def test_saved_buffers_give_identical_buffers_and_identical_next_update(tmp_path
         ("tau", 0.0, "tau=0.0"),
         ("num_grad_steps", -1, "num_grad_steps=-1"),
         ("updates_per_env_step", -0.5, "updates_per_env_step=-0.5"),
+        ("pool_layouts", "random", "pool_layouts='random'"),
     ],
 )
 def test_bad_config_raises_naming_the_value(key, value, match):
@@ -489,3 +490,15 @@ def test_discrete_pearl_learns_a_single_sparse_reward_task(tmp_path):
     succ = [h["charts/success"] for h in m.history if "charts/success" in h][-10:]
     print(f"training success, last 10 iterations: {np.round(succ, 2).tolist()}")
     assert np.mean(succ) >= 0.5
+
+
+def test_per_trial_pool_layouts_keep_the_composition_and_draw_new_layouts():
+    """'per_trial': a pool task is its composition, each trial a fresh layout; 'fixed': the
+    pool's (composition, layout) pair every time."""
+    fixed = PEARLModule(_tiny_config(100))
+    assert [fixed._trial_task(0) for _ in range(3)] == [fixed.task_pool[0]] * 3
+    torch.manual_seed(0)
+    m = PEARLModule({**_tiny_config(100), "pool_layouts": "per_trial"})
+    drawn = [m._trial_task(0) for _ in range(20)]
+    assert {t.composition for t in drawn} == {m.task_pool[0].composition}
+    assert len({t.layout_seed for t in drawn}) == 20
