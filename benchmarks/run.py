@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "method_sps": "benchmarks.bench_methods",
     "batched_env": "benchmarks.bench_batched",
     "checkpoint_overhead": "benchmarks.bench_checkpoint",
+    "ddp": "benchmarks.bench_ddp",
 }
 
 

@@ -164,6 +164,34 @@ def test_two_processes_update_as_one(tmp_path):
             assert r2["losses/explained_variance"] == r1["losses/explained_variance"]
 
 
+def test_shards_start_as_the_one_process_envs():
+    """What ``Collector.shard`` promises: each env's first task, first episode seed and so
+    first observation are the 1-process run's for the same env index; later draws are each
+    rank's own."""
+    from envs import make_split
+    from rl.collect import Collector, FeedForwardPolicy, make_vector_env, uniform_task_sampler
+    from rl.nets import ActorCritic
+
+    train = make_split("grid", seed=0).train
+
+    def collector(n: int, rank: int = 0, world: int = 1) -> Collector:
+        envs = make_vector_env("CompoGrid-v0", n, {"composition": train[0]})
+        net = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space, 8)
+        col = Collector(
+            envs, FeedForwardPolicy(net), task_sampler=uniform_task_sampler(train, True), seed=3
+        )
+        col.shard(rank, world)
+        return col
+
+    one, shards = collector(4), [collector(2, r, 2) for r in range(2)]
+    ro = one.collect(1)
+    parts = [c.collect(1) for c in shards]
+    assert [t for c in shards for t in c.tasks] == one.tasks
+    assert [s for c in shards for s in c.ep_seed] == one.ep_seed
+    assert torch.equal(torch.cat([p.obs for p in parts], dim=1), ro.obs)
+    assert shards[0].rng.integers(2**31) != shards[1].rng.integers(2**31)
+
+
 # -- 2. end to end through compo train ------------------------------------------------------------
 TRAIN = [
     "--method", "ppo", "--quiet", "--logger", "csv",
