@@ -13,6 +13,9 @@ A run folder (``compo train --out DIR``) holds one run:
 - ``checkpoints/final.ckpt``: written when the run has finished; a hard link to that
   ``last.ckpt`` (the same bytes on disk once, not a copy), kept as the name that says
   "finished" for ``compo trace``/``graph``/``embed``/``eval``.
+
+On Lightning DDP (``fit(devices=N, num_nodes=M)``, ``rl.distributed``) only rank 0 writes into
+the folder; the checkpoint holds every rank's collector and RNG states.
 """
 
 from __future__ import annotations
