@@ -80,15 +80,18 @@ class RL2Config(BaseConfig):
     ``num_envs``)"""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.ppo, dict):
             self.ppo = PPOConfig(**self.ppo)
+        super().__post_init__()  # after the section is built: it reads the rollout length
         if self.rnn not in ("lstm", "gru"):
             raise ValueError(f"rnn={self.rnn!r}; allowed: 'lstm', 'gru'")
         for name in ("hidden", "num_layers", "head_hidden", "bptt_len"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
                 raise ValueError(f"{name}={v!r}; allowed: an integer >= 1")
+
+    def rollout_env_steps(self) -> int:
+        return int(self.num_envs) * int(self.ppo.num_steps)
 
 
 # --- network ----------------------------------------------------------------------------------------

@@ -103,11 +103,11 @@ class CompositionalConfig(BaseConfig):
     """phase-1 settings (num_steps, PPO of the skills; ``t_max`` above is used)"""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.ppo, dict):
             self.ppo = PPOConfig(**{**vars(_controller_ppo()), **self.ppo})
         if isinstance(self.skills, dict):
             self.skills = OptionTrainingConfig(**self.skills)
+        super().__post_init__()  # after the sections are built: it reads the rollout length
         if self.primitives not in PRIMITIVE_MODES:
             raise ValueError(
                 f"primitives={self.primitives!r}; allowed: {', '.join(PRIMITIVE_MODES)}"
@@ -126,6 +126,10 @@ class CompositionalConfig(BaseConfig):
                 f"env_id={self.env_id!r}; the skill-level agent reads CompoGrid's object "
                 "events (allowed: CompoGrid-v0)"
             )
+
+    def rollout_env_steps(self) -> int:
+        """One controller rollout (phase 2, which every run reaches)."""
+        return int(self.num_envs) * int(self.ppo.num_steps)
 
     @property
     def K(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from rl.config import config_from_dict, merge
-from rl.io import load_yaml
+from rl.io import check_out, load_yaml
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -28,14 +28,48 @@ def _overrides(pairs: list[str]) -> dict:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {pair!r}: {p!r} is set to a value above; set one of them")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {pair!r}: the value {value!r} is not YAML") from None
     return out
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer >= 0 (numpy's generators refuse negative seeds)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; allowed: an integer >= 0") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{seed}; allowed: an integer >= 0")
+    return seed
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``compo SUB: error: ...``), exit code 2, like every other
+    bad input; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _no_config(args, why: str) -> None:
+    """Refuse ``--config``/``--set`` (and ``--seed`` unless ``why`` allows it) for a command
+    without config keys: silently ignoring them would run something else than asked."""
+    given = [f for f, v in (("--config", args.config), ("--set", args.set)) if v]
+    if args.seed is not None and "--seed" not in why:
+        given.append("--seed")
+    if given:
+        raise ValueError(f"{given[0]} given; compo {args.command} {why}")
 
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--config", type=Path, help="YAML file with config keys")
     p.add_argument("--out", type=Path, default=out_default, help="run folder")
-    p.add_argument("--seed", type=int, help="seed of torch, numpy and the envs")
+    p.add_argument("--seed", type=_seed, help="seed of torch, numpy and the envs")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key"
     )
@@ -105,6 +139,10 @@ def cmd_train(args) -> None:
         print(print_config(cls.config_cls, raw, args.method), end="")
         args.out = None  # nothing written
         return
+    if args.checkpoint_every is None:
+        from rl.train import CHECKPOINT_EVERY
+
+        args.checkpoint_every = CHECKPOINT_EVERY
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every}; allowed: an integer >= 1")
     if args.threads < 1:
@@ -172,6 +210,7 @@ def cmd_heldout(args) -> None:
 
 
 def cmd_trace(args) -> None:
+    _no_config(args, "takes its options as flags (--seed: the action sampling seed)")
     from experiments.trace import run_trace
 
     run_trace(
@@ -187,6 +226,7 @@ def cmd_trace(args) -> None:
 
 
 def cmd_graph(args) -> None:
+    _no_config(args, "has no config keys and draws nothing at random")
     from experiments.trace import run_graph
 
     run_graph(args.checkpoint, args.out or Path("runs") / "graph", overwrite=args.overwrite)
@@ -250,9 +290,8 @@ def cmd_metaworld_eval(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from experiments.registry import METHODS
-    from rl.train import CHECKPOINT_EVERY
 
-    parser = argparse.ArgumentParser(prog="compo", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="compo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -304,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-every",
         type=int,
-        default=CHECKPOINT_EVERY,
-        help=f"iterations between checkpoints (default {CHECKPOINT_EVERY})",
+        default=None,
+        help="iterations between checkpoints (default: rl.train.CHECKPOINT_EVERY, 1)",
     )
     _common(p)
     p.set_defaults(func=cmd_train)
@@ -411,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path("runs") / args.command
     since = time.time()
     try:
+        if args.out is not None:
+            check_out(args.out)
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # bad input: one clear line, no traceback, non-zero exit

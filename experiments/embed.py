@@ -22,7 +22,7 @@ from envs.core import Composition, Task
 from experiments.registry import REGISTRY
 from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
-from rl.protocol import heldout_tasks
+from rl.protocol import EVAL_LIMITS, heldout_tasks
 from rl.train import load_module
 
 
@@ -232,6 +232,14 @@ def trial_embeddings(
     return np.stack(rows)
 
 
+def _count(raw: dict, key: str, default: int, low: int, high: int) -> int:
+    """Pop option ``key`` of ``raw``: an integer in [low, high] (one-line error otherwise)."""
+    value = raw.pop(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{key}={value!r}; allowed: an integer in [{low}, {high}]")
+    return value
+
+
 def run_embed(
     checkpoint: str | Path,
     out: str | Path,
@@ -248,10 +256,10 @@ def run_embed(
     ``permutations`` (999, of the Mantel test)."""
     raw = dict(raw or {})
     raw.pop("seed", None)
-    num_tasks = int(raw.pop("num_tasks", 40))
-    episodes = int(raw.pop("episodes", 2))
-    num_envs = int(raw.pop("num_envs", 10))
-    permutations = int(raw.pop("permutations", 999))
+    num_tasks = _count(raw, "num_tasks", 40, 3, EVAL_LIMITS["num_tasks"])
+    episodes = _count(raw, "episodes", 2, 1, EVAL_LIMITS["episodes"])
+    num_envs = _count(raw, "num_envs", 10, 1, EVAL_LIMITS["num_envs"])
+    permutations = _count(raw, "permutations", 999, 1, 1_000_000)
     if raw:
         raise ValueError(
             f"unknown embed option {sorted(raw)[0]!r}; allowed: num_tasks, episodes, num_envs, "

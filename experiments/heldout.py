@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 import envs
 from experiments.registry import METHODS, REGISTRY, method_class
-from rl.config import config_from_dict, config_to_dict, merge
+from rl.config import LIMITS, config_from_dict, config_to_dict, merge
 from rl.ideal_observer import IdealObserverAgent
 from rl.io import (
     TEMP_GLOB,
@@ -105,6 +105,17 @@ class HeldoutConfig:
             self.eval = config_from_dict(EvalConfig, self.eval, "eval.")
         if not self.seeds:
             raise ValueError("seeds=[]; give at least one training seed")
+        ok = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)
+        if not ok or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds!r}; allowed: distinct integers >= 0")
+        for k in ("num_envs", "total_env_steps"):
+            if not 1 <= getattr(self, k) <= LIMITS[k]:
+                raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer in [1, {LIMITS[k]}]")
+        unknown = sorted(set(self.method_config) - set(METHODS))
+        if unknown:
+            raise ValueError(
+                f"method_config.{unknown[0]}: not a method; allowed: {', '.join(METHODS)}"
+            )
         for m in self.method_specs():
             if m["method"] not in METHODS:
                 raise ValueError(f"unknown method {m['method']!r}; allowed: {', '.join(METHODS)}")
@@ -123,8 +134,6 @@ class HeldoutConfig:
                 f"'grid' or 'grid-layouts:...', task_info 'reward'); got env_id={self.env_id!r}, "
                 f"family={self.family!r}, task_info={self.env_kwargs.get('task_info', 'reward')!r}"
             )
-        if self.total_env_steps < 1:
-            raise ValueError(f"total_env_steps={self.total_env_steps}; allowed: >= 1")
 
     def method_specs(self) -> list[dict]:
         """Each trained row as {name, method, config}."""

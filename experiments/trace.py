@@ -19,6 +19,7 @@ from experiments.registry import REGISTRY
 from experiments.trace_pictures import GIF_TILE, plot_trace, write_gif
 from rl.collect import Collector, PolicyWrapper, make_vector_env
 from rl.io import atomic_write_json, prepare_run_dir
+from rl.protocol import EVAL_LIMITS
 from rl.train import load_module
 
 
@@ -86,13 +87,19 @@ def run_trace(
     ``composition`` (pictures: ``experiments.trace_pictures``); for an agent with skills, also
     the normalised mutual information between the active skill and the current sub-task over
     ``nmi_episodes`` held-out episodes (``skill_subtask_nmi``). Returns the paths written."""
-    if nmi_episodes < 0:
-        raise ValueError(f"nmi_episodes={nmi_episodes}; allowed: an integer >= 0")
+    if not 0 <= nmi_episodes <= EVAL_LIMITS["num_tasks"]:
+        raise ValueError(
+            f"--nmi-episodes {nmi_episodes}; allowed: an integer in [0, {EVAL_LIMITS['num_tasks']}]"
+        )
+    if not 1 <= episodes <= EVAL_LIMITS["episodes"]:
+        raise ValueError(
+            f"--episodes {episodes}; allowed: an integer in [1, {EVAL_LIMITS['episodes']}]"
+        )
+    if layout_seed < 0 or seed < 0:
+        raise ValueError(f"--layout-seed {layout_seed}, --seed {seed}; allowed: integers >= 0")
     module = load_module(checkpoint, REGISTRY)
     cfg = module.cfg
     comp = Composition.parse(composition)
-    if episodes < 1:
-        raise ValueError(f"episodes={episodes}; allowed: >= 1")
     grid = cfg.env_id == "CompoGrid-v0"
     kwargs = {**cfg.env_kwargs, "composition": comp}
     if grid:

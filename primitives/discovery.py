@@ -119,9 +119,9 @@ class DiscoveryConfig(BaseConfig):
     """discriminator / PPO settings"""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.training, dict):
             self.training = SkillTrainingConfig(**self.training)
+        super().__post_init__()  # after the section is built: it reads the rollout length
         check_num_skills(self.num_skills)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; allowed: {', '.join(OBJECTIVES)}")
@@ -129,6 +129,9 @@ class DiscoveryConfig(BaseConfig):
             raise ValueError(
                 f"episodes_per_trial={self.episodes_per_trial}; supervised skills need 1"
             )
+
+    def rollout_env_steps(self) -> int:
+        return int(self.num_envs) * int(self.training.ppo.num_steps)
 
 
 # --- discovery features -----------------------------------------------------------------------------

@@ -41,6 +41,35 @@ class DiagnosticsConfig:
             )
 
 
+def check_env(env_id: str, env_kwargs: dict) -> None:
+    """One-line ``ValueError`` for an env id that is not a registered task family, or an env
+    keyword its constructor does not take (gymnasium would fail only at the first env)."""
+    import inspect
+
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the task families)
+
+    families = sorted(k for k in gym.registry if k.startswith("Compo"))
+    if env_id not in families:
+        raise ValueError(f"env_id={env_id!r}; allowed: {', '.join(families)}")
+    if not isinstance(env_kwargs, dict):
+        raise ValueError(f"env_kwargs={env_kwargs!r}; allowed: a mapping")
+    creator = gym.envs.registration.load_env_creator(gym.registry[env_id].entry_point)
+    params = inspect.signature(creator).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(env_kwargs) - set(params) - {"composition"})
+    if unknown:
+        allowed = ", ".join(k for k in params if k not in ("self", "composition"))
+        raise ValueError(f"env_kwargs.{unknown[0]}: unknown to {env_id}; allowed: {allowed}")
+
+
+#: upper bounds of the shared counts: beyond them a run exhausts the machine (memory for
+#: num_envs, years for the budget) instead of failing fast
+LIMITS = {"episodes_per_trial": 10_000, "num_envs": 4096, "total_env_steps": 10**11}
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """Fields every method shares, so runs are set up under the same conditions."""
@@ -79,12 +108,28 @@ class BaseConfig:
                 f"diagnostics={self.diagnostics!r}; allowed: a mapping with keys enabled, "
                 "slope_threshold, slope_patience, meta_grad_threshold"
             )
-        for k in ("episodes_per_trial", "num_envs", "total_env_steps"):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer >= 1")
+        check_env(self.env_id, self.env_kwargs)
+        for k, top in LIMITS.items():
+            if not 1 <= int(getattr(self, k)) <= top:
+                raise ValueError(f"{k}={getattr(self, k)}; allowed: an integer in [1, {top:.0e}]")
+        if int(self.seed) < 0:
+            raise ValueError(f"seed={self.seed}; allowed: an integer >= 0")
+        if self.compositions is not None and not self.compositions:
+            raise ValueError("compositions=[]; allowed: a non-empty list, or null (the split's)")
+        need = self.rollout_env_steps()
+        if self.total_env_steps < need:
+            raise ValueError(
+                f"total_env_steps={self.total_env_steps} is less than one rollout ({need} env "
+                "steps); allowed: at least one rollout"
+            )
         from rl.collect import resolve_vectorization
 
         resolve_vectorization(self.env_id, self.vectorization)
+
+    def rollout_env_steps(self) -> int:
+        """Env steps of one training rollout: the smallest budget that trains at all (a
+        method with fixed-length rollouts says how long they are)."""
+        return int(self.num_envs)
 
     def train_layout_seeds(self) -> list[int] | None:
         """Layout/goal seeds the split reserves for training (Meta-World), else None."""
@@ -106,11 +151,12 @@ class BaseConfig:
 
 def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a plain dict; a key it does not know raises ``ValueError``."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ValueError(
-            f"config {where or cls.__name__} must be a mapping, got {type(data).__name__}"
+            f"config {where.rstrip('.') or cls.__name__}={data!r}; allowed: a mapping of "
+            f"{cls.__name__} keys"
         )
+    data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -130,6 +176,10 @@ def config_from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
             kwargs[name] = config_from_dict(hint, value, where=f"{where}{name}.")
         elif dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(value):
             kwargs[name] = value
+        elif dataclasses.is_dataclass(hint):  # e.g. --set ppo=5
+            raise ValueError(
+                f"config key {where + name!r}={value!r}; allowed: a mapping of {hint.__name__} keys"
+            )
         else:
             kwargs[name] = _coerce(f"{where}{name}", hint, value)
     return cls(**kwargs)
@@ -139,6 +189,10 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
+
+
+#: what a field of each kind accepts (numbers: ``_coerce`` converts and checks them)
+KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false"}
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
@@ -153,11 +207,15 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         # str fields with such values are on/off switches (e.g. ``inner_loop``), so give the
         # word back; any other field then refuses 'on'/'off' by name in its own check
         return "on" if value else "off"
+    plain = [a for a in args if a is not type(None)] if args else [hint]
+    kind = (typing.get_origin(plain[0]) or plain[0]) if len(plain) == 1 else None
+    if kind in KINDS and not isinstance(value, (kind, tuple) if kind is list else kind):
+        raise ValueError(f"config key {key!r}={value!r}; allowed: {KINDS[kind]}")
     numeric = [t for t in (args or (hint,)) if t in (int, float)]
-    if not numeric or (args and len([a for a in args if a is not type(None)]) != 1):
+    if not numeric or (args and len(plain) != 1):
         return value
     want = numeric[0]
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"config key {key!r}={value!r}; allowed: a number ({want.__name__})")
     if isinstance(value, str):
         try:
@@ -166,6 +224,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise ValueError(
                 f"config key {key!r}={value!r}; allowed: a number ({want.__name__})"
             ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key {key!r}={value!r}; allowed: a finite number")
     if want is float and isinstance(value, int):
         return float(value)
     if want is int and isinstance(value, float):

@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 #: temporary files of ``atomic_write_bytes`` are ``.<name>.<random>.tmp`` beside the target
@@ -53,6 +52,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # here, not at the top: the CLI's bad-input path never loads torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -66,6 +67,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ValueError: the file is not a readable torch checkpoint (empty, truncated, random
             bytes, or holding objects ``weights_only`` refuses).
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -131,8 +134,13 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{at}") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}"
@@ -142,6 +150,29 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def dump_yaml(path: str | os.PathLike, data: dict) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Refuse an ``--out`` that cannot become a run folder, before anything is written: a
+    file, a path below a file, or below a folder this process may not write into.
+
+    Raises:
+        ValueError: naming ``out`` and what is wrong.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {str(out)!r} is not writable")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is not writable")
 
 
 def prepare_run_dir(
@@ -156,8 +187,7 @@ def prepare_run_dir(
         resume: continuing a killed run in the same folder is allowed.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    check_out(out)
     if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
         raise FileExistsError(
             f"--out {str(out)!r} already holds a run; pass --overwrite, --resume or another --out"

@@ -108,6 +108,9 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a number in [0, 1]")
+        for name in ("clip_coef", "ent_coef", "vf_coef", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: a number >= 0")
 
 
 #: the loss terms ``ppo_loss`` returns (the logged ``losses/*``)
@@ -242,9 +245,19 @@ class PPOModuleConfig(BaseConfig):
     """PPO hyper-parameters"""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.ppo, dict):
             self.ppo = PPOConfig(**self.ppo)
+        super().__post_init__()  # after the section is built: it reads the rollout length
+        if self.hidden < 1:
+            raise ValueError(f"hidden={self.hidden}; allowed: an integer >= 1")
+        if self.ppo.num_minibatches > self.rollout_env_steps():
+            raise ValueError(
+                f"ppo.num_minibatches={self.ppo.num_minibatches} exceeds the rollout's "
+                f"{self.rollout_env_steps()} samples; allowed: at most num_envs x ppo.num_steps"
+            )
+
+    def rollout_env_steps(self) -> int:
+        return int(self.num_envs) * int(self.ppo.num_steps)
 
 
 class PPOModule(RLModule):

@@ -51,6 +51,10 @@ class TrialAgent(Protocol):
     def trial_policy(self, envs: gym.vector.VectorEnv) -> tuple[Any, Hook]: ...
 
 
+#: upper bounds of the protocol's counts (beyond them an evaluation exhausts the machine)
+EVAL_LIMITS = {"episodes": 1000, "num_tasks": 100_000, "num_envs": 4096, "bootstrap": 1_000_000}
+
+
 @dataclass
 class EvalConfig:
     """Evaluation protocol settings (identical for every method of a run)."""
@@ -67,9 +71,11 @@ class EvalConfig:
     """bootstrap resamples for the 95% intervals"""
 
     def __post_init__(self) -> None:
-        for k in ("episodes", "num_tasks", "num_envs", "bootstrap"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"eval.{k}={getattr(self, k)}; allowed: an integer >= 1")
+        for k, top in EVAL_LIMITS.items():
+            if not 1 <= getattr(self, k) <= top:
+                raise ValueError(f"eval.{k}={getattr(self, k)}; allowed: an integer in [1, {top}]")
+        if self.seed < 0:
+            raise ValueError(f"eval.seed={self.seed}; allowed: an integer >= 0")
 
 
 def heldout_tasks(
