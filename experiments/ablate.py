@@ -37,6 +37,8 @@ def ablation_config(raw: dict) -> HeldoutConfig:
         raise ValueError("'methods' is fixed by compo ablate; choose rows with 'variants'")
     variants = raw.pop("variants", list(ABLATIONS))
     base = raw.pop("base", {})
+    if not isinstance(base, dict):
+        raise ValueError(f"base={base!r}; allowed: a mapping of compositional config keys")
     if not isinstance(variants, list) or not variants:
         raise ValueError(
             f"variants={variants!r}; allowed: a non-empty list of {', '.join(ABLATIONS)}"

@@ -200,7 +200,12 @@ def pretrained_spec(cfg: HeldoutConfig) -> dict | None:
 
 def run_split(cfg: HeldoutConfig) -> envs.Split:
     """The run's split (``family``, ``split_seed``, ``split_kwargs``)."""
-    return envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
+    try:
+        return envs.make_split(cfg.family, seed=cfg.split_seed, **cfg.split_kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise  # not the user's keyword: an internal error keeps its traceback
+        raise ValueError(f"split_kwargs={cfg.split_kwargs!r}: {e}") from None
 
 
 def method_run_config(cfg: HeldoutConfig, spec: dict, seed: int) -> dict:
@@ -435,6 +440,7 @@ def run_heldout(
     if "ppo_finetune" in cfg.references and pretrained_spec(cfg) is None:
         trained_specs.append({"name": "ppo_finetune", "method": "ppo", "config": {}})
     configs = _train_configs(cfg, trained_specs)
+    split, tasks = eval_tasks(cfg)  # the split's arguments too, before anything is written
     origin = provenance()  # the commit the run starts from (it may move while it trains)
     if overwrite:
         for name, seed in configs:
@@ -451,7 +457,6 @@ def run_heldout(
             if folder.is_dir() and any(folder.iterdir()):
                 prepare_train_dir(folder, config, overwrite=True)
     command = " ".join(shlex.quote(a) for a in ["compo", *sys.argv[1:]]) if sys.argv else ""
-    split, tasks = eval_tasks(cfg)
     ev = cfg.eval
     methods: dict[str, dict] = {}
 
