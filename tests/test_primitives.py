@@ -255,7 +255,9 @@ def test_diayn_discriminator_beats_chance_on_a_tiny_budget(tmp_path):
 
 def test_reward_floor_bounds_the_diayn_reward_below(tmp_path):
     # log q(k|phi) - log p(k) <= log K = 1.10 for K = 3, so a floor of 2.0 replaces every reward
-    m = DiscoveryModule({**TINY, "num_skills": 3, "training": {"reward_floor": 2.0}})
+    m = DiscoveryModule(
+        {**TINY, "num_skills": 3, "training": {**TINY["training"], "reward_floor": 2.0}}
+    )
     fit(m, tmp_path, logger=False)
     rows = [h for h in m.history if "charts/intrinsic_reward" in h]
     assert rows and all(h["charts/intrinsic_reward"] == pytest.approx(2.0) for h in rows)
