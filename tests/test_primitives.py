@@ -237,9 +237,10 @@ def test_supervised_skill_follows_the_task(tmp_path):
 
 @pytest.mark.slow
 def test_diayn_discriminator_beats_chance_on_a_tiny_budget(tmp_path):
-    """K=4 skills, 24k env steps: held-out discriminator accuracy on fresh rollouts > chance."""
+    """K=4 skills, 49k env steps: held-out discriminator accuracy on fresh rollouts > chance.
+    (At 24k it sat at 0.29-0.45 over seeds 0-3, too close to the 0.35 bar; at 49k 0.43-0.60.)"""
     k = 4
-    m = DiscoveryModule({"num_skills": k, "total_env_steps": 24_576, "seed": 0})
+    m = DiscoveryModule({"num_skills": k, "total_env_steps": 49_152, "seed": 0})
     fit(m, tmp_path, logger=False)
     col = m.trainer_.make_collector()
     try:
