@@ -432,12 +432,14 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
     else:
         who = "the seeds × tasks given per method"
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8))
-    for name, m in methods.items():
+    # one colour per row: the default cycle repeats after 10 rows
+    palette = [*plt.get_cmap("tab10").colors, "black", "gold", "navy", "lime", "teal", "magenta"]
+    for i, (name, m) in enumerate(methods.items()):
         x = np.arange(len(m["success_at"]))
         style = "--" if not m.get("trained", True) else "-"
         label = name if same else f"{name} ({len(m['seeds'])} seeds × {m['num_tasks']} tasks)"
-        (line,) = axes[0].plot(x, m["success_at"], style, marker="o", ms=3, label=label)
-        c = line.get_color()
+        c = palette[i % len(palette)]
+        axes[0].plot(x, m["success_at"], style, marker="o", ms=3, color=c, label=label)
         axes[1].plot(x, m["return_at"], style, marker="o", ms=3, color=c, label=label)
         for ax, key in ((axes[0], "success_ci"), (axes[1], "return_ci")):
             ci = m[key]
