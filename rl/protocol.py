@@ -445,7 +445,12 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
             ci = m[key]
             if all(b is not None for b in ci):
                 ci = np.asarray(ci, dtype=float)
-                ax.fill_between(x, ci[:, 0], ci[:, 1], color=c, alpha=0.15, lw=0)
+                if len(x) == 1:  # one episode (zero-shot): an error bar, not a band
+                    mid = m["success_at" if key == "success_ci" else "return_at"][0]
+                    ax.errorbar(x, [mid], yerr=[[mid - ci[0, 0]], [ci[0, 1] - mid]], color=c,
+                                capsize=3, lw=1)  # fmt: skip
+                else:
+                    ax.fill_between(x, ci[:, 0], ci[:, 1], color=c, alpha=0.15, lw=0)
     axes[0].axhline(0.8, color="grey", lw=0.8, ls=":", label="0.8 (episodes to 0.8)")
     axes[0].set(
         xlabel="episode index in trial (0 = zero-shot)", ylabel="success rate",
@@ -457,9 +462,13 @@ def plot_curves(methods: dict[str, dict], path, title: str = "Held-out adaptatio
         *axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left",
         bbox_to_anchor=(1.02, 1.0), frameon=False,
     )  # fmt: skip
+    n_eps = max(len(m["success_at"]) for m in methods.values())
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n_eps == 1:  # zero-shot only: one tick, not fractional ones around it
+            ax.set_xticks([0])
+            ax.set_xlim(-0.5, 0.5)
     if all(len(m["seeds"]) < MIN_RUNS_FOR_INTERVAL for m in methods.values()):
         bands = f"No bands: an interval needs at least {MIN_RUNS_FOR_INTERVAL} seeds."
     else:
