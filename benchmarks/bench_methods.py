@@ -42,7 +42,7 @@ METHODS: list[tuple[str, str, dict]] = [
     ("compositional", "compositional", {}),
 ]
 
-#: quick (smoke) budgets that must be larger than the default 1000: the compositional agent
+#: quick (smoke) budgets that must be larger than the default 1024: the compositional agent
 #: needs one discovery rollout (1024 steps) plus meta-training steps
 QUICK_BUDGET = {"compositional": 3072}
 
@@ -94,7 +94,7 @@ def run(
         RuntimeError: after all methods ran, if any failed for a reason other than not being
             importable (their rows are returned on the exception's ``rows`` attribute).
     """
-    budget = 1000 if quick else 50_000
+    budget = 1024 if quick else 50_000  # quick: one PPO rollout of 8 envs x 128 steps
     n_envs = 8 if quick else NUM_ENVS
     labels = [m[0] for m in METHODS]
     if methods is not None:
@@ -168,7 +168,7 @@ def paired_row(label: str, method: str, overrides: dict, quick: bool, workdir: s
     import numpy as np
 
     budget, repeats = (
-        (QUICK_BUDGET.get(label, 1000), 1) if quick else (PAIRED_BUDGET, PAIRED_REPEATS)
+        (QUICK_BUDGET.get(label, 1024), 1) if quick else (PAIRED_BUDGET, PAIRED_REPEATS)
     )
     n_envs = 8 if quick else NUM_ENVS
     ppo_sps, m_sps = [], []

@@ -175,7 +175,8 @@ def _ci(p: float, n: int) -> str:
 
 def run(quick: bool = False, workdir: str | None = None, **_: object) -> list[Row]:
     """Train both learners on the same budget and compare speed and success."""
-    budget, n_eval = (4096, 16) if quick else (300_000, 50)
+    # quick: one rollout of our 64 envs x 128 steps (a smaller budget is refused)
+    budget, n_eval = (8192, 16) if quick else (300_000, 50)
     seed = 0
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
