@@ -246,9 +246,9 @@ def test_diagnostics_off_logs_nothing(tmp_path):
     [
         ("diagnostics.slope_patience=0", "diagnostics.slope_patience=0; allowed: an integer >= 1"),
         ("diagnostics.meta_grad_threshold=-1", "diagnostics.meta_grad_threshold=-1"),
-        ("diagnostics.enabled=maybe", "diagnostics.enabled='maybe'; allowed: true, false"),
+        ("diagnostics.enabled=maybe", "'diagnostics.enabled'='maybe'; allowed: true or false"),
         ("diagnostics.warn=1", "unknown config key 'diagnostics.warn'"),
-        ("diagnostics=3", "diagnostics=3; allowed: a mapping"),
+        ("diagnostics=3", "'diagnostics'=3; allowed: a mapping"),
     ],
 )
 def test_bad_diagnostics_config_is_one_line_exit_2(value, match, tmp_path, capsys):
