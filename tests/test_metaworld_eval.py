@@ -153,7 +153,7 @@ def test_refuses_what_metaworld_cannot_run(checkpoints):
     with pytest.raises(ValueError, match="adaptation_episodes=3 for maml.*multiple of 2"):
         metaworld_evaluation(load_module(checkpoints["maml"], REGISTRY), cfg)
     with pytest.raises(ValueError, match="allowed: CompoGrid-v0"):
-        method_class("compositional")({"env_id": "CompoMetaWorld-v0"})
+        method_class("compositional")({"env_id": "CompoMetaWorld-v0", "env_kwargs": {}})
 
 
 # --- the command ---------------------------------------------------------------------------------
