@@ -8,7 +8,9 @@ completing it: the oracle-skills library) or ``discovered`` (``primitives.outcom
 maximise the mutual information between skill and outcome, without task reward).
 
 Phase 2 meta-trains controller and composer on trials of ``episodes_per_trial`` episodes of the
-train compositions (fixed layout per trial), with the library frozen: the acting policy
+train compositions (fixed layout per trial), with the library frozen (or, with
+``library_finetune="on"``, fine-tuned on the task reward its segments collect, by PPO with a KL
+to a frozen copy of the phase-1 skills): the acting policy
 (``compositional.policy``) runs the controller only when the active skill terminates and at
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
 trial-level advantages). The graph counts every segment of both phases.
@@ -21,6 +23,7 @@ counts against the same env-step budget as every baseline.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -87,6 +90,12 @@ class CompositionalConfig(BaseConfig):
     """'on': a per-trial skill bias adapted by one REINFORCE step after each episode"""
     inner_lr: float = 1.0
     """step size of the inner loop"""
+    library_finetune: str = "off"
+    """'on': in phase 2 each skill is also trained, by PPO on the task reward collected while
+    it runs (its segment's return), with ``finetune_kl`` times KL(skill || its frozen phase-1
+    copy) in the loss; 'off': the library stays frozen (the default)"""
+    finetune_kl: float = 0.1
+    """weight of the KL to the frozen skills when ``library_finetune='on'``"""
     hidden: int = 128
     """controller LSTM width"""
     key_dim: int = 32
@@ -116,6 +125,21 @@ class CompositionalConfig(BaseConfig):
         check_graph_mode(self.graph)
         if self.inner_loop not in ON_OFF:
             raise ValueError(f"inner_loop={self.inner_loop!r}; allowed: on, off")
+        if self.library_finetune not in ON_OFF:
+            raise ValueError(f"library_finetune={self.library_finetune!r}; allowed: on, off")
+        kl = self.finetune_kl
+        if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
+            raise ValueError(f"finetune_kl={kl!r}; allowed: a finite number >= 0")
+        if self.library_finetune == "on" and self.composer == "soft":
+            raise ValueError(
+                "library_finetune='on' with composer='soft'; allowed: composer 'attention' or "
+                "'uniform' (a skill is fine-tuned on the steps it acts alone)"
+            )
+        if self.library_finetune == "on" and self.primitives == "random-frozen":
+            raise ValueError(
+                "library_finetune='on' with primitives='random-frozen'; allowed: primitives "
+                "'discovered' or 'supervised' (the floor stays frozen)"
+            )
         if self.num_skills is not None:
             check_positive_int("num_skills", self.num_skills)
         check_positive_int("t_max", self.t_max)
@@ -172,6 +196,8 @@ class CompositionalAgent(RLModule):
             cfg.hidden, K, len(PRIMITIVES), cfg.key_dim, cfg.composer, instruction
         )
         self.graph = SkillGraph(K, cfg.graph)
+        if cfg.library_finetune == "on":  # the KL's reference: the library phase 2 starts from
+            self.frozen_library = copy.deepcopy(self.library).requires_grad_(False)
         if cfg.primitives == "discovered":  # part of the checkpoint: discovery state
             self.discriminator = OutcomeDiscriminator(K, cfg.library_hidden)
         self.discovery: Discovery | None = None
@@ -327,9 +353,13 @@ class CompositionalAgent(RLModule):
             )
             return
         cfg = self.cfg
+        if cfg.library_finetune == "on" and self.iteration == self.phase1_iters:
+            self.frozen_library.load_state_dict(self.library.state_dict())
         ro = self.collector.collect(cfg.ppo.num_steps)
         D = collect_decisions(ro, cfg.ppo.gamma, cfg.ppo.gae_lambda, cfg.composer == "soft")
         stats = update_controller(self, D, ctl_opt, cfg.ppo, backward=self.manual_backward)
+        if cfg.library_finetune == "on":
+            stats |= self._finetune_library(ro, lib_opt)
         ex = ro.extras
         ends = ex["seg_end"] & ro.valid
         if ends.any():  # after the update: the prior the decisions were taken with stays fixed
@@ -342,6 +372,20 @@ class CompositionalAgent(RLModule):
             "charts/mean_segment_length": ro.num_steps / max(int(ex["decision"].sum()), 1),
         }
         self.log_iteration(ro, stats, time.perf_counter() - t0, extra)
+
+    def _finetune_library(self, ro, optimizer) -> dict[str, float]:
+        """One PPO update of the acting skills on the task reward of their segments, with the
+        KL to the frozen phase-1 skills. A segment that ended by the skill's termination or
+        by the env's termination is terminal for the skill; one cut by ``t_max``, the time
+        limit or the rollout's end bootstraps from V(s', k)."""
+        ended = ro.extras["beta_end"]  # at step t: the skill of step t-1 terminated
+        terminal = ro.terminated.clone()
+        terminal[:-1] |= ended[1:]
+        stats = update_skills(
+            self.library, ro, ro.rewards, terminal, optimizer, self.cfg.skills.ppo,
+            backward=self.manual_backward, kl_to=(self.frozen_library, float(self.cfg.finetune_kl)),
+        )  # fmt: skip
+        return {f"skills_{k}": v for k, v in stats.items()}
 
     def _count_chain_segments(self, ro, rewards, terminal) -> None:
         """Phase-1 segments for the graph: (previous skill in the episode, skill, completed)."""

@@ -39,6 +39,8 @@ class SkillLevelPolicy:
         self.gen = generator
         self.K = agent.library.num_skills
         self.soft = agent.cfg.composer == "soft"
+        # library fine-tuning: the acting skill's log-probability and value go in the rollout
+        self.finetune = agent.cfg.library_finetune == "on"
 
     # -- memory ---------------------------------------------------------------------------------
     def initial_memory(self, n: int):
@@ -193,6 +195,12 @@ class SkillLevelPolicy:
             # Categorical(logits).sample() without the distribution object (same draw)
             probs = torch.softmax(a.library.logits(obs, skill), -1)
             action = torch.multinomial(probs, 1, True).squeeze(-1)
+            if self.finetune:  # the skills' PPO data (compositional.agent._finetune_library)
+                logp = probs.gather(1, action[:, None]).squeeze(-1).clamp_min(1e-12).log()
+                extras.update(
+                    seg_start=decide.clone(), beta_end=by_beta & ~boundary,
+                    skill_logp=logp, skill_value=a.library.value(obs, skill),
+                )  # fmt: skip
         # entropy of the acting distribution, for rl.diagnostics
         extras["skill_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         m[SEG_LEN] = m[SEG_LEN] + 1
@@ -202,4 +210,8 @@ class SkillLevelPolicy:
             dec_value=dec_value, alpha=alpha, bias=bias_used,
         )  # fmt: skip
         zero = torch.zeros(B)
+        if self.finetune and not self.soft:
+            return StepOutput(
+                action, extras.pop("skill_logp"), extras.pop("skill_value"), tuple(m), extras
+            )
         return StepOutput(action, zero, zero, tuple(m), extras)

@@ -227,8 +227,13 @@ def update_skills(
     optimizer: torch.optim.Optimizer,
     cfg: PPOConfig,
     backward=None,
+    kl_to: tuple[OptionLibrary, float] | None = None,
 ) -> dict[str, float]:
     """One PPO update of the skills on a chain rollout.
+
+    ``kl_to = (frozen, coef)`` adds ``coef * KL(pi_k(.|s) || frozen_k(.|s))``, averaged over the
+    minibatch's steps, to the loss (fine-tuning a library while keeping it close to the skills
+    it started from; logged as ``loss_kl_frozen``).
 
     With a learned termination the action of step t is the pair (a_t, the termination decision
     taken on the object event it caused): both log-probabilities enter the ratio, so the
@@ -255,7 +260,14 @@ def update_skills(
             logp = logp + decision_log_probs(
                 lib, b_obs[mb], b_next[mb], b_skill[mb], b_on[mb], b_fired[mb]
             )
-        return logp, d.entropy(), lib.value(b_obs[mb], b_skill[mb])
+        out = (logp, d.entropy(), lib.value(b_obs[mb], b_skill[mb]))
+        if kl_to is None:
+            return out
+        frozen, coef = kl_to
+        with torch.no_grad():
+            ref = torch.log_softmax(frozen.logits(b_obs[mb], b_skill[mb]), -1)
+        kl = (d.probs * (d.logits - ref)).sum(-1).mean()  # Categorical's logits are normalised
+        return (*out, {"loss_kl_frozen": coef * kl})
 
     return ppo_update(
         ro, evaluate, list(lib.parameters()), optimizer, cfg, advantages=adv, returns=ret,

@@ -121,6 +121,7 @@ def minibatch_step(
     new_logp, old_logp, adv, new_values, old_values, returns, entropy,
     params: list[nn.Parameter], optimizer: torch.optim.Optimizer, cfg: PPOConfig,
     stats: dict[str, list[float]], backward=None, scale: float | None = None,
+    aux: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """One PPO gradient step on a minibatch: normalise its advantages, the clipped loss, the
     step with a clipped gradient norm; the loss terms are appended to ``stats``. Shared by
@@ -128,6 +129,8 @@ def minibatch_step(
 
     ``scale`` multiplies the loss that is back-propagated (``rl.distributed.minibatch_scale``:
     a rank's part of a minibatch spread over DDP ranks); ``None`` leaves it as it is.
+    ``aux`` holds extra loss terms (already weighted), added to the loss and logged by name
+    (the compositional agent's KL to its frozen skills).
     """
     if cfg.norm_adv and adv.numel() > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -135,6 +138,9 @@ def minibatch_step(
         new_logp, old_logp, adv, new_values, old_values, returns, entropy,
         clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
     )  # fmt: skip
+    for k, v in (aux or {}).items():
+        terms["loss"] = terms["loss"] + v
+        terms[k] = v
     optimizer.zero_grad()
     loss = terms["loss"] if scale is None else terms["loss"] * scale
     (backward or torch.Tensor.backward)(loss)
@@ -175,7 +181,8 @@ def ppo_update(
     Args:
         evaluate: ``f(idx) -> (new_logp, entropy, new_values)`` for flat step indices ``idx``
             of this process's rollout (so feed-forward and recurrent policies share this
-            update).
+            update); a fourth element, a dict of extra loss terms, is added to the loss
+            (``minibatch_step``'s ``aux``).
         backward: ``loss -> None`` (Lightning's ``manual_backward``); defaults to ``loss.backward``.
     """
     rank, size = distributed.world()
@@ -203,19 +210,20 @@ def ppo_update(
             if cfg.norm_adv and adv.numel() > 1:
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
             if size == 1:
-                new_logp, entropy, new_values = evaluate(local)
+                new_logp, entropy, new_values, *aux = evaluate(local)
                 minibatch_step(
                     new_logp, b_logp[local], adv, new_values, b_values[local], b_ret[local],
-                    entropy, params, optimizer, flat, stats, backward,
+                    entropy, params, optimizer, flat, stats, backward, aux=aux[0] if aux else None,
                 )  # fmt: skip
                 continue
             one: dict[str, list[float]] = {}
             if local.numel():
-                new_logp, entropy, new_values = evaluate(local)
+                new_logp, entropy, new_values, *aux = evaluate(local)
                 minibatch_step(
                     new_logp, b_logp[local], adv[mine], new_values, b_values[local],
                     b_ret[local], entropy, params, optimizer, flat, one, backward,
                     scale=distributed.minibatch_scale(local.numel(), mb.numel()),
+                    aux=aux[0] if aux else None,
                 )  # fmt: skip
             else:
                 empty_step(params, optimizer, cfg, backward)

@@ -302,3 +302,68 @@ def test_discovered_library_phase_and_resume(tmp_path):
     resumed = fit(CompositionalAgent(cfg), tmp_path / "cut", resume=True, logger=False)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"library_finetune": "maybe"}, "library_finetune='maybe'"),
+        ({"library_finetune": "on", "finetune_kl": -1.0}, "finetune_kl=-1.0"),
+        ({"library_finetune": "on", "finetune_kl": float("nan")}, "'finetune_kl'=nan"),
+        ({"library_finetune": "on", "composer": "soft"}, "with composer='soft'"),
+        ({"library_finetune": "on", "primitives": "random-frozen"}, "primitives='random-frozen'"),
+    ],
+)
+def test_bad_finetune_config_one_line(over, match):
+    with pytest.raises(ValueError, match=match) as e:
+        CompositionalAgent({**TINY, **over})
+    assert "\n" not in str(e.value)
+
+
+def test_library_finetune_starts_from_phase_one_and_moves_the_skills(tmp_path):
+    """library_finetune='on': phase 1 is unchanged (the frozen copy equals the library a frozen
+    run ends with), phase 2 moves the skills away from it, and the copy is in the checkpoint."""
+    off = fit(CompositionalAgent(TINY), tmp_path / "off", logger=False)
+    on_cfg = {**TINY, "library_finetune": "on"}
+    on = fit(CompositionalAgent(on_cfg), tmp_path / "on", logger=False, checkpoint_every=1)
+    for (n, a), (_, b) in zip(
+        off.library.state_dict().items(), on.frozen_library.state_dict().items()
+    ):
+        assert torch.equal(a, b), n
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(on.library.parameters(), on.frozen_library.parameters())
+    ]
+    assert any(moved)
+    assert any("losses/skills_loss_kl_frozen" in h for h in on.history)
+    ck = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("frozen_library.") for k in ck["state_dict"])
+
+
+def _kl_after_finetune(coef: float) -> float:
+    from copy import deepcopy
+
+    from primitives.option_training import update_skills
+
+    torch.manual_seed(5)
+    agent = CompositionalAgent({**TINY, "library_finetune": "on"})
+    frozen = deepcopy(agent.library).requires_grad_(False)
+    _, ro = _rollout(agent, 64)
+    ro.rewards[::7] = 1.0  # reward on some steps, so the policy gradient is not zero
+    opt = torch.optim.Adam(agent.library.parameters(), lr=3e-2)
+    cfg = agent.cfg.skills.ppo
+    terminal = torch.zeros_like(ro.terminated)
+    for _ in range(5):
+        update_skills(agent.library, ro, ro.rewards, terminal, opt, cfg, kl_to=(frozen, coef))
+    obs = ro.obs.reshape(-1, ro.obs.shape[-1])
+    skill = ro.extras["skill"].reshape(-1).clamp(min=0)
+    with torch.no_grad():
+        p = torch.log_softmax(agent.library.logits(obs, skill), -1)
+        q = torch.log_softmax(frozen.logits(obs, skill), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_kl_to_the_frozen_skills_holds_them_close():
+    """The same fine-tuning steps drift less from the frozen skills with a large KL weight."""
+    free, held = _kl_after_finetune(0.0), _kl_after_finetune(100.0)
+    assert free > 0 and held < 0.5 * free, (free, held)
