@@ -223,6 +223,8 @@ def test_checkpoint_holds_only_filled_rows_and_restores_exactly():
     buf.add(2, _ramp(100, 60))  # wrapped: ptr 10, full
     st = buf.state_dict()
     assert st["rewards"].shape == (7 + 50,) and st["obs"].shape == (57, 3)
+    # next_obs is kept only where the next row's obs is not it: the ends of the two ramps
+    assert st["next_obs_rest"].shape == (2, 3) and int(st["next_obs_from_obs"].sum()) == 55
     other = TaskBuffers(3, 50, 3, (), torch.long)
     other.add(1, _ramp(5, 4))  # stale content must not survive the load
     other.load_state_dict(st)
@@ -232,6 +234,13 @@ def test_checkpoint_holds_only_filled_rows_and_restores_exactly():
     buf.add(2, _ramp(500, 3))
     other.add(2, _ramp(500, 3))
     assert torch.equal(buf.rewards, other.rewards) and torch.equal(buf.ptr, other.ptr)
+    # a ring that wrapped mid-episode (rows 0-2 newer than rows 3-49) round-trips exactly
+    again = TaskBuffers(3, 50, 3, (), torch.long)
+    again.load_state_dict(buf.state_dict())
+    assert torch.equal(again.next_obs, buf.next_obs) and torch.equal(again.obs, buf.obs)
+    bad = dict(buf.state_dict(), next_obs_rest=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="'next_obs_rest' has shape"):
+        again.load_state_dict(bad)
     # a whole-buffer state (checkpoints before issue 12) still loads
     legacy = {k: getattr(buf, k).clone() for k in (*TaskBuffers.FIELDS, "ptr", "size")}
     old = TaskBuffers(3, 50, 3, (), torch.long)
