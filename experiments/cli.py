@@ -285,7 +285,7 @@ def cmd_metaworld_eval(args) -> None:
     from rl.config import config_from_dict
 
     cfg = config_from_dict(MetaWorldEvalConfig, _config(args))  # --seed: the action-sampling seed
-    run_metaworld_eval(args.checkpoint, cfg, args.out, overwrite=args.overwrite)
+    run_metaworld_eval(args.checkpoint, cfg, args.out, overwrite=args.overwrite, say_wrote=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -489,8 +489,10 @@ def run_metaworld_eval(
     *,
     overwrite: bool = False,
     log=print,
+    say_wrote: bool = True,
 ) -> dict:
-    """``compare`` for one checkpoint; with ``out``, writes ``out/metaworld_eval.json``."""
+    """``compare`` for one checkpoint; with ``out``, writes ``out/metaworld_eval.json`` (and
+    says so unless ``say_wrote`` is False: ``compo`` lists every file it wrote itself)."""
     from experiments.registry import REGISTRY
     from rl.io import atomic_write_json, prepare_run_dir
     from rl.train import load_module
@@ -502,7 +504,8 @@ def run_metaworld_eval(
     result = compare(checkpoint, cfg, log=log)
     if folder is not None:
         atomic_write_json(folder / "metaworld_eval.json", {"config": vars(cfg), **result})
-        log(f"wrote {folder / 'metaworld_eval.json'}")
+        if say_wrote:
+            log(f"wrote {folder / 'metaworld_eval.json'}")
     return result
 
 

@@ -168,6 +168,7 @@ def test_command_prints_both_evaluators(checkpoints, tmp_path, capsys):
     assert "metaworld evaluation, 2 envs x 1 evals: success" in text
     assert "1 env x 2 evals (unbiased count)" in text
     assert "our protocol, same goals: success by episode" in text
+    assert text.count("metaworld_eval.json") == 1  # one "wrote" line
     doc = json.loads((out / "metaworld_eval.json").read_text())
     assert doc["method"] == "rl2" and doc["config"]["num_envs"] == 2
     assert len(doc["protocol"]["success_at"]) == 4  # 2 adaptation + 2 evaluation episodes
