@@ -94,7 +94,7 @@ class SkillLevelPolicy:
                 rows = torch.arange(B)
                 by_beta = check & (comp[rows, own] | ~feas[rows, own])
             elif check.any():
-                beta = lib.beta(m[LAST_OBS][check], obs[check], skill[check])
+                beta = lib.beta(m[LAST_OBS][check], obs[check], skill[check], ev[check])
                 by_beta[check] = torch.rand(int(check.sum()), generator=self.gen) < beta
             ended = ended | timeout | by_beta
         # 2. finished segments: the trial's belief tables and the graph's data

@@ -109,18 +109,26 @@ class OptionLibrary(nn.Module):
         return self.critic(obs)[torch.arange(obs.shape[0]), skill]
 
     # -- termination ----------------------------------------------------------------------------
-    def beta(self, obs0: torch.Tensor, obs1: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
+    def beta(
+        self, obs0: torch.Tensor, obs1: torch.Tensor, skill: torch.Tensor, ev=None
+    ) -> torch.Tensor:
         """Termination probability (B,) of skill ``skill`` after the step obs0 -> obs1 (for
-        ``"event"``: 0 or 1)."""
+        ``"event"``: 0 or 1). ``ev``: ``events(obs0, obs1)`` if the caller has it already."""
         if self.termination == "event":
             prim = self.event_of[skill]
             rows = torch.arange(obs1.shape[0])
             done = completed(obs0, obs1)[rows, prim] | ~feasible(obs1)[rows, prim]
             return done.float()
-        ev = events(obs0, obs1)
-        logit = self.beta_head(torch.cat([self.encoder(obs1), ev.float()], -1))
-        p = torch.sigmoid(logit[torch.arange(obs1.shape[0]), skill])
-        return torch.where(ev.any(-1), p, torch.zeros_like(p))
+        ev = events(obs0, obs1) if ev is None else ev
+        on = ev.any(-1)  # only steps with an object event can end a skill: the head runs there
+        p = torch.zeros(obs1.shape[0], dtype=obs1.dtype)
+        if on.any():
+            logit = self.beta_head(torch.cat([self.encoder(obs1[on]), ev[on].float()], -1))
+            p = p.index_put(
+                (on.nonzero().squeeze(-1),),
+                torch.sigmoid(logit.gather(1, skill[on][:, None]).squeeze(-1)),
+            )
+        return p
 
     def beta_dist(self, obs0, obs1, skill) -> Bernoulli:
         return Bernoulli(probs=self.beta(obs0, obs1, skill).clamp(1e-6, 1 - 1e-6))
