@@ -102,13 +102,14 @@ class ChainPolicy:
         if last is not None:
             cont = ~new
             if cont.any():
-                b = self.lib.beta(last[cont], obs[cont], skill[cont])
+                ev = events(last[cont], obs[cont]) if self.lib.termination == "learned" else None
+                b = self.lib.beta(last[cont], obs[cont], skill[cont], ev)
                 u = torch.rand(int(cont.sum()), generator=self.gen)
                 fire = u < b
                 term[cont] = fire
                 if self.lib.termination == "learned":
                     # only object-event steps sample a decision; elsewhere beta is exactly 0
-                    on = events(last[cont], obs[cont]).any(-1)
+                    on = ev.any(-1)
                     bc = b.clamp(1e-6, 1 - 1e-6)
                     lp = torch.where(fire, bc.log(), (1 - bc).log())
                     beta_on[cont] = on
