@@ -9,7 +9,9 @@ rollout), then ``table.md`` / ``table.json`` / ``table.png`` from ``primitives.o
 per skill and primitive how often the skill completes the primitive when started where it is
 feasible, the best skill per primitive, the discriminator's accuracy on held-out segments.
 
-``--evaluate CKPT`` only evaluates a saved discovery checkpoint; ``--supervised STEPS``
+``--evaluate CKPT`` only evaluates a saved discovery checkpoint, or the library discovered
+inside a ``compositional`` run (its ``checkpoints/last.ckpt``, ``primitives: discovered``);
+``--supervised STEPS``
 trains the supervised library (one skill per primitive, event termination) for STEPS env
 steps instead and evaluates it (the harness's check: its diagonal should be ~0.9+).
 Single process; ``torch.set_num_threads(1)``.
@@ -66,6 +68,32 @@ def train_supervised(steps: int, seed: int, log_path: Path) -> OptionLibrary:
     return lib
 
 
+def discovery_state(ckpt: dict) -> dict:
+    """A discovery checkpoint as ``load_discovered`` reads it, from either a discovery
+    ``library.pt`` or a ``compositional`` agent's Lightning checkpoint (its ``library.*`` and
+    ``discriminator.*`` weights)."""
+    if "state_dict" not in ckpt:
+        return ckpt
+    sd = ckpt["state_dict"]
+    part = {
+        name: {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
+        for name in ("library", "discriminator")
+    }
+    if not part["discriminator"] or not part["library"]:
+        raise SystemExit(
+            "--evaluate: this checkpoint holds no discovered library (allowed: a discovery "
+            "library.pt, or a compositional run with primitives: discovered)"
+        )
+    lib = part["library"]
+    K = int(lib["event_of"].shape[0])
+    return {
+        "config": {"num_skills": K, "hidden": int(lib["critic.0.weight"].shape[0])},
+        "obs_dim": int(lib["critic.0.weight"].shape[1]),
+        "n_actions": int(lib["actor.weight"].shape[0]) // K,
+        **part,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
@@ -93,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         lib = train_supervised(a.supervised, a.seed, out / "log.jsonl")
         atomic_torch_save({"library": lib.state_dict()}, out / "library.pt")
     elif a.evaluate is not None:
-        lib, disc = load_discovered(safe_torch_load(a.evaluate))
+        lib, disc = load_discovered(discovery_state(safe_torch_load(a.evaluate)))
     else:
         cfg = DiscoveryConfig(
             num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,

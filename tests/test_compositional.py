@@ -288,6 +288,15 @@ def test_discovered_library_phase_and_resume(tmp_path):
     ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("discriminator.") for k in ck["state_dict"])
     assert full.graph.tries.sum() > 0 and full.library.termination == "learned"
+    # `python -m experiments.discover --evaluate` reads the run's library and discriminator
+    from experiments.discover import discovery_state
+    from primitives.outcome import load_discovered
+
+    lib, disc = load_discovered(discovery_state(ck))
+    assert torch.equal(lib.actor.weight, full.library.actor.weight)
+    assert torch.equal(
+        disc.state_dict()["net.0.weight"], full.discriminator.state_dict()["net.0.weight"]
+    )
 
     class Dies(CompositionalAgent):
         def training_step(self, batch, batch_idx):
