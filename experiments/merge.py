@@ -1,6 +1,6 @@
 """Merge the rows of several ``compo heldout`` runs into one table.
 
-``python -m experiments.merge RUN_A RUN_B ... --out DIR``
+``python -m experiments.merge RUN_A RUN_B ... --out DIR [--replace ROW ...]``
 
 A table can be run in parts — one method (or seed set) per process, per core or per session —
 and merged afterwards, because every part evaluates on the same held-out tasks with the same
@@ -8,14 +8,18 @@ protocol. The parts must agree on the split, the held-out tasks, the eval settin
 the env-step budget (checked: one clear error otherwise); a row present in two parts must come
 from disjoint seeds and is then joined. Statistics are recomputed from the raw scores
 (``experiments.stats.recompute``), so the merged table is what one run of all rows would give.
-Writes ``results.json`` (with ``merged_from``: each part's folder, command and commit),
-``table.md`` and ``curves.png`` into ``--out``.
+Writes ``results.json`` (with ``merged_from``: each part's folder, command and commit, and a
+merged part's own ``merged_from``), ``table.md`` and ``curves.png`` into ``--out``.
+``--replace ROW`` keeps a row only from the last part that has it (a row re-run from scratch in
+a later part, e.g. with a new library, replaces the earlier parts' row instead of clashing with
+its seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,6 +43,22 @@ def _get(doc: dict, path: tuple[str, ...]):
     for k in path:
         doc = doc.get(k) if isinstance(doc, dict) else None
     return doc
+
+
+def replace_rows(docs: list[dict], rows: list[str]) -> list[dict]:
+    """The parts with each row of ``rows`` kept only in the last part that has it."""
+    last = {}
+    for r in rows:
+        holders = [i for i, d in enumerate(docs) if r in d["methods"]]
+        if not holders:
+            raise ValueError(f"--replace {r!r}: no part has that row")
+        last[r] = holders[-1]
+    out = []
+    for i, d in enumerate(docs):
+        keep = [m for m in d["methods"] if last.get(m, i) == i]
+        scores = {**d["scores"], "methods": {m: d["scores"]["methods"][m] for m in keep}}
+        out.append({**d, "methods": {m: d["methods"][m] for m in keep}, "scores": scores})
+    return out
 
 
 def merge(docs: list[dict], names: list[str]) -> dict:
@@ -76,6 +96,8 @@ def merge(docs: list[dict], names: list[str]) -> dict:
                 **entry["per_seed_success_at"],
             }
             methods[m]["wall_s"] = (methods[m]["wall_s"] + entry["wall_s"]) / 2
+    if not methods:
+        raise ValueError("no rows to merge")
     for m in scores:  # seeds in order, scores alongside
         order = sorted(range(len(scores[m]["seeds"])), key=lambda i: scores[m]["seeds"][i])
         for k in ("seeds", "success", "return"):
@@ -87,6 +109,7 @@ def merge(docs: list[dict], names: list[str]) -> dict:
         "scores": {**base["scores"], "methods": scores},
         "merged_from": [
             {"run": n, "command": d.get("command"), "git": d.get("git")}
+            | ({"merged_from": d["merged_from"]} if "merged_from" in d else {})
             for d, n in zip(docs, names)
         ],
         "command": "python -m experiments.merge " + " ".join(names),
@@ -99,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (or results.json files)")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged table")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument(
+        "--replace", action="append", default=[], metavar="ROW",
+        help="take this row only from the last part that has it",
+    )  # fmt: skip
     a = p.parse_args(argv)
     try:
         paths = [r / "results.json" if r.is_dir() else r for r in a.runs]
-        docs = [json.loads(path.read_text()) for path in paths]
+        docs = replace_rows([json.loads(path.read_text()) for path in paths], a.replace)
         doc = merge(docs, [str(r) for r in a.runs])
+        doc["command"] += "".join(f" --replace {shlex.quote(r)}" for r in a.replace)
         out = prepare_run_dir(a.out, overwrite=a.overwrite)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         print(f"merge: error: {e}", file=sys.stderr)

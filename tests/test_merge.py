@@ -41,6 +41,20 @@ def test_parts_merge_to_the_whole(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "seeds [0, 2]" in err and "heldout_tasks" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a merged table merges again (its parts stay in merged_from); --replace takes a row from
+    # the last part that has it, so a row re-run from scratch replaces the earlier one
+    again = tmp_path / "again"
+    assert merge_main([str(tmp_path / "merged"), str(whole), "--out", str(again)]) == 2
+    args = [str(tmp_path / "merged"), str(whole), "--out", str(again), "--replace", "ppo"]
+    assert merge_main(args) == 2  # random clashes still
+    assert not again.exists()
+    assert merge_main([*args, "--replace", "random"]) == 0
+    doc = json.loads((again / "results.json").read_text())
+    assert doc["methods"]["ppo"]["seeds"] == [0, 1, 2] and "--replace ppo" in doc["command"]
+    assert doc["methods"]["ppo"]["success_at"] == want["methods"]["ppo"]["success_at"]
+    assert len(doc["merged_from"][0]["merged_from"]) == 2
+    assert merge_main([str(a), "--out", str(tmp_path / "z2"), "--replace", "nope"]) == 2
+    assert "--replace 'nope': no part has that row" in capsys.readouterr().err
 
 
 def test_missing_run_is_one_line(tmp_path, capsys):
