@@ -139,6 +139,7 @@ from baselines.maml_trpo import (
     trpo_step,
     trpo_surrogate,
 )
+from rl import distributed
 from rl.collect import Collector, Episode, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.diagnostics import grad_norm, inner_grad_norm
@@ -261,6 +262,28 @@ class MAMLConfig(BaseConfig):
 # --- module -------------------------------------------------------------------------------------
 
 
+def gather_batch(batch: EpisodeBatch) -> EpisodeBatch:
+    """Every DDP rank's tasks in one batch (rank order, padded to the longest episode), the
+    batch a 1-process run of the whole meta-batch builds; ``batch`` itself on one process."""
+    if distributed.world()[1] == 1:
+        return batch
+    T = max(distributed.gather_objects(int(batch.rewards.shape[2])))
+    pad = T - batch.rewards.shape[2]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (N, M, t, ...) -> (N, M, T, ...), zeros
+        return torch.cat([x, x.new_zeros((*x.shape[:2], pad, *x.shape[3:]))], dim=2)
+
+    n, m = batch.weights.shape
+    return EpisodeBatch(
+        obs=distributed.gather_rows(padded(batch.obs)),
+        actions=distributed.gather_rows(padded(batch.actions)),
+        rewards=distributed.gather_rows(padded(batch.rewards)),
+        mask=distributed.gather_rows(padded(batch.mask)),
+        time=torch.arange(T, dtype=torch.float32).expand(n * distributed.world()[1], m, T).clone(),
+        weights=distributed.gather_rows(batch.weights),
+    )
+
+
 class MAMLModule(RLModule):
     """MAML (``algo`` from the config; the subclasses pin it). One ``training_step`` = one
     meta-iteration: pre-update trials with theta, K inner steps per task, post-update trials
@@ -301,7 +324,7 @@ class MAMLModule(RLModule):
     def make_collector(self) -> Collector:
         cfg: MAMLConfig = self.cfg
         envs = make_vector_env(
-            cfg.env_id, cfg.meta_batch_size, {**cfg.env_kwargs, "composition": self.train_set[0]},
+            cfg.env_id, self.num_local_envs, {**cfg.env_kwargs, "composition": self.train_set[0]},
             vectorization=cfg.vectorization,
         )  # fmt: skip
         sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())
@@ -379,6 +402,14 @@ class MAMLModule(RLModule):
                 )  # fmt: skip
         return values, adv
 
+    def outer_signal(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Advantages of a meta-batch of post-update episodes: the baseline fitted across it and,
+        with ``normalize_adv``, standardised over its steps (``outer_advantages``)."""
+        cfg: MAMLConfig = self.cfg
+        return outer_advantages(
+            batch, gamma=cfg.gamma, values=self._values(batch), normalize_adv=cfg.normalize_adv
+        )
+
     def eval_signal(self, batch: EpisodeBatch) -> torch.Tensor:
         """Advantages of one task's meta-test batch, with training's moving-average baseline
         and moments (raw ``gamma^t (G_t - V)`` before any training batch has been seen)."""
@@ -417,17 +448,16 @@ class MAMLModule(RLModule):
         pre: EpisodeBatch,
         post: EpisodeBatch,
         signal: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        post_adv: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Params]:
         """Outer loss (mean over tasks) of the adapted parameters, with graph back to theta
         (second order for MAML, identity Jacobian for FOMAML). ``signal``: ``inner_signal(pre)``
-        if already computed."""
+        and ``post_adv``: ``self.outer_signal(post)``, if already computed."""
         theta = self.net.params()
         values, adv = self.inner_signal(pre) if signal is None else signal
         phi = self.adapt(stack_params(theta, pre.obs.shape[0]), pre, values=values, advantages=adv)
-        loss = outer_loss(
-            self.net, phi, post, gamma=self.cfg.gamma, values=self._values(post),
-            normalize_adv=self.cfg.normalize_adv,
-        ).mean()  # fmt: skip
+        post_adv = self.outer_signal(post) if post_adv is None else post_adv
+        loss = outer_loss(self.net, phi, post, gamma=self.cfg.gamma, advantages=post_adv).mean()
         return loss, phi
 
     def trpo_update(
@@ -435,9 +465,12 @@ class MAMLModule(RLModule):
         pre: EpisodeBatch,
         post: EpisodeBatch,
         signal: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        post_adv: torch.Tensor | None = None,
     ) -> tuple[Params | None, dict]:
         """The TRPO outer step (``trpo_step``) with this config; counts accepted and rejected
-        line searches. Returns the new theta (None: keep theta) and the logged scalars."""
+        line searches. Returns the new theta (None: keep theta) and the logged scalars. Under
+        DDP ``pre`` and ``post`` hold this rank's tasks and the step is the whole meta-batch's
+        (``trpo_step``'s ``reduce``)."""
         cfg: MAMLConfig = self.cfg
         values_pre, adv_pre = self.inner_signal(pre) if signal is None else signal
         new_theta, stats = trpo_step(
@@ -445,11 +478,10 @@ class MAMLModule(RLModule):
             lambda p, graph: self.adapt(
                 p, pre, create_graph=graph, values=values_pre, advantages=adv_pre
             ),
-            advantages=outer_advantages(
-                post, gamma=cfg.gamma, values=self._values(post), normalize_adv=cfg.normalize_adv
-            ),
+            advantages=self.outer_signal(post) if post_adv is None else post_adv,
             create_graph=cfg.algo == "maml", max_kl=cfg.max_kl, cg_iters=cfg.cg_iters,
             damping=cfg.cg_damping, ls_steps=cfg.ls_steps, ls_decay=cfg.ls_decay,
+            reduce=distributed.all_reduce_sum if self.world_size > 1 else None,
         )  # fmt: skip
         if new_theta is None:
             self.trpo_rejected += 1
@@ -461,6 +493,12 @@ class MAMLModule(RLModule):
             self.trpo_accepted += 1
         stats["trpo/rejected_total"] = float(self.trpo_rejected)
         return new_theta, stats
+
+    def _my_tasks(self) -> slice:
+        """This DDP rank's rows of the meta-batch (all of them on one process)."""
+        rank, size = getattr(self, "_world", (0, 1))
+        n = self.cfg.meta_batch_size // size
+        return slice(rank * n, (rank + 1) * n)
 
     # -- one meta-iteration ------------------------------------------------------------------------
     def meta_step(
@@ -481,21 +519,27 @@ class MAMLModule(RLModule):
         col = self.collector
         steps0 = col.env_steps
         t0 = time.perf_counter()
-        tasks = [col.task_sampler(col.rng) for _ in range(cfg.meta_batch_size)]
+        # the meta-batch's tasks, drawn alike on every DDP rank; this rank's envs run its share
+        mine = self._my_tasks()
+        tasks = [col.task_sampler(col.rng) for _ in range(cfg.meta_batch_size)][mine]
 
         # 1. pre-update trials with theta (shared by every env)
         self._acting.params = None
         ro_pre = col.collect_trials(tasks)
-        pre = EpisodeBatch.from_rollout(ro_pre, cfg.episodes_per_trial)
+        pre = gather_batch(EpisodeBatch.from_rollout(ro_pre, cfg.episodes_per_trial))
         t1 = time.perf_counter()
 
-        # 2. adapt per task (no graph: only to act), 3. post-update trials with phi_i
-        signal = self.inner_signal(pre, update_eval_stats=True)
+        # 2. adapt per task (no graph: only to act), 3. post-update trials with phi_i; the
+        #    baseline and advantage moments are pooled over every rank's tasks, then each rank
+        #    keeps its own
+        values, adv = self.inner_signal(pre, update_eval_stats=True)
+        signal = (values[mine], None if adv is None else adv[mine])
+        pre = pre.rows(mine)
         with torch.enable_grad():
             theta = {k: v.detach() for k, v in self.net.params().items()}
             theta = {k: v.requires_grad_() for k, v in theta.items()}
             phi_act = self.adapt(
-                stack_params(theta, cfg.meta_batch_size), pre, create_graph=False,
+                stack_params(theta, len(tasks)), pre, create_graph=False,
                 values=signal[0], advantages=signal[1],
             )  # fmt: skip
         self._acting.params = {k: v.detach() for k, v in phi_act.items()}
@@ -503,7 +547,9 @@ class MAMLModule(RLModule):
         t2 = time.perf_counter()
         ro_post = col.collect_trials(tasks)
         self._acting.params = None
-        post = EpisodeBatch.from_rollout(ro_post, cfg.episodes_per_trial)
+        post = gather_batch(EpisodeBatch.from_rollout(ro_post, cfg.episodes_per_trial))
+        post_adv = self.outer_signal(post)[mine]
+        post = post.rows(mine)
         t3 = time.perf_counter()
 
         # 4. outer update: recompute the inner steps with graph from the stored pre-update
@@ -511,16 +557,18 @@ class MAMLModule(RLModule):
         optimizer.zero_grad()
         extra: dict[str, float] = {}
         if cfg.algo == "reptile":
-            phi_mean = {k: v.detach().mean(0) for k, v in phi_act.items()}
+            phi_mean = {  # over every rank's tasks
+                k: distributed.all_reduce_sum(v.detach().sum(0)) / cfg.meta_batch_size
+                for k, v in phi_act.items()
+            }
             for k, p in self.net.named_parameters():
                 p.grad = (p.detach() - phi_mean[k]).clone()
             meta_norm = grad_norm(p.grad for p in self.net.parameters())
             loss = outer_loss(
-                self.net, phi_act, post, gamma=cfg.gamma, values=self._values(post),
-                normalize_adv=cfg.normalize_adv,
+                self.net, phi_act, post, gamma=cfg.gamma, advantages=post_adv
             ).mean().detach()  # fmt: skip
         elif cfg.outer_optimizer == "trpo":
-            new_theta, trpo_stats = self.trpo_update(pre, post, signal)
+            new_theta, trpo_stats = self.trpo_update(pre, post, signal, post_adv)
             extra.update(trpo_stats)
             meta_norm = trpo_stats["trpo/grad_norm"]
             loss = -torch.tensor(trpo_stats["trpo/surrogate_before"])
@@ -528,7 +576,9 @@ class MAMLModule(RLModule):
             for k, p in self.net.named_parameters():
                 p.grad = torch.zeros_like(p) if new_theta is None else p.detach() - new_theta[k]
         else:
-            loss, _ = self.meta_loss(pre, post, signal)
+            # under DDP each rank's loss is the mean over its tasks, and DDP's gradient average
+            # over the ranks (equal shares) makes the mean over the meta-batch
+            loss, _ = self.meta_loss(pre, post, signal, post_adv)
             backward(loss)
             meta_norm = grad_norm(p.grad for p in self.net.parameters())  # before clipping
             if cfg.max_grad_norm > 0:
@@ -541,6 +591,8 @@ class MAMLModule(RLModule):
 
         pre_eps, post_eps = ro_pre.episodes, ro_post.episodes
         secs = t4 - t0
+        # every rank's env steps (the ranks step in lockstep: each waits at the collectives)
+        steps = float(distributed.all_reduce_sum(torch.tensor([float(col.env_steps - steps0)]))[0])
         return {
             "losses/outer_loss": float(loss.detach()),
             "charts/pre_return": float(np.mean([e.ret for e in pre_eps])),
@@ -548,7 +600,7 @@ class MAMLModule(RLModule):
             "charts/pre_success": float(np.mean([e.success for e in pre_eps])),
             "charts/post_success": float(np.mean([e.success for e in post_eps])),
             "charts/success": float(np.mean([e.success for e in post_eps])),
-            "charts/SPS": (col.env_steps - steps0) / max(secs, 1e-9),
+            "charts/SPS": steps / max(secs, 1e-9),
             "time/collect_pre_s": t1 - t0,
             "time/adapt_s": t2 - t1,
             "time/collect_post_s": t3 - t2,

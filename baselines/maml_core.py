@@ -9,7 +9,7 @@ hyper-parameters as arguments, so the tests can check each piece against exact g
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gymnasium as gym
@@ -117,6 +117,10 @@ class EpisodeBatch:
                 mask[i, m, :n] = 1.0
         time_idx = torch.arange(T, dtype=torch.float32).expand(N, M, T).clone()
         return EpisodeBatch(obs, actions, rewards, mask, time_idx, torch.full((N, M), 1.0 / M))
+
+    def rows(self, tasks: slice) -> EpisodeBatch:
+        """The batch of the tasks ``tasks`` (a DDP rank's share of the meta-batch)."""
+        return EpisodeBatch(*(getattr(self, f.name)[tasks] for f in fields(self)))
 
     @staticmethod
     def from_rollout(ro: Rollout, episodes_per_task: int) -> EpisodeBatch:
@@ -415,12 +419,16 @@ def outer_loss(
     gamma: float,
     values: torch.Tensor | None = None,
     normalize_adv: bool = False,
+    advantages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-task score-function loss on post-update episodes, shape (N,):
     ``-sum_m w_m sum_t log pi_phi(a_t|s_t) gamma^t (G_t - V(s_t))`` (its gradient in ``phi`` is
-    minus the policy gradient of the expected discounted return)."""
+    minus the policy gradient of the expected discounted return). ``advantages``: already
+    computed by ``outer_advantages`` (then ``values`` and ``normalize_adv`` are not used)."""
     logp = _log_probs(net, params, batch)
-    adv = outer_advantages(batch, gamma=gamma, values=values, normalize_adv=normalize_adv)
+    adv = advantages
+    if adv is None:
+        adv = outer_advantages(batch, gamma=gamma, values=values, normalize_adv=normalize_adv)
     return -(batch.weights * (logp * adv).sum(-1)).sum(-1)
 
 

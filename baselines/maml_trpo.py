@@ -47,14 +47,20 @@ def conjugate_gradient(
 
 
 def mean_kl(
-    net: MAMLPolicyNet, old_params: Params, new_params: Params, batch: EpisodeBatch
+    net: MAMLPolicyNet,
+    old_params: Params,
+    new_params: Params,
+    batch: EpisodeBatch,
+    steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the valid steps of ``batch`` (all tasks) of ``KL(pi_old(.|s) || pi_new(.|s))``,
-    each task with its own stacked parameters; differentiable in ``new_params``."""
+    each task with its own stacked parameters; differentiable in ``new_params``. ``steps``
+    replaces the divisor (the valid steps of every rank's tasks: this rank's share of the mean
+    over the whole meta-batch)."""
     old = policy_dist(net, {k: v.detach() for k, v in old_params.items()}, batch.obs)
     new = policy_dist(net, new_params, batch.obs)
     kl = torch.distributions.kl_divergence(old, new)
-    return (kl * batch.mask).sum() / batch.mask.sum().clamp_min(1)
+    return (kl * batch.mask).sum() / (batch.mask.sum().clamp_min(1) if steps is None else steps)
 
 
 def fisher_vector_product(
@@ -107,6 +113,7 @@ def trpo_step(
     damping: float,
     ls_steps: int,
     ls_decay: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Params | None, dict[str, float]]:
     """One TRPO step on the meta-parameters (the MAML-TRPO outer step of Finn et al. 2017,
     sec. 5.3, as in ProMP, Rothfuss et al. 2019, and garage / learn2learn).
@@ -125,25 +132,41 @@ def trpo_step(
         theta: the current meta-parameters (unstacked; read, never modified).
         adapt_fn: ``(stacked params, create_graph) -> stacked adapted params``.
         advantages: (N, M, T) advantages of ``post`` (see ``outer_advantages``).
+        reduce: the sum over DDP ranks (``rl.distributed.all_reduce_sum``) when ``post`` holds
+            this rank's tasks of a meta-batch spread over ranks: the surrogate, its gradient,
+            every Fisher-vector product and the line search's values are then the whole
+            meta-batch's, the same on every rank, so every rank takes the same step.
 
     Returns:
         ``(new theta, stats)``; new theta is None when no step was accepted (keep theta).
     """
     N = post.obs.shape[0]
     keys = list(theta)
+    total = reduce or (lambda x: x)
+    # the whole meta-batch's task count and valid steps (this rank's, on one process)
+    n_tasks = total(torch.tensor(float(N)))
+    n_steps = total(post.mask.sum()).clamp_min(1)
+
+    def surrogate(params: Params) -> torch.Tensor:  # this rank's share of the mean over tasks
+        return trpo_surrogate(net, params, post, old_logp, advantages).sum() / n_tasks
+
     with torch.enable_grad():
         th = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
         phi = adapt_fn(stack_params(th, N), create_graph)
         phi_old = {k: v.detach() for k, v in phi.items()}
         with torch.no_grad():
             old_logp = _log_probs(net, phi_old, post)
-        surr = trpo_surrogate(net, phi, post, old_logp, advantages).mean()
-        g = _flat(torch.autograd.grad(surr, [th[k] for k in keys], retain_graph=True))
-        kl = mean_kl(net, phi_old, phi, post)
-        fvp = fisher_vector_product(kl, [th[k] for k in keys], damping)
+        surr = surrogate(phi)
+        g = total(_flat(torch.autograd.grad(surr, [th[k] for k in keys], retain_graph=True)))
+        kl = mean_kl(net, phi_old, phi, post, n_steps)
+        local_fvp = fisher_vector_product(kl, [th[k] for k in keys])
+
+        def fvp(v: torch.Tensor) -> torch.Tensor:
+            return total(local_fvp(v)) + damping * v
+
         s = conjugate_gradient(fvp, g, cg_iters)
         shs = float(s @ fvp(s))
-    surr0 = float(surr.detach())
+    surr0 = float(total(surr.detach()))
     stats = {
         "trpo/surrogate_before": surr0,
         "trpo/grad_norm": float(g.norm()),
@@ -165,8 +188,8 @@ def trpo_step(
             start = {k: v.clone().requires_grad_() for k, v in cand.items()}
             phi_new = {k: v.detach() for k, v in adapt_fn(stack_params(start, N), False).items()}
         with torch.no_grad():
-            surr_new = float(trpo_surrogate(net, phi_new, post, old_logp, advantages).mean())
-            kl_new = float(mean_kl(net, phi_old, phi_new, post))
+            surr_new = float(total(surrogate(phi_new)))
+            kl_new = float(total(mean_kl(net, phi_old, phi_new, post, n_steps)))
         stats["trpo/ls_tries"] = float(j + 1)
         if kl_new <= max_kl and surr_new > surr0 and np.isfinite(surr_new):
             stats.update({

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=1,
-        help="processes per node (DDP ranks; ppo and rl2 only when > 1): each steps "
+        help="processes per node (DDP ranks; ppo, rl2 and the maml family when > 1): each steps "
         "num_envs / (devices x num-nodes) envs",
     )
     p.add_argument("--num-nodes", type=int, default=1, help="nodes of a DDP run (default 1)")

@@ -388,6 +388,9 @@ class Collector:
         across the whole batch, which a shard does not see; so from then on rank 0 continues
         the seed's stream (one draw further) and every other rank draws from its own, seeded by
         ``(seed, rank, that draw)``.
+        ``collect_trials`` (MAML's meta-batch) is given this shard's tasks; every shard draws
+        the episode seeds of all ``n x world`` envs and keeps its own, so every rank's
+        generator stays the seed's stream and the trials start as the 1-process run's do.
         ``seed`` (default: the collector's) restarts the generator, for a run resumed under
         another number of processes. Call before the first ``collect``.
         """
@@ -398,12 +401,11 @@ class Collector:
 
     def _start(self, tasks: Sequence[Task] | None = None) -> None:
         """Begin fresh trials on every env."""
-        # continuous collection on a shard draws the first tasks and seeds of every shard's envs
-        # (see ``shard``); the trials of ``collect_trials`` are given
-        total = self.n * self.world if tasks is None else self.n
-        lo = self.rank * self.n if tasks is None else 0
+        # a shard draws the first tasks and episode seeds of every shard's envs and keeps its
+        # own (see ``shard``); the trials of ``collect_trials`` are given (this shard's tasks)
+        total, lo = self.n * self.world, self.rank * self.n
         drawn = list(tasks) if tasks is not None else [self._sample_task() for _ in range(total)]
-        self.tasks: list[Task] = drawn[lo : lo + self.n]
+        self.tasks: list[Task] = drawn if tasks is not None else drawn[lo : lo + self.n]
         self.trial_ids = [self._new_trial_id() for _ in range(self.n)]
         self.ep_in_trial = [0] * self.n
         self.ep_seed = [int(self.rng.integers(2**31)) for _ in range(total)][lo : lo + self.n]

@@ -16,7 +16,15 @@ epochs run over the *union* of the ranks' rollouts:
 - gradients are all-reduced by DDP inside Lightning's ``manual_backward`` (its
   ``pre_backward`` prepares the reducer for every backward of a manual-optimisation step).
 
-Only ``SUPPORTED`` methods run on more than one process: their update is this minibatch SGD.
+MAML, FOMAML and Reptile (``baselines.maml``) shard the *meta-batch of tasks* instead: each
+rank adapts ``meta_batch_size / W`` tasks on its own envs; the pooled baseline and advantage
+moments are computed from every rank's episodes (``gather_rows``), and the outer step is the
+1-process step: the Adam step's gradient by DDP's all-reduce inside ``manual_backward``, the
+TRPO step's gradient, Fisher-vector products and line-search values by ``all_reduce_sum``
+(TRPO differentiates with ``torch.autograd.grad``, which DDP's reducer does not see), and
+Reptile's mean adapted parameters likewise.
+
+Only ``SUPPORTED`` methods run on more than one process.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ import torch
 import torch.distributed as dist
 
 #: methods whose update is minibatch PPO over env steps (``compo train --devices N``, N > 1)
-SUPPORTED = ("ppo", "rl2")
+PPO_METHODS = ("ppo", "rl2")
+#: methods whose envs are a meta-batch of tasks, one env per task
+META_BATCH_METHODS = ("maml", "fomaml", "reptile")
+SUPPORTED = PPO_METHODS + META_BATCH_METHODS
 #: ``compo train --strategy`` choices: ``auto`` is one process when ``devices x num_nodes`` is 1
 #: and DDP otherwise
 STRATEGIES = ("auto", "ddp")
@@ -74,9 +85,10 @@ def check_distributed(
             f"process is supported for {', '.join(SUPPORTED)} only"
         )
     if num_envs % size:
+        what = "meta_batch_size" if method in META_BATCH_METHODS else "num_envs"
         raise ValueError(
-            f"num_envs={num_envs} on {size} processes; allowed: a multiple of {size} (each "
-            "process steps num_envs / processes envs)"
+            f"{what}={num_envs} on {size} processes; allowed: a multiple of {size} (each "
+            f"process steps {what} / processes envs)"
         )
     return size
 
@@ -95,15 +107,25 @@ def reseed(seed: int) -> None:
 
 
 # -- collectives (no-ops on one process) ---------------------------------------------------------
-def gather_envs(x: torch.Tensor) -> torch.Tensor:
-    """(T, n, ...) of every rank -> (T, n x W, ...) in rank order: the 1-process layout, where
-    rank r's envs are columns ``[r n, (r+1) n)``."""
+def _gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every rank's ``x`` (same shape everywhere) concatenated along ``dim`` in rank order."""
     _, size = world()
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_envs(x: torch.Tensor) -> torch.Tensor:
+    """(T, n, ...) of every rank -> (T, n x W, ...) in rank order: the 1-process layout, where
+    rank r's envs are columns ``[r n, (r+1) n)``."""
+    return _gather(x, 1)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) of every rank (same shape everywhere) -> (n x W, ...) in rank order."""
+    return _gather(x, 0)
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@
    each stored rollout, and the real PPO / RL² modules train on them through the real
    ``rl.train.fit`` (Lightning Trainer, DDPStrategy, ``manual_backward``). Parameters after 3
    iterations (48 minibatch steps of PPO, 24 of RL²) agree within ``ATOL``, while training
-   moved them by far more; the logged losses agree too.
+   moved them by far more; the logged losses agree too. The same for the meta-batch methods
+   (MAML with its TRPO step, FOMAML, Reptile): 2 processes adapting 2 tasks each against 1
+   process adapting all 4, replaying the pre- and post-update trials of 3 real 1-process
+   meta-iterations.
 2. End to end through ``compo train --devices 2 --strategy ddp``: summed env steps, one
    checkpoint holding both ranks' collectors, a SIGKILLed run resumed under 2 processes ends
    bit-for-bit as the uninterrupted run, and resumed under 1 process it finishes the budget.
@@ -38,6 +41,11 @@ PY = sys.executable
 #: the order of float sums (each rank's mean loss, then DDP's all-reduce); 6e-8 was measured
 #: for both methods after the 3 iterations (one float32 ulp of the larger weights)
 ATOL = 1e-5
+#: the same for MAML's TRPO step: its 10 conjugate-gradient iterations on Fisher-vector products
+#: (double back-propagation through the adaptation, float32) amplify the summation-order
+#: differences; measured 3.3e-5 after 3 iterations, against 0.049 of movement (FOMAML's Adam
+#: step and Reptile's mean: 6e-8, within ``ATOL``)
+ATOL_TRPO = 1e-4
 ITERATIONS = 3
 CONFIGS = {
     "ppo": {"num_envs": 4, "ppo": {"num_steps": 32}},
@@ -50,7 +58,13 @@ CONFIGS = {
         "episodes_per_trial": 2,
         "ppo": {"num_steps": 32, "num_minibatches": 2},
     },  # fmt: skip
+    # the meta-batch of tasks spread over the ranks: the headline recipe (TRPO outer step,
+    # second order), FOMAML's Adam step (DDP's all-reduce) and Reptile
+    "maml": {"meta_batch_size": 4, "hidden": 16, "outer_optimizer": "trpo", "max_kl": 0.05},
+    "fomaml": {"meta_batch_size": 4, "hidden": 16, "outer_lr": 0.01},
+    "reptile": {"meta_batch_size": 4, "hidden": 16},
 }
+META = ("maml", "fomaml", "reptile")
 
 
 def _env() -> dict:
@@ -108,17 +122,23 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
             rank, world = distributed.world()
             ro = shard_rollout(stored[self.k], rank, world)
             self.k += 1
-            self.env_steps += int(ro.valid.numel())
+            self.env_steps += int(ro.valid.sum())
             return ro
+
+        def collect_trials(self, tasks, max_steps: int = 1_000_000):
+            assert len(tasks) == self.n  # this rank's share of the meta-batch
+            return self.collect(0)
 
     class Replay(cls):
         def make_collector(self):
             real = super().make_collector()
-            col = ReplayCollector(real.envs, real.policy, seed=int(self.cfg.seed))
+            col = ReplayCollector(
+                real.envs, real.policy, seed=int(self.cfg.seed), task_sampler=real.task_sampler
+            )
             col.k = 0
             return col
 
-    budget = ITERATIONS * CONFIGS[method]["num_envs"] * CONFIGS[method]["ppo"]["num_steps"]
+    budget = sum(int(ro.valid.sum()) for ro in stored)  # ITERATIONS iterations
     module = Replay({**CONFIGS[method], "total_env_steps": budget, "compositions": None})
     strategy = "ddp" if devices > 1 else "auto"
     fit(module, Path(out).with_suffix(".run"), logger=False, devices=devices, strategy=strategy)
@@ -127,16 +147,31 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
 
 
 def _record_rollouts(method: str, path: Path) -> dict:
-    """``ITERATIONS`` real rollouts of the initial policy, all ``num_envs`` envs in 1 process."""
+    """``ITERATIONS`` real rollouts of the initial policy, all ``num_envs`` envs in 1 process
+    (the meta-batch methods: the pre- and post-update trials of ``ITERATIONS`` real
+    meta-iterations of one process). Returns the initial parameters."""
     from experiments.registry import method_class
 
     cfg = {**CONFIGS[method], "compositions": None}
     module = method_class(method)(cfg)
-    col = module.make_collector()
-    rollouts = [col.collect(cfg["ppo"]["num_steps"]) for _ in range(ITERATIONS)]
+    init = {k: v.clone() for k, v in module.net.state_dict().items()}
+    if method in META:
+        module.collector = col = module.make_collector()
+        rollouts, trials = [], col.collect_trials
+
+        def record(tasks, max_steps: int = 1_000_000):
+            rollouts.append(trials(tasks, max_steps))
+            return rollouts[-1]
+
+        col.collect_trials = record
+        for _ in range(ITERATIONS):
+            module.meta_step()
+    else:
+        col = module.make_collector()
+        rollouts = [col.collect(cfg["ppo"]["num_steps"]) for _ in range(ITERATIONS)]
     col.envs.close()
     torch.save(rollouts, path)
-    return {k: v.clone() for k, v in module.net.state_dict().items()}
+    return init
 
 
 def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
@@ -150,18 +185,30 @@ def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
     return {m: torch.load(tmp / f"{m}-{devices}.pt", weights_only=False) for m in methods}
 
 
-def test_two_processes_update_as_one(tmp_path):
-    methods = ["ppo", "rl2"]
+@pytest.mark.parametrize("methods", [["ppo", "rl2"], list(META)], ids=["ppo-rl2", "maml-family"])
+def test_two_processes_update_as_one(tmp_path, methods):
     init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
     one = _run_replay(methods, 1, tmp_path)
     two = _run_replay(methods, 2, tmp_path)
     for m in methods:
         diff = max((one[m]["params"][k] - two[m]["params"][k]).abs().max().item() for k in init[m])
         moved = max((one[m]["params"][k] - init[m][k]).abs().max().item() for k in init[m])
-        assert diff < ATOL, (m, diff)
-        assert moved > 100 * ATOL, (m, moved)  # the tolerance is small against the training
+        atol = ATOL_TRPO if m == "maml" else ATOL
+        assert diff < atol, (m, diff)
+        assert moved > 100 * atol, (m, moved)  # the tolerance is small against the training
         h1, h2 = one[m]["history"], two[m]["history"]
         assert [r["env_steps"] for r in h1] == [r["env_steps"] for r in h2]
+        if m in META:  # the whole meta-batch's numbers on every rank
+            for r1, r2 in zip(h1, h2):
+                for k in ("charts/pre_success", "charts/post_return"):  # the data: the same
+                    assert r2[k] == pytest.approx(r1[k], rel=1e-6), (m, k)
+                assert r2["losses/outer_loss"] == pytest.approx(
+                    r1["losses/outer_loss"], rel=1e-4, abs=1e-5
+                ), m
+                if m == "maml":
+                    assert r2["trpo/accepted"] == r1["trpo/accepted"]
+                    assert r2["trpo/grad_norm"] == pytest.approx(r1["trpo/grad_norm"], rel=2e-3)
+            continue
         for r1, r2 in zip(h1, h2):
             for k in ("losses/loss_policy", "losses/loss_value", "losses/approx_kl"):
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-7), (m, k)
@@ -206,9 +253,11 @@ STEPS_PER_ITERATION = 4 * 32
 FULL = 768 // STEPS_PER_ITERATION
 
 
-def _train(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+def _train(
+    out: Path, *extra: str, check: bool = True, args: list[str] = TRAIN
+) -> subprocess.CompletedProcess:
     r = subprocess.run(
-        [COMPO, "train", *TRAIN, "--out", str(out), *extra],
+        [COMPO, "train", *args, "--out", str(out), *extra],
         env=_env(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     if check:
@@ -224,10 +273,10 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def _killed_run(out: Path, rows: int) -> int:
+def _killed_run(out: Path, rows: int, args: list[str] = TRAIN) -> int:
     """Start a 2-process run and SIGKILL all its processes once its log has ``rows`` rows and
     a checkpoint exists; returns the checkpoint's iteration."""
-    cmd = [COMPO, "train", *TRAIN, "--out", str(out), "--devices", "2", "--strategy", "ddp"]
+    cmd = [COMPO, "train", *args, "--out", str(out), "--devices", "2", "--strategy", "ddp"]
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # rank 1 (started by Lightning) shares the process group
@@ -285,11 +334,50 @@ def test_ddp_train_kill_resume_same_and_other_n(tmp_path):
     assert all(torch.isfinite(v).all() for v in _ckpt(other_n)["state_dict"].values())
 
 
+MAML_TRAIN = [
+    "--method", "maml", "--quiet", "--logger", "csv", "--set", "meta_batch_size=4",
+    "--set", "hidden=16", "--set", "outer_optimizer=trpo", "--set", "total_env_steps=6000",
+]  # fmt: skip
+
+
+def test_ddp_maml_kill_resume_same_and_other_n(tmp_path):
+    """The meta-batch spread over 2 processes: each rank adapts 2 of the 4 tasks; a SIGKILLed
+    run resumed under 2 processes ends bit-for-bit as the uninterrupted one, under 1 it
+    finishes the budget."""
+    ref = tmp_path / "uninterrupted"
+    _train(ref, "--devices", "2", "--strategy", "ddp", args=MAML_TRAIN)
+    rows = _log(ref)
+    st = _ckpt(ref)["rl_state"]
+    full = st["iteration"]
+    assert st["world_size"] == 2 and st["env_steps"] >= 6000 and full == len(rows) >= 3
+    assert st["env_steps"] == sum(x["collector"]["env_steps"] for x in st["ranks"])
+
+    killed = tmp_path / "killed"
+    it = _killed_run(killed, 1, args=MAML_TRAIN)
+    assert 1 <= it < full, f"the run was not interrupted (checkpoint of iteration {it})"
+    other_n = tmp_path / "killed_then_1"
+    subprocess.run(["cp", "-a", str(killed), str(other_n)], check=True)
+    _train(killed, "--devices", "2", "--strategy", "ddp", "--resume", args=MAML_TRAIN)
+    a, b = _ckpt(ref), _ckpt(killed)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    timing = ("charts/SPS", "time/")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(timing)}  # noqa: E731
+    assert [strip(r) for r in _log(killed)] == [strip(r) for r in rows]
+
+    _train(other_n, "--resume", args=MAML_TRAIN)
+    st = _ckpt(other_n)["rl_state"]
+    assert st["env_steps"] >= 6000 and "world_size" not in st
+    assert [r["iteration"] for r in _log(other_n)] == list(range(1, st["iteration"] + 1))
+    assert all(torch.isfinite(v).all() for v in _ckpt(other_n)["state_dict"].values())
+
+
 # -- 3. bad layouts ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "maml", "--devices", "2"], "supported for ppo, rl2 only"),
+        (["--method", "pearl", "--devices", "2"], "supported for ppo, rl2, maml"),
+        (["--method", "maml", "--devices", "2", "--set", "meta_batch_size=3"], "meta_batch_size=3"),
         (["--method", "ppo", "--devices", "2", "--set", "num_envs=3"], "a multiple of 2"),
         (["--method", "ppo", "--devices", "0"], "--devices 0"),
         (["--method", "ppo", "--devices", "100000"], "--devices 100000"),
