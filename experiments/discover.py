@@ -20,6 +20,7 @@ Single process; ``torch.set_num_threads(1)``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--relabel", default="assign", help="assign or argmax")
     ap.add_argument("--gamma", type=float, default=0.95, help="skills' PPO discount")
     ap.add_argument("--ent-coef", type=float, default=0.01, help="skills' entropy bonus")
+    ap.add_argument("--update-epochs", type=int, default=4, help="skills' PPO epochs per rollout")
+    ap.add_argument(
+        "--disc-steps", type=int, default=8, help="discriminator minibatch steps per rollout"
+    )
     ap.add_argument("--states", type=int, default=16, help="start states per primitive")
     ap.add_argument("--evaluate", default=None, help="only evaluate this discovery checkpoint")
     ap.add_argument("--supervised", type=int, default=None, help="train the supervised library")
@@ -115,6 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and a.evaluate is None:
         raise SystemExit(f"--out {str(out)!r} exists and is not empty; choose a new folder")
+    cfg = None
+    if a.supervised is None and a.evaluate is None:
+        try:  # validated before anything is written: one line, exit 2
+            cfg = DiscoveryConfig(
+                num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
+                start_skills=a.start_skills, bc_coef=a.bc_coef, cut_reward=a.cut_reward,
+                reward_floor=a.reward_floor, relabel=a.relabel, disc_steps=a.disc_steps,
+                ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef,
+                     "update_epochs": a.update_epochs},
+            )  # fmt: skip
+        except (TypeError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     out.mkdir(parents=True, exist_ok=True)
     disc = None
     if a.supervised is not None:
@@ -123,12 +141,6 @@ def main(argv: list[str] | None = None) -> None:
     elif a.evaluate is not None:
         lib, disc = load_discovered(discovery_state(safe_torch_load(a.evaluate)))
     else:
-        cfg = DiscoveryConfig(
-            num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
-            start_skills=a.start_skills, bc_coef=a.bc_coef, cut_reward=a.cut_reward,
-            reward_floor=a.reward_floor, relabel=a.relabel,
-            ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef},
-        )  # fmt: skip
 
         def log(row: dict) -> None:
             append_jsonl(out / "log.jsonl", row)

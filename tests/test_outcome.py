@@ -292,3 +292,25 @@ def wrap_step(step, seen: list):
         return out
 
     return wrapped
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--update-epochs", "0"], "update_epochs=0"),
+        (["--gamma", "2"], "gamma=2.0"),
+        (["--num-skills", "0"], "num_skills=0"),
+        (["--disc-steps", "0"], "disc_steps=0"),
+    ],
+)
+def test_discover_command_bad_input_one_line(tmp_path, capsys, args, message):
+    """``python -m experiments.discover``: a bad setting is one line, exit 2, nothing written."""
+    from experiments.discover import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--steps", "1000", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
