@@ -389,8 +389,9 @@ class Collector:
         the seed's stream (one draw further) and every other rank draws from its own, seeded by
         ``(seed, rank, that draw)``.
         ``collect_trials`` (MAML's meta-batch) is given this shard's tasks; every shard draws
-        the episode seeds of all ``n x world`` envs and keeps its own, so every rank's
-        generator stays the seed's stream and the trials start as the 1-process run's do.
+        the episode seeds of all ``n x world`` envs and keeps its own, so the first trials
+        start as the 1-process run's do; then, as above, rank 0 continues the seed's stream
+        and every other rank its own.
         ``seed`` (default: the collector's) restarts the generator, for a run resumed under
         another number of processes. Call before the first ``collect``.
         """
@@ -409,7 +410,7 @@ class Collector:
         self.trial_ids = [self._new_trial_id() for _ in range(self.n)]
         self.ep_in_trial = [0] * self.n
         self.ep_seed = [int(self.rng.integers(2**31)) for _ in range(total)][lo : lo + self.n]
-        if tasks is None and self.world > 1:
+        if self.world > 1:
             # the same draw on every rank (they all drew the same so far), then a stream per rank
             fresh = derived_seed(self.seed, self.rank, int(self.rng.integers(2**31)))
             if self.rank > 0:

@@ -220,8 +220,8 @@ def test_shards_start_as_the_one_process_envs():
     """What ``Collector.shard`` promises: each env's first task, first episode seed and so
     first observation are the 1-process run's for the same env index; later draws are each
     rank's own."""
-    from envs import make_split
-    from rl.collect import Collector, FeedForwardPolicy, make_vector_env, uniform_task_sampler
+    from envs import Composition, make_split
+    from rl.collect import Collector, FeedForwardPolicy, Task, make_vector_env, uniform_task_sampler
     from rl.nets import ActorCritic
 
     train = make_split("grid", seed=0).train
@@ -241,6 +241,16 @@ def test_shards_start_as_the_one_process_envs():
     assert [t for c in shards for t in c.tasks] == one.tasks
     assert [s for c in shards for s in c.ep_seed] == one.ep_seed
     assert torch.equal(torch.cat([p.obs for p in parts], dim=1), ro.obs)
+    assert shards[0].rng.integers(2**31) != shards[1].rng.integers(2**31)
+
+    # MAML's trials: each rank is given its slice of the meta-batch; the first trials start
+    # as the 1-process ones (same episode seeds), later draws are each rank's own
+    one, shards = collector(4), [collector(2, r, 2) for r in range(2)]
+    tasks = [Task(Composition.parse(train[0]), None) for _ in range(4)]  # layouts from the seeds
+    ro = one.collect_trials(tasks)
+    parts = [c.collect_trials(tasks[2 * r : 2 * r + 2]) for r, c in enumerate(shards)]
+    assert torch.equal(torch.cat([p.obs[0] for p in parts]), ro.obs[0])
+    assert not torch.equal(ro.obs[0, 0], ro.obs[0, 2])  # one composition, four layouts
     assert shards[0].rng.integers(2**31) != shards[1].rng.integers(2**31)
 
 
