@@ -3,6 +3,8 @@ each figure promises to show."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -245,3 +247,27 @@ def test_embed_prints_the_correlations_with_mantel_p_values(tmp_path):
     assert f"Pearson r = {corr['pearson']:.2f} (Mantel p = {corr['pearson_p']:.3g})" in run.stdout
     doc = json.loads((out / "embed.json").read_text())
     assert len(doc["pca_explained_variance"]) == 2 and sum(doc["pca_explained_variance"]) <= 1
+
+
+def test_axes_figure_from_the_committed_tables(tmp_path, capsys):
+    """``python -m experiments.axes_figure``: one picture from stored tables; bad parts are
+    one line, exit 2, nothing written."""
+    from experiments.axes_figure import bar, main, read_parts
+
+    root = Path(__file__).resolve().parent.parent
+    pair, length = root / "results" / "axes_pair", root / "results" / "axes_length"
+    out = tmp_path / "axes.png"
+    assert main([f"pair={pair}", f"length={length}", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the bar is the table's zero-shot mean and interval
+    ((_, doc),) = read_parts([f"pair={pair}"])
+    mean, ci, n = bar(doc, "ppo")
+    z = doc["methods"]["ppo"]["aggregates"]["zero_shot"]
+    assert (mean, ci, n) == (z["mean"], tuple(z["mean_ci"]), 3)
+    assert bar(doc, "maml") is None  # not in that table: a gap
+    for args in (["nolabel"], [f"x={tmp_path / 'missing'}"], [f"pair={pair}"]):
+        bad = tmp_path / "bad.png" if args != [f"pair={pair}"] else tmp_path / "bad.jpg"
+        assert main([*args, "--out", str(bad)]) == 2
+        assert not bad.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
