@@ -255,6 +255,9 @@ class MAMLModule(RLModule):
         mo = state.get("eval_adv_moments")
         self.eval_adv_moments = None if mo is None else (float(mo[0]), float(mo[1]))
 
+    def shard_sizes(self) -> dict[str, int]:
+        return {"meta_batch_size": int(self.cfg.meta_batch_size)}  # one env per task
+
     def iterations(self) -> int:
         """Upper bound on meta-iterations (every episode takes >= 1 step); training stops as
         soon as ``total_env_steps`` is reached (episode lengths vary)."""

@@ -21,6 +21,10 @@ of that ring, and the KL term is summed over the meta-batch's tasks, both as in 
 meta-test the same policy and episode hook give posterior sampling: z ~ prior for episode 0,
 then z ~ q(z | episodes so far); actions are the policy's argmax / mean (oyster evaluates
 deterministically). Checkpoints hold only the buffers' filled rows.
+
+On Lightning DDP (``compo train --devices N``) each rank runs ``num_envs / N`` of an
+iteration's trials, every rank stores every rank's transitions, and each update's meta-batch is
+split over the ranks (``rl.distributed``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from baselines.pearl_nets import (
     pearl_losses,
 )
 from envs.core import Task
+from rl import distributed
 from rl.collect import Collector, Episode, Prev, StepOutput, make_vector_env
 from rl.config import BaseConfig
 from rl.module import RLModule
@@ -262,7 +267,7 @@ class PEARLModule(RLModule):
     def make_collector(self) -> Collector:
         cfg: PEARLConfig = self.cfg
         envs = make_vector_env(
-            cfg.env_id, cfg.num_envs,
+            cfg.env_id, self.num_local_envs,
             {**cfg.env_kwargs, "composition": self.task_pool[0].composition},
             vectorization=cfg.vectorization,
         )  # fmt: skip
@@ -278,6 +283,9 @@ class PEARLModule(RLModule):
         params = [p for p in self.nets.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.cfg.lr)
 
+    def shard_sizes(self) -> dict[str, int]:
+        return {"num_envs": int(self.cfg.num_envs), "meta_batch": int(self.cfg.meta_batch)}
+
     def iterations(self) -> int:
         cfg = self.cfg
         # upper bound (every episode >= 1 step); training_step stops at the budget
@@ -288,28 +296,43 @@ class PEARLModule(RLModule):
         """Valid steps of env i go to task_ids[i]'s replay; its prior-z episode (index 0) goes
         to the task's context buffer, a ring of its recent exploratory episodes (PEARL alg. 1;
         oyster refills it with ~400 prior-z steps per visit, we add one episode per visit, so
-        keeping the previous ones is what gives a context of several episodes)."""
+        keeping the previous ones is what gives a context of several episodes). Under DDP
+        every rank stores every rank's envs, in the 1-process env order."""
+        rows = []
         for i, k in enumerate(task_ids):
             v = ro.valid[:, i]
             data = {
                 "obs": ro.obs[v, i], "actions": ro.actions[v, i], "rewards": ro.rewards[v, i],
                 "next_obs": ro.next_obs[v, i], "terminated": ro.terminated[v, i],
             }  # fmt: skip
+            rows.append((k, data, ro.episode_index[v, i] == 0))
+        for k, data, prior in (r for part in distributed.gather_objects(rows) for r in part):
             self.replay.add(k, data)
-            prior = ro.episode_index[v, i] == 0
             self.context_buffer.add(k, {f: x[prior] for f, x in data.items()})
 
     def sample_meta_batch(
         self,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Context features (K, M, F) with their mask (K, M) and a replay batch (K, B, ...) of
-        ``meta_batch`` tasks drawn uniformly from the tasks that have data."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Context features (K, M, F) with their mask (K, M), a replay batch (K, B, ...) and
+        the (K, latent) noise of z, of ``meta_batch`` tasks drawn uniformly from the tasks that
+        have data. Under DDP rank 0 draws for the whole meta-batch and broadcasts; each rank
+        gets its share of the tasks (K = meta_batch / ranks)."""
         cfg: PEARLConfig = self.cfg
-        have = torch.nonzero(self.replay.size > 0).squeeze(-1)
-        tasks = have[torch.randint(len(have), (cfg.meta_batch,))]
-        c, mask = self.context_buffer.sample_distinct(tasks, cfg.context_batch)
+        rank, size = distributed.world()
+        draws = None
+        if rank == 0:
+            have = torch.nonzero(self.replay.size > 0).squeeze(-1)
+            tasks = have[torch.randint(len(have), (cfg.meta_batch,))]
+            cidx, mask = self.context_buffer.draw_distinct(tasks, cfg.context_batch)
+            ridx = self.replay.draw(tasks, cfg.batch_size)
+            draws = (tasks, cidx, mask, ridx, torch.randn(cfg.meta_batch, cfg.latent_dim))
+        k = cfg.meta_batch // size
+        tasks, cidx, mask, ridx, noise = (
+            x[rank * k : (rank + 1) * k] for x in distributed.broadcast_object(draws)
+        )
+        c = self.context_buffer.take(tasks, cidx)
         ctx = self.nets.features(c["obs"], c["actions"], c["rewards"], c["next_obs"])
-        return ctx, mask, self.replay.sample(tasks, cfg.batch_size)
+        return ctx, mask, self.replay.take(tasks, ridx), noise
 
     def num_updates(self, env_steps: int) -> int:
         """Updates to run after collecting ``env_steps`` steps: ``num_grad_steps`` if set, else
@@ -326,21 +349,26 @@ class PEARLModule(RLModule):
     def training_step(self, batch, batch_idx):
         cfg: PEARLConfig = self.cfg
         t0 = time.perf_counter()
-        n = cfg.num_envs
-        P = len(self.task_pool)
-        ids = torch.randperm(P)[:n] if P >= n else torch.randint(P, (n,))
-        task_ids = [int(k) for k in ids]
-        ro = self.collector.collect_trials([self._trial_task(k) for k in task_ids])
-        self._store(ro, task_ids)
-        updates = self.num_updates(ro.num_steps)
+        rank, size = distributed.world()
+        draws = None
+        if rank == 0:  # under DDP rank 0 draws the iteration's tasks; each rank runs its share
+            n, P = cfg.num_envs, len(self.task_pool)
+            ids = torch.randperm(P)[:n] if P >= n else torch.randint(P, (n,))
+            draws = [(int(k), self._trial_task(int(k))) for k in ids]
+        n = self.num_local_envs
+        mine = distributed.broadcast_object(draws)[rank * n : (rank + 1) * n]
+        ro = self.collector.collect_trials([t for _, t in mine])
+        self._store(ro, [k for k, _ in mine])
+        steps = distributed.all_reduce_sum(torch.tensor([ro.num_steps], dtype=torch.float64))
+        updates = self.num_updates(int(steps[0]))
         opt = self.optimizers()
         sums: dict[str, float] = {}
         for _ in range(updates):
-            ctx, mask, rb = self.sample_meta_batch()
+            ctx, mask, rb, noise = self.sample_meta_batch()
             terms = pearl_losses(
                 self.nets, ctx, rb, gamma=cfg.gamma, kl_weight=cfg.kl_weight,
                 target_entropy=self.target_entropy, reward_scale=cfg.reward_scale,
-                context_mask=mask,
+                context_mask=mask, z_noise=noise, meta_batch_shards=size,
             )  # fmt: skip
             opt.zero_grad()
             self.manual_backward(terms["loss"])

@@ -51,30 +51,39 @@ class TaskBuffers:
         self.ptr[task] = (self.ptr[task] + n) % self.capacity
         self.size[task] = torch.clamp(self.size[task] + n, max=self.capacity)
 
-    def sample(self, tasks: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        """``n`` transitions per task, uniformly with replacement: (K, n, ...) tensors."""
+    def draw(self, tasks: torch.Tensor, n: int) -> torch.Tensor:
+        """(K, n) row indices of ``n`` transitions per task, uniformly with replacement."""
         sizes = self.size[tasks].clamp(min=1)
-        idx = (torch.rand(len(tasks), n) * sizes[:, None]).long()
-        rows = tasks[:, None].expand(-1, n)
-        return {k: getattr(self, k)[rows, idx] for k in self.FIELDS}
+        return (torch.rand(len(tasks), n) * sizes[:, None]).long()
 
-    def sample_distinct(
-        self, tasks: torch.Tensor, n: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Up to ``n`` *distinct* transitions per task, uniformly without replacement (all of
-        them when a task holds fewer): (K, m, ...) tensors with m = min(n, capacity) and a
-        (K, m) bool mask, False on padding rows. For the encoder's context: drawing with
-        replacement from a short buffer repeats transitions, and with a product of Gaussians
-        every repeat sharpens the posterior as if it were new evidence."""
+    def draw_distinct(self, tasks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of up to ``n`` *distinct* transitions per task, uniformly without
+        replacement (all of them when a task holds fewer): (K, m) indices with
+        m = min(n, capacity) and a (K, m) bool mask, False on padding rows. For the encoder's
+        context: drawing with replacement from a short buffer repeats transitions, and with a
+        product of Gaussians every repeat sharpens the posterior as if it were new evidence."""
         sizes = self.size[tasks]
         keys = torch.rand(len(tasks), self.capacity)
         # empty rows sort last; among filled rows the order is a uniform random permutation
         keys = torch.where(torch.arange(self.capacity)[None] < sizes[:, None], keys, 2.0)
         m = min(n, self.capacity)
-        idx = keys.argsort(-1)[:, :m]
-        mask = torch.arange(m)[None] < sizes[:, None]
-        rows = tasks[:, None].expand(-1, m)
-        return {k: getattr(self, k)[rows, idx] for k in self.FIELDS}, mask
+        return keys.argsort(-1)[:, :m], torch.arange(m)[None] < sizes[:, None]
+
+    def take(self, tasks: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transitions at (K, n) row indices ``idx`` of the K ``tasks``: (K, n, ...)."""
+        rows = tasks[:, None].expand_as(idx)
+        return {k: getattr(self, k)[rows, idx] for k in self.FIELDS}
+
+    def sample(self, tasks: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """``n`` transitions per task, uniformly with replacement: (K, n, ...) tensors."""
+        return self.take(tasks, self.draw(tasks, n))
+
+    def sample_distinct(
+        self, tasks: torch.Tensor, n: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``draw_distinct``'s transitions, (K, m, ...) tensors, and its (K, m) mask."""
+        idx, mask = self.draw_distinct(tasks, n)
+        return self.take(tasks, idx), mask
 
     def state_dict(self) -> dict[str, Any]:
         """Only the filled rows, concatenated over tasks (a buffer is mostly empty for most of

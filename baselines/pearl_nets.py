@@ -221,6 +221,8 @@ def pearl_losses(
     target_entropy: float,
     reward_scale: float = 1.0,
     context_mask: torch.Tensor | None = None,
+    z_noise: torch.Tensor | None = None,
+    meta_batch_shards: int = 1,
 ) -> dict[str, torch.Tensor]:
     """One PEARL update's named loss terms over a meta-batch of K tasks.
 
@@ -234,6 +236,12 @@ def pearl_losses(
         context: (K, M, F) context features per task (from the context buffers).
         batch: (K, B, ...) tensors ``obs``, ``actions``, ``rewards``, ``next_obs``,
             ``terminated`` from the tasks' replay buffers.
+        z_noise: (K, latent) standard-normal noise of z's reparameterisation (default: drawn
+            here from the global RNG).
+        meta_batch_shards: the K tasks are one of this many equal shares of the meta-batch
+            (DDP: each rank computes its share, DDP averages the gradients): every term is a
+            mean over tasks except the KL, a sum, which is therefore multiplied by the shares,
+            so that its average over the ranks is the meta-batch's sum.
 
     Returns:
         ``loss`` (sum to minimise) and the terms ``loss_critic``, ``loss_q1``, ``loss_q2``,
@@ -242,10 +250,11 @@ def pearl_losses(
     """
     K, B = batch["rewards"].shape
     mu, var = nets.encoder(context, context_mask)
-    z_task = mu + var.sqrt() * torch.randn_like(mu)  # reparameterised, PEARL eq. 3
+    eps = torch.randn_like(mu) if z_noise is None else z_noise
+    z_task = mu + var.sqrt() * eps  # reparameterised, PEARL eq. 3
     # summed over the meta-batch's tasks, as oyster's ``compute_kl_div`` (kl_lambda multiplies
     # the sum): a mean would weaken the information bottleneck by a factor K
-    kl = kl_to_standard_normal(mu, var).sum()
+    kl = kl_to_standard_normal(mu, var).sum() * meta_batch_shards
     z = z_task[:, None, :].expand(K, B, nets.latent_dim).reshape(K * B, -1)
     z_det = z.detach()
     obs = batch["obs"].reshape(K * B, -1)

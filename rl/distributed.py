@@ -24,7 +24,16 @@ TRPO step's gradient, Fisher-vector products and line-search values by ``all_red
 (TRPO differentiates with ``torch.autograd.grad``, which DDP's reducer does not see), and
 Reptile's mean adapted parameters likewise.
 
-Only ``SUPPORTED`` methods run on more than one process.
+PEARL (``baselines.pearl``) shards both: each rank runs ``num_envs / W`` of the iteration's
+trials (rank 0 draws the pool tasks and broadcasts them) and every rank stores every rank's
+transitions, so the replay and context buffers are the same on every rank and in the
+checkpoint; each SAC + encoder update's draws (tasks, context and replay rows, z's noise) are
+rank 0's, broadcast, and each rank computes the loss of ``meta_batch / W`` of its tasks; DDP
+averages the gradients over the ranks (the KL, summed over the meta-batch's tasks, is scaled
+by ``W``).
+
+Only ``SUPPORTED`` methods run on more than one process; ``RLModule.shard_sizes`` names the
+sizes a method splits over the ranks.
 """
 
 from __future__ import annotations
@@ -40,7 +49,9 @@ import torch.distributed as dist
 PPO_METHODS = ("ppo", "rl2")
 #: methods whose envs are a meta-batch of tasks, one env per task
 META_BATCH_METHODS = ("maml", "fomaml", "reptile")
-SUPPORTED = PPO_METHODS + META_BATCH_METHODS
+#: off-policy methods: trials sharded over the ranks, buffers replicated, meta-batch sharded
+OFF_POLICY_METHODS = ("pearl",)
+SUPPORTED = PPO_METHODS + META_BATCH_METHODS + OFF_POLICY_METHODS
 #: ``compo train --strategy`` choices: ``auto`` is one process when ``devices x num_nodes`` is 1
 #: and DDP otherwise
 STRATEGIES = ("auto", "ddp")
@@ -67,10 +78,16 @@ def launch_rank(devices: int) -> int:
 
 
 def check_distributed(
-    method: str, num_envs: int, devices: int, num_nodes: int = 1, strategy: str = "auto"
+    method: str,
+    sizes: dict[str, int],
+    devices: int,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> int:
-    """Validate a run's process layout; return its world size. One-line ``ValueError`` for a
-    layout the method or its ``num_envs`` cannot shard."""
+    """Validate a run's process layout; return its world size. ``sizes`` are the settings the
+    method splits over the ranks (``RLModule.shard_sizes``: ``num_envs``, MAML's
+    ``meta_batch_size``, PEARL's ``meta_batch``...). One-line ``ValueError`` for a layout the
+    method or those sizes cannot shard."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
     cores = os.cpu_count() or 1
@@ -84,12 +101,12 @@ def check_distributed(
             f"--devices {devices} --num-nodes {num_nodes} for method {method!r}: more than one "
             f"process is supported for {', '.join(SUPPORTED)} only"
         )
-    if num_envs % size:
-        what = "meta_batch_size" if method in META_BATCH_METHODS else "num_envs"
-        raise ValueError(
-            f"{what}={num_envs} on {size} processes; allowed: a multiple of {size} (each "
-            f"process steps {what} / processes envs)"
-        )
+    for what, n in sizes.items():
+        if int(n) % size:
+            raise ValueError(
+                f"{what}={n} on {size} processes; allowed: a multiple of {size} (each "
+                f"process takes {what} / processes of them)"
+            )
     return size
 
 
@@ -133,6 +150,15 @@ def broadcast(x: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.broadcast(x, src=0)
     return x
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` (plain data and tensors, between our own processes) on every rank."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

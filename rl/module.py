@@ -77,6 +77,10 @@ class RLModule(L.LightningModule):
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def shard_sizes(self) -> dict[str, int]:
+        """Settings this method splits over DDP ranks (each a multiple of the world size)."""
+        return {"num_envs": int(self.cfg.num_envs)}
+
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:

@@ -408,7 +408,7 @@ def fit(
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads {threads!r}; allowed: an integer >= 1")
     check_accelerator(accelerator)
-    size = check_distributed(module.method, module.cfg.num_envs, devices, num_nodes, strategy)
+    size = check_distributed(module.method, module.shard_sizes(), devices, num_nodes, strategy)
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(out) if resume else None

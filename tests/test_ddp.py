@@ -10,10 +10,12 @@
    moved them by far more; the logged losses agree too. The same for the meta-batch methods
    (MAML with its TRPO step, FOMAML, Reptile): 2 processes adapting 2 tasks each against 1
    process adapting all 4, replaying the pre- and post-update trials of 3 real 1-process
-   meta-iterations.
-2. End to end through ``compo train --devices 2 --strategy ddp``: summed env steps, one
-   checkpoint holding both ranks' collectors, a SIGKILLed run resumed under 2 processes ends
-   bit-for-bit as the uninterrupted run, and resumed under 1 process it finishes the budget.
+   meta-iterations; and PEARL, 2 processes each running 2 of 4 trials and computing 2 of the 4
+   tasks of every update's meta-batch.
+2. End to end through ``compo train --devices 2 --strategy ddp`` (PPO, MAML, PEARL): summed env
+   steps, one checkpoint holding both ranks' collectors, a SIGKILLed run resumed under 2
+   processes ends bit-for-bit as the uninterrupted run, and resumed under 1 process it finishes
+   the budget.
 3. Bad layouts are one-line errors (exit 2, nothing written).
 
 Run as a script (``python tests/test_ddp.py replay ...``) it is the training side of 1.:
@@ -63,6 +65,17 @@ CONFIGS = {
     "maml": {"meta_batch_size": 4, "hidden": 16, "outer_optimizer": "trpo", "max_kl": 0.05},
     "fomaml": {"meta_batch_size": 4, "hidden": 16, "outer_lr": 0.01},
     "reptile": {"meta_batch_size": 4, "hidden": 16},
+    # 4 trials and a meta-batch of 4 tasks per update spread over the ranks
+    "pearl": {
+        "num_envs": 4,
+        "meta_batch": 4,
+        "hidden": 16,
+        "encoder_hidden": 16,
+        "num_train_tasks": 8,
+        "batch_size": 16,
+        "context_batch": 8,
+        "num_grad_steps": 10,
+    },  # fmt: skip
 }
 META = ("maml", "fomaml", "reptile")
 
@@ -143,19 +156,26 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
     strategy = "ddp" if devices > 1 else "auto"
     fit(module, Path(out).with_suffix(".run"), logger=False, devices=devices, strategy=strategy)
     if distributed.world()[0] == 0:
-        torch.save({"params": module.net.state_dict(), "history": module.history}, out)
+        torch.save({"params": module.state_dict(), "history": module.history}, out)
 
 
 def _record_rollouts(method: str, path: Path) -> dict:
     """``ITERATIONS`` real rollouts of the initial policy, all ``num_envs`` envs in 1 process
     (the meta-batch methods: the pre- and post-update trials of ``ITERATIONS`` real
-    meta-iterations of one process). Returns the initial parameters."""
+    meta-iterations of one process; PEARL: ``ITERATIONS`` trials of its initial policy on pool
+    tasks). Returns the initial parameters."""
     from experiments.registry import method_class
 
     cfg = {**CONFIGS[method], "compositions": None}
     module = method_class(method)(cfg)
-    init = {k: v.clone() for k, v in module.net.state_dict().items()}
-    if method in META:
+    init = {k: v.clone() for k, v in module.state_dict().items()}
+    if method == "pearl":
+        col = module.make_collector()
+        rollouts = []
+        for _ in range(ITERATIONS):
+            ids = torch.randperm(len(module.task_pool))[: cfg["num_envs"]]
+            rollouts.append(col.collect_trials([module._trial_task(int(k)) for k in ids]))
+    elif method in META:
         module.collector = col = module.make_collector()
         rollouts, trials = [], col.collect_trials
 
@@ -185,7 +205,9 @@ def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
     return {m: torch.load(tmp / f"{m}-{devices}.pt", weights_only=False) for m in methods}
 
 
-@pytest.mark.parametrize("methods", [["ppo", "rl2"], list(META)], ids=["ppo-rl2", "maml-family"])
+@pytest.mark.parametrize(
+    "methods", [["ppo", "rl2"], list(META), ["pearl"]], ids=["ppo-rl2", "maml-family", "pearl"]
+)
 def test_two_processes_update_as_one(tmp_path, methods):
     init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
     one = _run_replay(methods, 1, tmp_path)
@@ -208,6 +230,13 @@ def test_two_processes_update_as_one(tmp_path, methods):
                 if m == "maml":
                     assert r2["trpo/accepted"] == r1["trpo/accepted"]
                     assert r2["trpo/grad_norm"] == pytest.approx(r1["trpo/grad_norm"], rel=2e-3)
+            continue
+        if m == "pearl":  # every rank stored every rank's trials: the same buffers, same draws
+            for r1, r2 in zip(h1, h2):
+                assert r2["charts/updates"] == r1["charts/updates"]
+                assert r2["charts/success"] == r1["charts/success"]
+                for k in ("losses/loss_critic", "losses/loss_actor", "losses/loss_kl"):
+                    assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), (m, k)
             continue
         for r1, r2 in zip(h1, h2):
             for k in ("losses/loss_policy", "losses/loss_value", "losses/approx_kl"):
@@ -348,26 +377,36 @@ MAML_TRAIN = [
     "--method", "maml", "--quiet", "--logger", "csv", "--set", "meta_batch_size=4",
     "--set", "hidden=16", "--set", "outer_optimizer=trpo", "--set", "total_env_steps=6000",
 ]  # fmt: skip
+PEARL_TRAIN = [
+    "--method", "pearl", "--quiet", "--logger", "csv", "--set", "num_envs=4",
+    "--set", "hidden=16", "--set", "encoder_hidden=16", "--set", "num_train_tasks=8",
+    "--set", "batch_size=16", "--set", "context_batch=8", "--set", "updates_per_env_step=0.02",
+    "--set", "total_env_steps=4000",
+]  # fmt: skip
 
 
-def test_ddp_maml_kill_resume_same_and_other_n(tmp_path):
-    """The meta-batch spread over 2 processes: each rank adapts 2 of the 4 tasks; a SIGKILLed
-    run resumed under 2 processes ends bit-for-bit as the uninterrupted one, under 1 it
-    finishes the budget."""
+@pytest.mark.parametrize(
+    "args, budget", [(MAML_TRAIN, 6000), (PEARL_TRAIN, 4000)], ids=["maml", "pearl"]
+)
+def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
+    """MAML's meta-batch spread over 2 processes (each rank adapts 2 of the 4 tasks); PEARL's
+    trials and update meta-batch likewise, with its replay buffers in the checkpoint. A
+    SIGKILLed run resumed under 2 processes ends bit-for-bit as the uninterrupted one, under 1
+    it finishes the budget."""
     ref = tmp_path / "uninterrupted"
-    _train(ref, "--devices", "2", "--strategy", "ddp", args=MAML_TRAIN)
+    _train(ref, "--devices", "2", "--strategy", "ddp", args=args)
     rows = _log(ref)
     st = _ckpt(ref)["rl_state"]
     full = st["iteration"]
-    assert st["world_size"] == 2 and st["env_steps"] >= 6000 and full == len(rows) >= 3
+    assert st["world_size"] == 2 and st["env_steps"] >= budget and full == len(rows) >= 3
     assert st["env_steps"] == sum(x["collector"]["env_steps"] for x in st["ranks"])
 
     killed = tmp_path / "killed"
-    it = _killed_run(killed, 1, args=MAML_TRAIN)
+    it = _killed_run(killed, 1, args=args)
     assert 1 <= it < full, f"the run was not interrupted (checkpoint of iteration {it})"
     other_n = tmp_path / "killed_then_1"
     subprocess.run(["cp", "-a", str(killed), str(other_n)], check=True)
-    _train(killed, "--devices", "2", "--strategy", "ddp", "--resume", args=MAML_TRAIN)
+    _train(killed, "--devices", "2", "--strategy", "ddp", "--resume", args=args)
     a, b = _ckpt(ref), _ckpt(killed)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
@@ -375,9 +414,9 @@ def test_ddp_maml_kill_resume_same_and_other_n(tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(timing)}  # noqa: E731
     assert [strip(r) for r in _log(killed)] == [strip(r) for r in rows]
 
-    _train(other_n, "--resume", args=MAML_TRAIN)
+    _train(other_n, "--resume", args=args)
     st = _ckpt(other_n)["rl_state"]
-    assert st["env_steps"] >= 6000 and "world_size" not in st
+    assert st["env_steps"] >= budget and "world_size" not in st
     assert [r["iteration"] for r in _log(other_n)] == list(range(1, st["iteration"] + 1))
     assert all(torch.isfinite(v).all() for v in _ckpt(other_n)["state_dict"].values())
 
@@ -386,7 +425,8 @@ def test_ddp_maml_kill_resume_same_and_other_n(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "pearl", "--devices", "2"], "supported for ppo, rl2, maml"),
+        (["--method", "compositional", "--devices", "2"], "supported for ppo, rl2, maml"),
+        (["--method", "pearl", "--devices", "2", "--set", "meta_batch=3"], "meta_batch=3 on 2"),
         (["--method", "maml", "--devices", "2", "--set", "meta_batch_size=3"], "meta_batch_size=3"),
         (["--method", "ppo", "--devices", "2", "--set", "num_envs=3"], "a multiple of 2"),
         (["--method", "ppo", "--devices", "0"], "--devices 0"),

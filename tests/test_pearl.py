@@ -333,10 +333,10 @@ def test_saved_buffers_give_identical_buffers_and_identical_next_update(tmp_path
 
     def next_update(mod):
         torch.manual_seed(11)
-        ctx, mask, rb = mod.sample_meta_batch()
+        ctx, mask, rb, noise = mod.sample_meta_batch()
         terms = pearl_losses(
             mod.nets, ctx, rb, gamma=0.99, kl_weight=0.1, target_entropy=mod.target_entropy,
-            context_mask=mask,
+            context_mask=mask, z_noise=noise,
         )  # fmt: skip
         grads = torch.autograd.grad(terms["loss"], list(mod.nets.encoder.parameters()))
         return terms["loss"].detach(), grads
