@@ -19,6 +19,11 @@ Switches (the ablations): ``composer`` attention / uniform / soft, ``graph`` lea
 ``inner_loop`` on / off (a per-trial skill bias adapted by one REINFORCE step per episode),
 ``primitives`` discovered / supervised / random-frozen. The whole budget, phase 1 included,
 counts against the same env-step budget as every baseline.
+
+On Lightning DDP (``compo train --devices N``) each rank steps ``num_envs / N`` envs; every
+update is the 1-process update over the union of the ranks' envs (skills: ``rl.ppo.ppo_update``;
+discovery: ``primitives.outcome_training.Discovery``; controller: ``update_controller``), the graph
+counts every rank's segments, and each rank acts on generators of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from primitives.option_training import (
     update_skills,
 )
 from primitives.options import OptionLibrary, check_positive_int
-from primitives.outcome import Discovery, DiscoveryConfig, OutcomeDiscriminator
+from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator
+from primitives.outcome_training import Discovery
+from rl import distributed
 from rl.collect import Collector, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.io import safe_torch_load
@@ -256,11 +263,12 @@ class CompositionalAgent(RLModule):
         cfg: CompositionalConfig = self.cfg
         self._phase = self.phase()
         kwargs = {**cfg.env_kwargs, "composition": self.train_set[0]}
-        envs = make_vector_env(cfg.env_id, cfg.num_envs, kwargs, vectorization=cfg.vectorization)
+        n = self.num_local_envs  # all of them on one process
+        envs = make_vector_env(cfg.env_id, n, kwargs, vectorization=cfg.vectorization)
         if self._phase == 1 and cfg.primitives == "discovered":
-            envs.close()  # discovery runs in its own room (primitives.outcome.make_room)
+            envs.close()  # discovery runs in its own room (primitives.outcome_training.make_room)
             dcfg = DiscoveryConfig(
-                num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=cfg.num_envs,
+                num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=n,
                 num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
                 hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
                 total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
@@ -285,11 +293,14 @@ class CompositionalAgent(RLModule):
 
     def _ensure_phase_collector(self) -> None:
         if self._phase != self.phase():
-            steps = self.env_steps
-            if self.collector is not None:
-                self.collector.envs.close()
+            old = self.collector
+            steps = self.env_steps if old is None else old.env_steps  # this process's
+            if old is not None:
+                old.envs.close()
             self.collector = self.make_collector()
             self.collector.env_steps = steps
+            if self.world_size > 1:
+                self.collector.shard(*self._world)
 
     def on_train_start(self) -> None:
         # setup() runs before the checkpoint is restored, so a run resumed in phase 2 was given
@@ -300,7 +311,10 @@ class CompositionalAgent(RLModule):
             # written by phase 1's last iteration: phase 2 starts with a fresh collector, as
             # in the uninterrupted run; the random state and the step count carry over
             set_rng_state(self._resume_state["rng"])
+            self.load_local_state(self._resume_state.get("local") or {})
             self.collector.env_steps = self._env_steps = restored
+            if self.world_size > 1:  # this rank's own count; ``restored`` is the run's
+                self.collector.env_steps = int(self._resume_state["collector"]["env_steps"])
             self._resume_state = None
         super().on_train_start()
 
@@ -309,6 +323,23 @@ class CompositionalAgent(RLModule):
         if self.discovery is not None and self._phase == 1:
             out["discovery"] = self.discovery.training_state()
         return out
+
+    def local_state(self) -> dict:
+        out = {"act_gen": self.act_gen.get_state()}
+        if self.discovery is not None and self._phase == 1:
+            out["discovery_gen"] = self.discovery.gen.get_state()
+        return out
+
+    def load_local_state(self, state: dict) -> None:
+        if "act_gen" in state:
+            self.act_gen.set_state(state["act_gen"])
+        if "discovery_gen" in state and self.discovery is not None:
+            self.discovery.gen.set_state(state["discovery_gen"])
+
+    def reseed_local(self, seed: int) -> None:
+        self.act_gen.manual_seed(seed)
+        if self.discovery is not None:
+            self.discovery.gen.manual_seed(distributed.derived_seed(seed, 1))
 
     def load_extra_state(self, state: dict) -> None:
         if "act_gen" in state:
@@ -325,7 +356,8 @@ class CompositionalAgent(RLModule):
         t0 = time.perf_counter()
         lib_opt, ctl_opt = self.optimizers()
         if self.phase() == 1 and self.cfg.primitives == "discovered":
-            stats = self.discovery.step()  # no task reward: skills x outcomes MI
+            # no task reward: skills x outcomes MI
+            stats = self.discovery.step(backward=self.manual_backward)
             ro, terminal = self.discovery.last
             self._count_chain_segments(ro, terminal.float(), terminal)
             self.iteration += 1
@@ -362,14 +394,24 @@ class CompositionalAgent(RLModule):
             stats |= self._finetune_library(ro, lib_opt)
         ex = ro.extras
         ends = ex["seg_end"] & ro.valid
-        if ends.any():  # after the update: the prior the decisions were taken with stays fixed
-            self.graph.update(ex["seg_prev"][ends], ex["seg_skill"][ends], ex["seg_ok"][ends])
-        n_dec = D.count
+        # after the update: the prior the decisions were taken with stays fixed; every rank's
+        # segments (the counts are sums: the same on every rank as on one process)
+        seg = distributed.gather_cat(
+            ex["seg_prev"][ends], ex["seg_skill"][ends], ex["seg_ok"][ends]
+        )
+        if seg[0].numel():
+            self.graph.update(*seg)
         self.last_rollouts = (ro,)  # read by rl.diagnostics.MetaRLDiagnostics
+        n_dec, n_eps, steps, starts = distributed.all_reduce_sum(  # every rank's
+            torch.tensor(
+                [D.count, len(ro.episodes), ro.num_steps, int(ex["decision"].sum())],
+                dtype=torch.float64,
+            )
+        ).tolist()
         extra = {
             "charts/phase": 2.0,
-            "charts/decisions_per_episode": n_dec / max(len(ro.episodes), 1),
-            "charts/mean_segment_length": ro.num_steps / max(int(ex["decision"].sum()), 1),
+            "charts/decisions_per_episode": n_dec / max(n_eps, 1),
+            "charts/mean_segment_length": steps / max(starts, 1),
         }
         self.log_iteration(ro, stats, time.perf_counter() - t0, extra)
 
@@ -409,8 +451,13 @@ class CompositionalAgent(RLModule):
                 skills.append(skill[t, i])
                 oks.append(ok[t, i] if self.library.termination == "event" else terminal[t, i])
                 prev = -1 if ep_end[t, i] else int(skill[t, i])
-        if skills:
-            self.graph.update(torch.tensor(prevs), torch.tensor(skills), torch.tensor(oks))
+        # every rank's segments, as one process holding all envs counts them
+        seg = distributed.gather_cat(
+            torch.tensor(prevs, dtype=torch.long), torch.tensor(skills, dtype=torch.long),
+            torch.tensor(oks, dtype=torch.bool),
+        )  # fmt: skip
+        if seg[0].numel():
+            self.graph.update(*seg)
 
     @staticmethod
     def embedding_of_memory(memory):

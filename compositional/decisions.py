@@ -16,6 +16,7 @@ starts: BPTT over the rollout's decisions (tens per env, not thousands of steps)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,9 @@ import torch
 
 from compositional.controller import current_token
 from envs.grid_events import NUM_PRIMITIVES
+from rl import distributed
 from rl.collect import Rollout
-from rl.ppo import PPOConfig, explained_variance, minibatch_step
+from rl.ppo import PPO_TERMS, PPOConfig, empty_step, explained_variance, minibatch_step
 
 
 @dataclass
@@ -193,22 +195,59 @@ def replay(agent, D: Decisions, envs: torch.Tensor):
     return logits, agent.controller.value(hs).reshape(n, M)
 
 
+def _gathered(D: Decisions) -> tuple[torch.Tensor, ...]:
+    """(train, adv, value, ret) of every rank's envs, (N_global, M_global), padded to the
+    longest decision sequence of any rank: the layout one process holding all envs has."""
+    if distributed.world()[1] == 1:
+        return D.train, D.adv, D.value, D.ret
+    M = max(distributed.gather_objects(int(D.x.shape[1])))
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, M - x.shape[1]))
+
+    return tuple(distributed.gather_rows(pad(x)) for x in (D.train, D.adv, D.value, D.ret))
+
+
 def update_controller(
     agent, D: Decisions, optimizer: torch.optim.Optimizer, cfg: PPOConfig, backward=None
 ) -> dict[str, float]:
-    """PPO epochs over minibatches of envs (whole decision sequences)."""
-    N = D.x.shape[0]
+    """PPO epochs over minibatches of envs (whole decision sequences).
+
+    Under DDP (``rl.distributed``) the minibatches are drawn from the envs of all ranks (rank
+    0's permutation, broadcast); advantages are normalised over the whole minibatch's
+    decisions; each rank replays its own envs' sequences and scales its loss by its share of
+    the minibatch's decisions, so the step is the one a single process holding every env
+    takes (as RL²'s ``ppo_epochs``).
+    """
+    rank, size = distributed.world()
+    n_local = D.x.shape[0]
+    N = n_local * size
     params = [p for p in agent.decision_parameters() if p.requires_grad]
-    stats: dict[str, list[float]] = {}
-    if D.count == 0:
+    g_train, g_adv, g_value, g_ret = _gathered(D)
+    if not g_train.any():
         return {}
+    flat = dataclasses.replace(cfg, norm_adv=False)  # normalised below, over the minibatch
+    stats: dict[str, list[float]] = {}
+    rows, shares = [], []
     mb_envs = max(1, N // cfg.num_minibatches)
     for _epoch in range(cfg.update_epochs):
-        perm = torch.randperm(N)
+        perm = torch.randperm(N) if rank == 0 else torch.empty(N, dtype=torch.long)
+        perm = distributed.broadcast(perm)
         for start in range(0, N, mb_envs):
-            envs = perm[start : start + mb_envs]
+            g_envs = perm[start : start + mb_envs]
+            g_mask = g_train[g_envs]
+            if not g_mask.any():
+                continue
+            _, envs = distributed.local_part(g_envs, n_local, rank)
             mask = D.train[envs]
-            if not mask.any():
+            adv = D.adv[envs][mask]
+            sel = g_adv[g_envs][g_mask]
+            if cfg.norm_adv and sel.numel() > 1:
+                adv = (adv - sel.mean()) / (sel.std() + 1e-8)
+            if not mask.any():  # DDP: this rank holds none of the minibatch's decisions
+                empty_step(params, optimizer, cfg, backward)
+                rows.append({})
+                shares.append(0.0)
                 continue
             logits, values = replay(agent, D, envs)
             logp_all = torch.log_softmax(logits, -1)
@@ -217,13 +256,22 @@ def update_controller(
             else:
                 new_logp = logp_all.gather(-1, D.skill[envs][..., None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
+            one: dict[str, list[float]] = {}
             minibatch_step(
-                new_logp[mask], D.logp[envs][mask], D.adv[envs][mask], values[mask],
-                D.value[envs][mask], D.ret[envs][mask], entropy[mask], params, optimizer, cfg,
-                stats, backward,
+                new_logp[mask], D.logp[envs][mask], adv, values[mask], D.value[envs][mask],
+                D.ret[envs][mask], entropy[mask], params, optimizer, flat, one, backward,
+                scale=distributed.minibatch_scale(int(mask.sum()), int(g_mask.sum()))
+                if size > 1 else None,
             )  # fmt: skip
-    out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["explained_variance"] = explained_variance(D.value[D.train], D.ret[D.train])
+            for k, v in one.items():
+                stats.setdefault(k, []).extend(v)
+            rows.append({k: v[0] for k, v in one.items()})
+            shares.append(int(mask.sum()) / int(g_mask.sum()))
+    if size == 1:
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+    else:
+        out = distributed.weighted_stats(rows, shares, PPO_TERMS)
+    out["explained_variance"] = explained_variance(g_value[g_train], g_ret[g_train])
     return out
 
 

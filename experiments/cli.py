@@ -149,9 +149,7 @@ def cmd_train(args) -> None:
         raise ValueError(f"--threads {args.threads}; allowed: an integer >= 1")
     check_accelerator(args.accelerator)
     module = cls(raw)  # validates the config before anything is written
-    check_distributed(
-        args.method, module.shard_sizes(), args.devices, args.num_nodes, args.strategy
-    )
+    check_distributed(module.shard_sizes(), args.devices, args.num_nodes, args.strategy)
     out = args.out = Path(args.out or Path("runs") / args.method)
     rank = launch_rank(args.devices)
     if rank == 0:

@@ -34,8 +34,9 @@ from primitives.option_training import (
     update_skills,
 )
 from primitives.options import OptionLibrary
-from primitives.outcome import DiscoveryConfig, discover, load_discovered, make_room
+from primitives.outcome import DiscoveryConfig
 from primitives.outcome_eval import evaluate_library, plot_library
+from primitives.outcome_training import discover, load_discovered, make_room
 from rl.collect import Collector
 from rl.io import (
     append_jsonl,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rl import distributed
 from rl.collect import Collector, Prev, Rollout, StepOutput, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.gae import gae
@@ -478,7 +479,7 @@ class SkillTrainer:
         skill = ro.extras["skill"]
         charts: dict[str, float] = {}
         if self.objective == "diayn":
-            x = self.phi_encoder(next_phi(ro, col.phi))
+            x = self.phi_encoder(next_phi(ro))
             a = self.active  # q and p(k) over the active skills (all K without a curriculum)
             with torch.no_grad():
                 logq = torch.log_softmax(self.discriminator(x)[..., :a], -1)
@@ -486,6 +487,11 @@ class SkillTrainer:
                 # log q(k | phi(s')) - log p(k), p uniform (DIAYN eq. 3)
                 rewards = lq + math.log(a)
                 acc = float((logq.argmax(-1) == skill).float().mean())
+                # DDP: every rank's (equal-sized) rollouts, so the curriculum grows alike
+                acc = (
+                    float(distributed.all_reduce_sum(torch.tensor([acc]).double())[0])
+                    / (distributed.world()[1])
+                )
                 charts["charts/disc_accuracy"] = acc
                 charts["charts/mi_estimate"] = float(rewards.mean())  # before any floor
                 charts["charts/active_skills"] = float(a)
@@ -532,18 +538,26 @@ class SkillTrainer:
     def _update_discriminator(
         self, x: torch.Tensor, skill: torch.Tensor, opt: torch.optim.Optimizer, backward
     ) -> float:
+        """Epochs of cross-entropy over the phi buffer. Under DDP the buffer holds every
+        rank's steps in the 1-process order and rank 0 draws the subsets and minibatches:
+        every rank takes the same steps (the all-reduce averages equal gradients)."""
         cap = self.cfg.disc_buffer
+        x, skill = distributed.gather_envs(x), distributed.gather_envs(skill)
         self.buffer_x = torch.cat([self.buffer_x, x.reshape(-1, x.shape[-1])])[-cap:]
         self.buffer_k = torch.cat([self.buffer_k, skill.reshape(-1)])[-cap:]
         x, y = self.buffer_x, self.buffer_k
         n = min(y.numel(), 4 * skill.numel())
-        if n < y.numel():  # a fixed compute budget per iteration: a random subset of the buffer
-            idx = torch.randperm(y.numel())[:n]
-            x, y = x[idx], y[idx]
+        draws = None
+        if distributed.world()[0] == 0:
+            # a fixed compute budget per iteration: a random subset of the buffer
+            subset = torch.randperm(y.numel())[:n] if n < y.numel() else None
+            draws = (subset, [torch.randperm(n) for _ in range(self.cfg.disc_epochs)])
+        subset, perms = distributed.broadcast_object(draws)
+        if subset is not None:
+            x, y = x[subset], y[subset]
         mb = max(1, n // 4)
         losses = []
-        for _ in range(self.cfg.disc_epochs):
-            perm = torch.randperm(n)
+        for perm in perms:
             for s in range(0, n, mb):
                 i = perm[s : s + mb]
                 logits = self.discriminator(x[i])[:, : self.active]
@@ -575,8 +589,8 @@ class SkillTrainer:
         ys = phi[..., 1].long().clamp(0, self.grid_size - 1).reshape(-1)
         ks = skill.reshape(-1)
         flat = (ks * self.grid_size + ys) * self.grid_size + xs
-        counts = torch.bincount(flat, minlength=self.visits.numel()).float()
-        self.visits += counts.view_as(self.visits)
+        counts = torch.bincount(flat, minlength=self.visits.numel()).double()
+        self.visits += distributed.all_reduce_sum(counts).float().view_as(self.visits)
 
 
 def save_heatmaps(
@@ -699,7 +713,9 @@ class DiscoveryModule(RLModule):
     @property
     def env_steps(self) -> int:
         """Env steps so far (kept after ``teardown`` closes the collector, so ``final.ckpt``
-        still records the library's budget)."""
+        still records the library's budget); under DDP summed over the ranks."""
+        if self.world_size > 1:
+            return RLModule.env_steps.fget(self)
         return self.collector.env_steps if self.collector is not None else self._steps_done
 
     def teardown(self, stage: str) -> None:
@@ -708,6 +724,7 @@ class DiscoveryModule(RLModule):
         super().teardown(stage)
 
     def make_collector(self) -> Collector:
+        self.trainer_.num_envs = self.num_local_envs  # all of them on one process
         return self.trainer_.make_collector()
 
     def configure_optimizers(self):

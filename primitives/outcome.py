@@ -51,36 +51,26 @@ Measured (``python -m experiments.discover --out DIR --steps 8000000``, seed 0, 
 feasible start states (the same skills on 32 fresh states: >= 0.94), each skill ends on its
 own kind of outcome (one skill per kind), held-out discriminator accuracy 0.92.
 
-Examples:
-    >>> cfg = DiscoveryConfig(total_env_steps=2048, num_envs=8, num_steps=64, num_skills=4)
-    >>> lib, disc, history = discover(cfg, log=None)
-    >>> lib.num_skills, lib.termination
-    (4, 'learned')
+This file holds the objective's pieces (outcome features, discriminator, rewards, relabelling,
+imitation loss, config); ``primitives.outcome_training`` runs them (``Discovery``, ``discover``).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from envs.grid_events import NUM_PRIMITIVES, PRIM_VERB, events, object_state
 from primitives.option_training import (
-    ChainPolicy,
     decision_log_probs,
     decision_targets,
-    update_skills,
 )
 from primitives.options import OptionLibrary, check_positive_int
-from rl.collect import Collector, Rollout, make_vector_env, uniform_task_sampler
-from rl.io import atomic_torch_save
+from rl.collect import Rollout
 from rl.nets import mlp
 from rl.ppo import PPOConfig
 
@@ -248,10 +238,13 @@ def bc_loss(
     target: torch.Tensor,
     idx: torch.Tensor,
     weight: torch.Tensor | None = None,
+    total: float | None = None,
 ) -> torch.Tensor:
     """Negative log-likelihood, under the relabelled skills, of the actions and termination
     decisions at flat step indices ``idx`` (``target`` flat (T*N,) relabelled skills;
-    ``weight`` flat (T*N,) per-step weights, default equal)."""
+    ``weight`` flat (T*N,) per-step weights, default equal). ``total``: divide the (weighted)
+    sum by this instead of by ``idx``'s own count or weight (``idx`` is one DDP rank's part
+    of a minibatch and ``total`` the whole minibatch's)."""
     on, fired = decision_targets(ro)
     obs = ro.obs.reshape(-1, ro.obs.shape[-1])[idx]
     nxt = ro.next_obs.reshape(-1, ro.obs.shape[-1])[idx]
@@ -259,9 +252,9 @@ def bc_loss(
     lp = lib.dist(obs, k).log_prob(ro.actions.reshape(-1)[idx])
     lp = lp + decision_log_probs(lib, obs, nxt, k, on.reshape(-1)[idx], fired.reshape(-1)[idx])
     if weight is None:
-        return -lp.mean()
+        return -lp.mean() if total is None else -lp.sum() / total
     w = weight[idx]
-    return -(w * lp).sum() / w.sum().clamp(min=1e-8)
+    return -(w * lp).sum() / (w.sum().clamp(min=1e-8) if total is None else total)
 
 
 def balance_weights(feats: torch.Tensor) -> torch.Tensor:
@@ -334,231 +327,3 @@ class DiscoveryConfig:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: a number >= 0")
         if isinstance(self.ppo, dict):
             self.ppo = PPOConfig(**self.ppo)
-
-
-class OutcomeReplay:
-    """The most recent (outcome, skill) pairs, a ring of fixed capacity."""
-
-    def __init__(self, capacity: int) -> None:
-        self.feats = torch.zeros(capacity, OUTCOME_DIM)
-        self.skill = torch.zeros(capacity, dtype=torch.long)
-        self.n, self.at, self.cap = 0, 0, capacity
-
-    def add(self, feats: torch.Tensor, skill: torch.Tensor) -> None:
-        for f, k in zip(feats.split(self.cap), skill.split(self.cap)):
-            idx = (self.at + torch.arange(f.shape[0])) % self.cap
-            self.feats[idx], self.skill[idx] = f, k
-            self.at = int((self.at + f.shape[0]) % self.cap)
-            self.n = min(self.cap, self.n + f.shape[0])
-
-    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(self.n, (batch,), generator=gen)
-        return self.feats[idx], self.skill[idx]
-
-
-def uniform_draw(active: list[int], generator: torch.Generator):
-    """Chain draw: a skill uniformly among the ``active[0]`` active ones (a list so growth can
-    change it in place)."""
-
-    def draw(obs: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
-        return torch.randint(active[0], (obs.shape[0],), generator=generator)
-
-    return draw
-
-
-def make_room(num_envs: int, size: int = 8, max_steps: int | None = None):
-    """The vector env discovery runs on, and a task sampler that gives it the room."""
-    kw = {"size": size, "composition": ROOM, "max_steps": max_steps}
-    venv = make_vector_env("CompoGrid-v0", num_envs, kw)
-    return venv, uniform_task_sampler([ROOM], False)
-
-
-class Discovery:
-    """The discovery loop's state: library, discriminator, optimisers, collector."""
-
-    def __init__(
-        self,
-        cfg: DiscoveryConfig,
-        library: OptionLibrary | None = None,
-        discriminator: OutcomeDiscriminator | None = None,
-    ) -> None:
-        """``library`` / ``discriminator``: train these (the compositional agent's phase 1)
-        instead of new ones; they must have ``cfg.num_skills`` skills."""
-        self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        self.venv, sampler = make_room(cfg.num_envs, cfg.size, cfg.max_steps)
-        obs_dim = self.venv.single_observation_space.shape[0]
-        n_act = int(self.venv.single_action_space.n)
-        if library is None:
-            library = OptionLibrary(obs_dim, n_act, cfg.num_skills, cfg.hidden, "learned")
-        self.lib = library
-        self.disc = (
-            discriminator
-            if discriminator is not None
-            else OutcomeDiscriminator(cfg.num_skills, cfg.hidden)
-        )
-        if self.lib.num_skills != cfg.num_skills or self.lib.termination != "learned":
-            raise ValueError(
-                f"library with K={self.lib.num_skills}, termination={self.lib.termination!r};"
-                f" allowed: K={cfg.num_skills}, 'learned'"
-            )
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.active = [cfg.start_skills or cfg.num_skills]
-        self.policy = ChainPolicy(
-            self.lib, cfg.t_max, uniform_draw(self.active, self.gen), self.gen
-        )
-        self.collector = Collector(self.venv, self.policy, task_sampler=sampler, seed=cfg.seed)
-        self.opt = torch.optim.Adam(self.lib.parameters(), lr=cfg.ppo.lr, eps=1e-5)
-        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr)
-        self.replay = OutcomeReplay(cfg.disc_buffer)
-        self.iteration = 0
-
-    def step(self) -> dict[str, float]:
-        """One rollout: rewards from the current discriminator, PPO, relabelled imitation,
-        then the discriminator's update (so the logged accuracy is on unseen outcomes)."""
-        cfg, K = self.cfg, self.active[0]
-        ro = self.collector.collect(cfg.num_steps)
-        seg = terminated_segments(ro)
-        rewards, terminal = discovery_rewards(
-            self.disc, ro, seg, K, cfg.t_max, cfg.cut_reward, cfg.reward_floor
-        )
-        self.last = (ro, terminal)  # the segments, for a caller that counts them (skill graph)
-        stats = {"env_steps": self.collector.env_steps, "active_skills": K}
-        ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, cfg.ppo)
-        stats.update({f"ppo/{k}": v for k, v in ppo.items()})
-        n_seg = int(seg.env.numel())
-        stats["segments_terminated"] = n_seg
-        stats["segments_cut"] = int(tmax_cuts(ro, cfg.t_max).sum())
-        if n_seg:
-            with torch.no_grad():
-                pred = self.disc(seg.feats, K).argmax(-1)
-            stats["disc_acc_unseen"] = float((pred == seg.skill).float().mean())
-            stats["intrinsic_reward"] = float(rewards[seg.end, seg.env].mean())
-            if cfg.bc_coef > 0:
-                stats.update(self._imitate(ro, seg, K))
-            self.replay.add(seg.feats, seg.skill)
-        stats["disc_loss"] = self._train_discriminator(K)
-        if cfg.start_skills and stats.get("disc_acc_unseen", 0.0) >= cfg.grow_at:
-            self.active[0] = min(cfg.num_skills, int(1.5 * K) + 1)
-        self.iteration += 1
-        return stats
-
-    def _imitate(self, ro: Rollout, seg: Segments, K: int) -> dict[str, float]:
-        how = relabel if self.cfg.relabel == "argmax" else relabel_assigned
-        k_star, q_star = how(self.disc, seg.feats, K)
-        keep = q_star >= self.cfg.relabel_min_q
-        kept = Segments(seg.env[keep], seg.end[keep], seg.skill[keep], seg.feats[keep])
-        target = relabelled_steps(ro, kept, k_star[keep]).reshape(-1)
-        weight = None
-        if self.cfg.bc_balance:
-            weight = relabelled_steps(ro, kept, torch.arange(int(keep.sum()))).reshape(-1)
-            weight = torch.where(weight >= 0, balance_weights(kept.feats)[weight.clamp(min=0)], 0.0)
-        idx = (target >= 0).nonzero().squeeze(-1)
-        if idx.numel() == 0:
-            return {"relabelled_steps": 0}
-        perm = idx[torch.randperm(idx.numel(), generator=self.gen)]
-        losses = []
-        for mb in perm.chunk(self.cfg.ppo.num_minibatches):
-            loss = self.cfg.bc_coef * bc_loss(self.lib, ro, target, mb, weight)
-            self.opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.lib.parameters(), self.cfg.ppo.max_grad_norm)
-            self.opt.step()
-            losses.append(float(loss.detach()))
-        return {
-            "relabelled_steps": int(idx.numel()),
-            "relabel_changed": float((k_star[keep] != seg.skill[keep]).float().mean()),
-            "bc_loss": float(np.mean(losses)),
-        }
-
-    def _train_discriminator(self, K: int) -> float:
-        if self.replay.n == 0:
-            return float("nan")
-        losses = []
-        for _ in range(self.cfg.disc_steps):
-            x, k = self.replay.sample(self.cfg.disc_batch, self.gen)
-            loss = F.cross_entropy(self.disc(x, K), k)
-            self.disc_opt.zero_grad()
-            loss.backward()
-            self.disc_opt.step()
-            losses.append(float(loss.detach()))
-        return float(np.mean(losses))
-
-    def training_state(self) -> dict:
-        """Everything beyond library and discriminator weights that training continues from
-        (optimisers, the outcome replay, the generator, growth, counters): plain data."""
-        r = self.replay
-        return {
-            "opt": self.opt.state_dict(),
-            "disc_opt": self.disc_opt.state_dict(),
-            "replay": {"feats": r.feats[: r.n].clone(), "skill": r.skill[: r.n].clone(),
-                       "at": r.at},
-            "gen": self.gen.get_state(),
-            "active": self.active[0],
-            "iteration": self.iteration,
-        }  # fmt: skip
-
-    def load_training_state(self, st: dict) -> None:
-        self.opt.load_state_dict(st["opt"])
-        self.disc_opt.load_state_dict(st["disc_opt"])
-        n = int(st["replay"]["feats"].shape[0])
-        self.replay.feats[:n] = st["replay"]["feats"]
-        self.replay.skill[:n] = st["replay"]["skill"]
-        self.replay.n, self.replay.at = n, int(st["replay"]["at"])
-        self.gen.set_state(st["gen"])
-        self.active[0] = int(st["active"])
-        self.iteration = int(st["iteration"])
-
-    def state_dict(self) -> dict:
-        """Plain tensors and numbers (loads with ``weights_only=True``)."""
-        cfg = asdict(self.cfg)
-        cfg["ppo"] = asdict(self.cfg.ppo)
-        return {
-            "library": self.lib.state_dict(),
-            "discriminator": self.disc.state_dict(),
-            "active_skills": self.active[0],
-            "iteration": self.iteration,
-            "env_steps": self.collector.env_steps,
-            "config": cfg,
-            "obs_dim": self.lib.obs_dim,
-            "n_actions": self.lib.n_actions,
-        }
-
-
-def discover(
-    cfg: DiscoveryConfig,
-    log: Callable[[dict], None] | None = print,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 50,
-) -> tuple[OptionLibrary, OutcomeDiscriminator, list[dict]]:
-    """Run discovery for ``cfg.total_env_steps``; returns (library, discriminator, history).
-
-    ``checkpoint``: path of the plain state dict written every ``checkpoint_every`` rollouts
-    and at the end (``Discovery.state_dict``)."""
-    run = Discovery(cfg)
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    while run.collector.env_steps < cfg.total_env_steps:
-        stats = run.step()
-        stats["wall_s"] = time.perf_counter() - t0
-        history.append(stats)
-        if log is not None:
-            log(stats)
-        if checkpoint is not None and run.iteration % checkpoint_every == 0:
-            atomic_torch_save(run.state_dict(), checkpoint)
-    if checkpoint is not None:
-        atomic_torch_save(run.state_dict(), checkpoint)
-    return run.lib, run.disc, history
-
-
-def load_discovered(state: dict) -> tuple[OptionLibrary, OutcomeDiscriminator]:
-    """Library and discriminator from ``Discovery.state_dict`` (as ``safe_torch_load`` gives
-    it)."""
-    cfg = state["config"]
-    lib = OptionLibrary(
-        state["obs_dim"], state["n_actions"], cfg["num_skills"], cfg["hidden"], "learned"
-    )
-    lib.load_state_dict(state["library"])
-    disc = OutcomeDiscriminator(cfg["num_skills"], cfg["hidden"])
-    disc.load_state_dict(state["discriminator"])
-    return lib, disc

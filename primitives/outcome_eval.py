@@ -32,14 +32,8 @@ from envs.grid import PRIMITIVE_INDEX, PRIMITIVES, CompoGridEnv, Oracle, Primiti
 from envs.grid_events import NUM_PRIMITIVES, completed, events, feasible
 from primitives.option_training import ChainPolicy
 from primitives.options import OptionLibrary
-from primitives.outcome import (
-    ROOM,
-    OutcomeDiscriminator,
-    make_room,
-    outcome_label,
-    terminated_segments,
-    uniform_draw,
-)
+from primitives.outcome import ROOM, OutcomeDiscriminator, outcome_label, terminated_segments
+from primitives.outcome_training import make_room, uniform_draw
 from rl.collect import Collector, make_vector_env
 
 PRIM_NAMES = [str(p) for p in PRIMITIVES]

@@ -32,8 +32,11 @@ rank 0's, broadcast, and each rank computes the loss of ``meta_batch / W`` of it
 averages the gradients over the ranks (the KL, summed over the meta-batch's tasks, is scaled
 by ``W``).
 
-Only ``SUPPORTED`` methods run on more than one process; ``RLModule.shard_sizes`` names the
-sizes a method splits over the ranks.
+The compositional agent (``compositional.agent``) and the DIAYN library (method ``discovery``)
+follow the same rules for each of their updates (skills' PPO, relabelled imitation,
+discriminator, controller): every update is the 1-process update over the union of the ranks'
+envs. Every method runs on more than one process; ``RLModule.shard_sizes`` names the sizes a
+method splits over the ranks.
 """
 
 from __future__ import annotations
@@ -45,13 +48,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-#: methods whose update is minibatch PPO over env steps (``compo train --devices N``, N > 1)
-PPO_METHODS = ("ppo", "rl2")
-#: methods whose envs are a meta-batch of tasks, one env per task
-META_BATCH_METHODS = ("maml", "fomaml", "reptile")
-#: off-policy methods: trials sharded over the ranks, buffers replicated, meta-batch sharded
-OFF_POLICY_METHODS = ("pearl",)
-SUPPORTED = PPO_METHODS + META_BATCH_METHODS + OFF_POLICY_METHODS
+#: methods whose training steps back-propagate losses over different parts of the module
+#: (skills, discriminator, controller; DDP then needs ``find_unused_parameters``)
+PARTIAL_BACKWARD_METHODS = ("compositional", "discovery")
 #: ``compo train --strategy`` choices: ``auto`` is one process when ``devices x num_nodes`` is 1
 #: and DDP otherwise
 STRATEGIES = ("auto", "ddp")
@@ -78,7 +77,6 @@ def launch_rank(devices: int) -> int:
 
 
 def check_distributed(
-    method: str,
     sizes: dict[str, int],
     devices: int,
     num_nodes: int = 1,
@@ -86,8 +84,8 @@ def check_distributed(
 ) -> int:
     """Validate a run's process layout; return its world size. ``sizes`` are the settings the
     method splits over the ranks (``RLModule.shard_sizes``: ``num_envs``, MAML's
-    ``meta_batch_size``, PEARL's ``meta_batch``...). One-line ``ValueError`` for a layout the
-    method or those sizes cannot shard."""
+    ``meta_batch_size``, PEARL's ``meta_batch``...). One-line ``ValueError`` for a layout
+    those sizes cannot shard."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
     cores = os.cpu_count() or 1
@@ -96,11 +94,6 @@ def check_distributed(
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"--num-nodes {num_nodes!r}; allowed: an integer >= 1")
     size = devices * num_nodes
-    if size > 1 and method not in SUPPORTED:
-        raise ValueError(
-            f"--devices {devices} --num-nodes {num_nodes} for method {method!r}: more than one "
-            f"process is supported for {', '.join(SUPPORTED)} only"
-        )
     for what, n in sizes.items():
         if int(n) % size:
             raise ValueError(
@@ -143,6 +136,15 @@ def gather_envs(x: torch.Tensor) -> torch.Tensor:
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """(n, ...) of every rank (same shape everywhere) -> (n x W, ...) in rank order."""
     return _gather(x, 0)
+
+
+def gather_cat(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's tensors of any length along dim 0 (e.g. the segments a rank's envs
+    finished), each concatenated over the ranks in rank order."""
+    if world()[1] == 1:
+        return xs
+    parts = gather_objects(xs)
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(len(xs)))
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,19 @@ class RLModule(L.LightningModule):
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def local_state(self) -> dict:
+        """This process's own training state beyond its collector and the global RNGs (a
+        method's private generators): under DDP every rank's is in the checkpoint."""
+        return {}
+
+    def load_local_state(self, state: dict) -> None:
+        pass
+
+    def reseed_local(self, seed: int) -> None:
+        """Give the method's private acting generators a stream of their own, derived from
+        ``seed`` (a DDP rank > 0 at the start; every rank resumed under another number of
+        processes), as ``distributed.reseed`` does for the global ones."""
+
     def shard_sizes(self) -> dict[str, int]:
         """Settings this method splits over DDP ranks (each a multiple of the world size)."""
         return {"num_envs": int(self.cfg.num_envs)}
@@ -109,6 +122,7 @@ class RLModule(L.LightningModule):
                 self.collector.shard(rank, size)
                 if rank > 0:  # rank 0 acts on the seed's own stream, every other on its own
                     distributed.reseed(distributed.derived_seed(int(self.cfg.seed), rank))
+                    self.reseed_local(distributed.derived_seed(int(self.cfg.seed), rank, 1))
 
     def teardown(self, stage: str) -> None:
         if self.collector is not None:
@@ -136,9 +150,11 @@ class RLModule(L.LightningModule):
         if st is not None and "collector" in st:
             self.collector.load_state_dict(st["collector"])
             set_rng_state(st["rng"])
+            self.load_local_state(st.get("local") or {})
         elif st is not None:  # a checkpoint of another number of processes: fresh trials
             seed = int(self.cfg.seed)
             distributed.reseed(distributed.derived_seed(seed, self.iteration, rank, size))
+            self.reseed_local(distributed.derived_seed(seed, self.iteration, rank, size, 1))
             self.collector.shard(rank, size, distributed.derived_seed(seed, self.iteration))
             if size == 1:
                 self.collector.env_steps = getattr(self, "_env_steps", 0)
@@ -151,6 +167,7 @@ class RLModule(L.LightningModule):
         local = {
             "collector": None if self.collector is None else self.collector.state_dict(),
             "rng": rng_state(),
+            "local": self.local_state(),
         }
         checkpoint["rl_state"] = {
             "method": self.method,
@@ -180,7 +197,11 @@ class RLModule(L.LightningModule):
             local = st["ranks"][rank]
             self._resume_state = local if local.get("collector") is not None else None
         elif st.get("collector") is not None:
-            self._resume_state = {"collector": st["collector"], "rng": st["rng"]}
+            self._resume_state = {
+                "collector": st["collector"],
+                "rng": st["rng"],
+                "local": st.get("local") or {},
+            }
 
     # -- logging ------------------------------------------------------------------------------------
     def log_scalars(self, scalars: dict[str, float]) -> None:

@@ -232,7 +232,10 @@ def ppo_update(
     if size == 1:
         out = {k: float(np.mean(v)) for k, v in stats.items()}
     else:
-        out = distributed.weighted_stats(rows, shares, PPO_TERMS)
+        # the aux terms too (named alike on every rank; a rank may hold no minibatch's items)
+        aux_keys = {k for r in rows for k in r if k not in PPO_TERMS}
+        extra = tuple(sorted(set().union(*distributed.gather_objects(aux_keys))))
+        out = distributed.weighted_stats(rows, shares, PPO_TERMS + extra)
     g_values = distributed.gather_envs(rollout.values).reshape(-1)
     g_ret = distributed.gather_envs(returns).reshape(-1)
     out["explained_variance"] = explained_variance(g_values[b_idx], g_ret[b_idx])

@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from rl.diagnostics import diagnostics_callbacks
-from rl.distributed import check_distributed
+from rl.distributed import PARTIAL_BACKWARD_METHODS, check_distributed
 from rl.io import (
     TEMP_GLOB,
     atomic_torch_save,
@@ -408,7 +408,7 @@ def fit(
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads {threads!r}; allowed: an integer >= 1")
     check_accelerator(accelerator)
-    size = check_distributed(module.method, module.shard_sizes(), devices, num_nodes, strategy)
+    size = check_distributed(module.shard_sizes(), devices, num_nodes, strategy)
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(out) if resume else None
@@ -418,7 +418,12 @@ def fit(
     callbacks += diagnostics_callbacks(module)  # meta-RL diagnostics (config: diagnostics)
     if size > 1 or strategy == "ddp":
         # gloo on CPU; the LightningModule is wrapped, the methods' manual_backward syncs
-        run_on: Any = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
+        run_on: Any = DDPStrategy(
+            process_group_backend="gloo" if accelerator == "cpu" else None,
+            # a loss that reaches only some parameters (the agent's skills, then its
+            # controller) must not leave DDP's reducer waiting for the others' gradients
+            find_unused_parameters=module.method in PARTIAL_BACKWARD_METHODS,
+        )
     else:
         run_on = "auto"
     trainer = L.Trainer(

@@ -290,7 +290,7 @@ def test_discovered_library_phase_and_resume(tmp_path):
     assert full.graph.tries.sum() > 0 and full.library.termination == "learned"
     # `python -m experiments.discover --evaluate` reads the run's library and discriminator
     from experiments.discover import discovery_state
-    from primitives.outcome import load_discovered
+    from primitives.outcome_training import load_discovered
 
     lib, disc = load_discovered(discovery_state(ck))
     assert torch.equal(lib.actor.weight, full.library.actor.weight)

@@ -10,12 +10,14 @@
    moved them by far more; the logged losses agree too. The same for the meta-batch methods
    (MAML with its TRPO step, FOMAML, Reptile): 2 processes adapting 2 tasks each against 1
    process adapting all 4, replaying the pre- and post-update trials of 3 real 1-process
-   meta-iterations; and PEARL, 2 processes each running 2 of 4 trials and computing 2 of the 4
-   tasks of every update's meta-batch.
-2. End to end through ``compo train --devices 2 --strategy ddp`` (PPO, MAML, PEARL): summed env
-   steps, one checkpoint holding both ranks' collectors, a SIGKILLed run resumed under 2
-   processes ends bit-for-bit as the uninterrupted run, and resumed under 1 process it finishes
-   the budget.
+   meta-iterations; PEARL, 2 processes each running 2 of 4 trials and computing 2 of the 4
+   tasks of every update's meta-batch; the compositional agent (3 iterations of outcome
+   discovery, 3 of the controller with the library fine-tuned) and the DIAYN library, their
+   rollouts recorded from a real 1-process run.
+2. End to end through ``compo train --devices 2 --strategy ddp`` (PPO, MAML, PEARL, the
+   compositional agent across its phase boundary): summed env steps, one checkpoint holding
+   both ranks' collectors, a SIGKILLed run resumed under 2 processes ends bit-for-bit as the
+   uninterrupted run, and resumed under 1 process it finishes the budget.
 3. Bad layouts are one-line errors (exit 2, nothing written).
 
 Run as a script (``python tests/test_ddp.py replay ...``) it is the training side of 1.:
@@ -76,8 +78,28 @@ CONFIGS = {
         "context_batch": 8,
         "num_grad_steps": 10,
     },  # fmt: skip
+    # the compositional agent: 3 iterations of outcome discovery (PPO of the skills, relabelled
+    # imitation, discriminator), then 3 of the decision-level controller with the library
+    # fine-tuned; its own budget (the phase split depends on it)
+    "compositional": {
+        "primitives": "discovered",
+        "num_envs": 4,
+        "hidden": 16,
+        "key_dim": 8,
+        "library_hidden": 16,
+        "library_finetune": "on",
+        "total_env_steps": 768,
+        "library_fraction": 0.5,
+        "ppo": {"num_steps": 32},
+        "skills": {"num_steps": 32},
+    },
+    # the DIAYN library: PPO of the skills on log q(k | phi), the discriminator on a buffer
+    "discovery": {"num_envs": 4, "total_env_steps": 384, "training": {"ppo": {"num_steps": 32}}},
 }
 META = ("maml", "fomaml", "reptile")
+#: methods whose policy memory holds (envs, ...) tensors (RL²'s is (layers, envs, ...)); their
+#: rollouts are recorded from a real 1-process ``fit`` (their collectors come with a phase)
+ENVS_FIRST_MEMORY = ("compositional", "discovery")
 
 
 def _env() -> dict:
@@ -85,7 +107,7 @@ def _env() -> dict:
 
 
 # -- 1. the update: replayed rollouts, 1 vs 2 processes --------------------------------------------
-def shard_rollout(ro, rank: int, world: int):
+def shard_rollout(ro, rank: int, world: int, memory_dim: int = 1):
     """Rank ``rank``'s columns of a (T, N) rollout: envs ``[rank n, (rank+1) n)``."""
     n = ro.obs.shape[1] // world
     lo, hi = rank * n, (rank + 1) * n
@@ -103,7 +125,7 @@ def shard_rollout(ro, rank: int, world: int):
         if f.name in ("last_value", "next_trial_start"):
             fields[f.name] = cut(x, 0)
         elif f.name == "memory_start":
-            fields[f.name] = cut(x, 1)
+            fields[f.name] = cut(x, memory_dim)
         elif f.name == "extras":
             fields[f.name] = {k: cut(v, 1) for k, v in x.items()}
         elif f.name == "episodes":
@@ -127,14 +149,16 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
 
     stored = torch.load(rollouts_path, weights_only=False)  # written by this test
     cls = method_class(method)
+    served = [0]  # rollouts served so far, over every collector of the run (the agent's phases)
+    memory_dim = 0 if method in ENVS_FIRST_MEMORY else 1
 
     class ReplayCollector(Collector):
         """A real collector (real envs, real policy) whose rollouts are the stored ones."""
 
         def collect(self, num_steps: int):
             rank, world = distributed.world()
-            ro = shard_rollout(stored[self.k], rank, world)
-            self.k += 1
+            ro = shard_rollout(stored[served[0]], rank, world, memory_dim)
+            served[0] += 1
             self.env_steps += int(ro.valid.sum())
             return ro
 
@@ -148,11 +172,13 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
             col = ReplayCollector(
                 real.envs, real.policy, seed=int(self.cfg.seed), task_sampler=real.task_sampler
             )
-            col.k = 0
+            discovery = getattr(self, "discovery", None)
+            if discovery is not None and real is discovery.collector:  # phase 1 collects there
+                discovery.collector = col
             return col
 
     budget = sum(int(ro.valid.sum()) for ro in stored)  # ITERATIONS iterations
-    module = Replay({**CONFIGS[method], "total_env_steps": budget, "compositions": None})
+    module = Replay({"total_env_steps": budget, **CONFIGS[method], "compositions": None})
     strategy = "ddp" if devices > 1 else "auto"
     fit(module, Path(out).with_suffix(".run"), logger=False, devices=devices, strategy=strategy)
     if distributed.world()[0] == 0:
@@ -167,8 +193,29 @@ def _record_rollouts(method: str, path: Path) -> dict:
     from experiments.registry import method_class
 
     cfg = {**CONFIGS[method], "compositions": None}
-    module = method_class(method)(cfg)
+    cls = method_class(method)
+    module = cls(cfg)
     init = {k: v.clone() for k, v in module.state_dict().items()}
+    if method in ENVS_FIRST_MEMORY:  # a real 1-process run, its rollouts of every phase kept
+        from rl.train import fit
+
+        rollouts = []
+
+        class Recorder(cls):
+            def make_collector(self):
+                col = super().make_collector()
+                real = col.collect
+
+                def collect(num_steps: int):
+                    rollouts.append(real(num_steps))
+                    return rollouts[-1]
+
+                col.collect = collect
+                return col
+
+        fit(Recorder(cfg), path.with_suffix(".run"), logger=False)
+        torch.save(rollouts, path)
+        return init
     if method == "pearl":
         col = module.make_collector()
         rollouts = []
@@ -206,7 +253,9 @@ def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "methods", [["ppo", "rl2"], list(META), ["pearl"]], ids=["ppo-rl2", "maml-family", "pearl"]
+    "methods",
+    [["ppo", "rl2"], list(META), ["pearl", "compositional", "discovery"]],
+    ids=["ppo-rl2", "maml-family", "pearl-compositional-discovery"],
 )
 def test_two_processes_update_as_one(tmp_path, methods):
     init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
@@ -230,6 +279,28 @@ def test_two_processes_update_as_one(tmp_path, methods):
                 if m == "maml":
                     assert r2["trpo/accepted"] == r1["trpo/accepted"]
                     assert r2["trpo/grad_norm"] == pytest.approx(r1["trpo/grad_norm"], rel=2e-3)
+            continue
+        if m == "compositional":  # both phases: the whole batch's numbers on every rank
+            assert [r["charts/phase"] for r in h1] == [1.0] * 3 + [2.0] * 3
+            for part in ("library.", "discriminator.", "controller.", "composer."):  # all trained
+                assert max(
+                    (one[m]["params"][k] - init[m][k]).abs().max().item()
+                    for k in init[m] if k.startswith(part)
+                ) > 100 * atol, part  # fmt: skip
+            assert torch.equal(one[m]["params"]["graph.tries"], two[m]["params"]["graph.tries"])
+            for r1, r2 in zip(h1, h2):
+                keys = [k for k in r1 if k.startswith(("discovery/", "losses/", "charts/"))]
+                keys = [k for k in keys if k != "charts/SPS"]
+                assert keys and all(k in r2 for k in keys)
+                for k in keys:
+                    assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), (m, k)
+            continue
+        if m == "discovery":  # rewards from the (replicated) discriminator: equal within fp
+            assert max((one[m]["params"][k] - init[m][k]).abs().max().item()
+                       for k in init[m] if k.startswith("discriminator.")) > 100 * atol  # fmt: skip
+            for r1, r2 in zip(h1, h2):
+                for k in ("losses/loss_policy", "losses/disc_loss", "charts/disc_accuracy"):
+                    assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), (m, k)
             continue
         if m == "pearl":  # every rank stored every rank's trials: the same buffers, same draws
             for r1, r2 in zip(h1, h2):
@@ -385,14 +456,26 @@ PEARL_TRAIN = [
 ]  # fmt: skip
 
 
+#: phase 1 (outcome discovery) 3 iterations, phase 2 (controller, library fine-tuned) 3: the
+#: kill lands in phase 1, so the resume crosses the phase boundary
+COMPOSITIONAL_TRAIN = [
+    "--method", "compositional", "--quiet", "--logger", "csv", "--set", "num_envs=4",
+    "--set", "hidden=16", "--set", "key_dim=8", "--set", "library_hidden=16",
+    "--set", "library_finetune=on", "--set", "library_fraction=0.5",
+    "--set", "ppo.num_steps=32", "--set", "skills.num_steps=32", "--set", "total_env_steps=768",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "args, budget", [(MAML_TRAIN, 6000), (PEARL_TRAIN, 4000)], ids=["maml", "pearl"]
+    "args, budget",
+    [(MAML_TRAIN, 6000), (PEARL_TRAIN, 4000), (COMPOSITIONAL_TRAIN, 768)],
+    ids=["maml", "pearl", "compositional"],
 )
 def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
     """MAML's meta-batch spread over 2 processes (each rank adapts 2 of the 4 tasks); PEARL's
-    trials and update meta-batch likewise, with its replay buffers in the checkpoint. A
-    SIGKILLed run resumed under 2 processes ends bit-for-bit as the uninterrupted one, under 1
-    it finishes the budget."""
+    trials and update meta-batch likewise, with its replay buffers in the checkpoint; the
+    compositional agent's envs, killed in phase 1. A SIGKILLed run resumed under 2 processes
+    ends bit-for-bit as the uninterrupted one, under 1 it finishes the budget."""
     ref = tmp_path / "uninterrupted"
     _train(ref, "--devices", "2", "--strategy", "ddp", args=args)
     rows = _log(ref)
@@ -404,6 +487,8 @@ def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
     killed = tmp_path / "killed"
     it = _killed_run(killed, 1, args=args)
     assert 1 <= it < full, f"the run was not interrupted (checkpoint of iteration {it})"
+    if args is COMPOSITIONAL_TRAIN:  # killed in phase 1: the resume crosses into phase 2
+        assert it < 3 and rows[-1]["charts/phase"] == 2.0
     other_n = tmp_path / "killed_then_1"
     subprocess.run(["cp", "-a", str(killed), str(other_n)], check=True)
     _train(killed, "--devices", "2", "--strategy", "ddp", "--resume", args=args)
@@ -425,7 +510,7 @@ def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "compositional", "--devices", "2"], "supported for ppo, rl2, maml"),
+        (["--method", "compositional", "--devices", "2", "--set", "num_envs=5"], "num_envs=5 on 2"),
         (["--method", "pearl", "--devices", "2", "--set", "meta_batch=3"], "meta_batch=3 on 2"),
         (["--method", "maml", "--devices", "2", "--set", "meta_batch_size=3"], "meta_batch_size=3"),
         (["--method", "ppo", "--devices", "2", "--set", "num_envs=3"], "a multiple of 2"),

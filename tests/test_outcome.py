@@ -20,24 +20,26 @@ from primitives.option_training import (
 from primitives.options import OptionLibrary
 from primitives.outcome import (
     OUTCOME_DIM,
-    Discovery,
     DiscoveryConfig,
     OutcomeDiscriminator,
     Segments,
     balance_weights,
-    discover,
     discovery_rewards,
     intrinsic_reward,
-    load_discovered,
-    make_room,
     outcome_label,
     relabel,
     relabel_assigned,
     relabelled_steps,
     terminated_segments,
-    uniform_draw,
 )
 from primitives.outcome_eval import skill_names, skill_outcome_table
+from primitives.outcome_training import (
+    Discovery,
+    discover,
+    load_discovered,
+    make_room,
+    uniform_draw,
+)
 from rl.collect import Collector, Rollout
 from rl.io import safe_torch_load
 from rl.ppo import PPOConfig
