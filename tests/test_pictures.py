@@ -264,7 +264,7 @@ def test_axes_figure_from_the_committed_tables(tmp_path, capsys):
     mean, ci, n = bar(doc, "ppo")
     z = doc["methods"]["ppo"]["aggregates"]["zero_shot"]
     assert (mean, ci, n) == (z["mean"], tuple(z["mean_ci"]), 3)
-    assert bar(doc, "maml") is None  # not in that table: a gap
+    assert bar(doc, "compositional[discovered, +8M library]") is None  # not in it: a gap
     for args in (["nolabel"], [f"x={tmp_path / 'missing'}"], [f"pair={pair}"]):
         bad = tmp_path / "bad.png" if args != [f"pair={pair}"] else tmp_path / "bad.jpg"
         assert main([*args, "--out", str(bad)]) == 2
