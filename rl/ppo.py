@@ -68,6 +68,10 @@ def ppo_loss(
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - pred) / Var(target); NaN when it is undefined (fewer than two values,
+    or constant targets: a rollout with one trained decision)."""
+    if target.numel() < 2:
+        return float("nan")
     var = target.var()
     return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
 

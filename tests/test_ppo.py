@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,15 @@ def test_initialisation_does_not_depend_on_thread_count():
     torch.set_num_threads(1)
     b = PPOModule(TINY)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_explained_variance_undefined_is_nan_without_a_warning():
+    import warnings
+
+    from rl.ppo import explained_variance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "degrees of freedom <= 0" would raise here
+        assert math.isnan(explained_variance(torch.zeros(1), torch.ones(1)))
+        assert math.isnan(explained_variance(torch.zeros(3), torch.ones(3)))
+    assert explained_variance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])) == 1.0
