@@ -15,6 +15,12 @@ to a frozen copy of the phase-1 skills): the acting policy
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
 trial-level advantages). The graph counts every segment of both phases.
 
+On Meta-World (``CompoMetaWorld-v0``; ``compositional.family``) skills are Gaussian options
+of fixed length ``t_max`` (``termination="duration"``), discovered by
+``primitives.outcome_motion`` from hand/gripper/object displacements; the controller reads
+those displacements as the previous skill's outcome. ``supervised`` and ``soft`` need
+CompoGrid's events and discrete actions and are refused there.
+
 Switches (the ablations): ``composer`` attention / uniform / soft, ``graph`` learned / none,
 ``inner_loop`` on / off (a per-trial skill bias adapted by one REINFORCE step per episode),
 ``primitives`` discovered / supervised / random-frozen. The whole budget, phase 1 included,
@@ -38,6 +44,7 @@ import torch
 from compositional.composer import PointerComposer, check_composer_mode
 from compositional.controller import DecisionController, feature_dim
 from compositional.decisions import collect_decisions, update_controller
+from compositional.family import family_for
 from compositional.graph import SkillGraph, check_graph_mode
 from compositional.policy import SkillLevelPolicy
 from envs.grid import PRIMITIVES
@@ -50,6 +57,7 @@ from primitives.option_training import (
 )
 from primitives.options import OptionLibrary, check_positive_int
 from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator
+from primitives.outcome_motion import MOTION_OUTCOME_DIM, MotionDiscovery
 from primitives.outcome_training import Discovery
 from rl import distributed
 from rl.collect import Collector, make_vector_env, uniform_task_sampler
@@ -60,6 +68,8 @@ from rl.ppo import PPOConfig
 from rl.seeding import set_rng_state
 
 PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
+#: default K on Meta-World (fixed-length motion skills; no outcome kinds to count)
+MOTION_SKILLS = 8
 ON_OFF = ("on", "off")
 
 
@@ -81,7 +91,8 @@ class CompositionalConfig(BaseConfig):
     'supervised' (one skill per primitive, trained on its completion: oracle skills),
     'random-frozen' (the floor)"""
     num_skills: int | None = None
-    """K; None: 19 (one per CompoGrid primitive, or per outcome kind when discovered)"""
+    """K; None: 19 on CompoGrid (one per primitive, or per outcome kind when discovered), 8 on
+    Meta-World"""
     t_max: int = 32
     """longest a skill runs before it is cut"""
     library_fraction: float = 0.3
@@ -152,10 +163,16 @@ class CompositionalConfig(BaseConfig):
         check_positive_int("t_max", self.t_max)
         if not 0.0 <= float(self.library_fraction) < 1.0:
             raise ValueError(f"library_fraction={self.library_fraction}; allowed: [0, 1)")
-        if self.env_id != "CompoGrid-v0":
+        fam = family_for(self.env_id)
+        if fam.continuous and self.primitives == "supervised":
             raise ValueError(
-                f"env_id={self.env_id!r}; the skill-level agent reads CompoGrid's object "
-                "events (allowed: CompoGrid-v0)"
+                f"primitives='supervised' on {self.env_id}; allowed there: discovered, "
+                "random-frozen (Meta-World has no primitive completion events to train on)"
+            )
+        if fam.continuous and self.composer == "soft":
+            raise ValueError(
+                f"composer='soft' on {self.env_id}; allowed there: attention, uniform (the "
+                "every-step mixture is built for discrete actions)"
             )
 
     def rollout_env_steps(self) -> int:
@@ -166,6 +183,8 @@ class CompositionalConfig(BaseConfig):
     def K(self) -> int:
         if self.num_skills is not None:
             return int(self.num_skills)
+        if family_for(self.env_id).continuous:
+            return MOTION_SKILLS
         # discovered: one skill per outcome kind (primitives.outcome: K = 19 covered 19/19)
         return len(PRIMITIVES)
 
@@ -180,9 +199,11 @@ class CompositionalAgent(RLModule):
     def build(self) -> None:
         cfg: CompositionalConfig = self.cfg
         self.train_set = cfg.train_compositions()
+        self.family = fam = family_for(cfg.env_id)
         probe = make_vector_env(cfg.env_id, 1, {**cfg.env_kwargs, "composition": self.train_set[0]})
         self.obs_dim = int(probe.single_observation_space.shape[0])
-        n_actions = int(probe.single_action_space.n)
+        space = probe.single_action_space
+        n_actions = int(space.shape[0]) if fam.continuous else int(space.n)
         probe.close()
         K = cfg.K
         if cfg.primitives == "supervised" and K != len(PRIMITIVES):
@@ -191,22 +212,24 @@ class CompositionalAgent(RLModule):
                 "(one skill per primitive)"
             )
         supervised = cfg.primitives == "supervised"
+        termination = "event" if supervised else "learned"
         self.library = OptionLibrary(
             self.obs_dim, n_actions, K, cfg.library_hidden,
-            termination="event" if supervised else "learned",
-            event_of=list(range(K)) if supervised else None,
+            termination="duration" if fam.continuous else termination,
+            event_of=list(range(K)) if supervised else None, continuous=fam.continuous,
         )  # fmt: skip
-        self.feature_dim = feature_dim(self.obs_dim, K)
+        self.feature_dim = feature_dim(self.obs_dim, K, fam.outcome_dim, fam.n_tokens)
         self.controller = DecisionController(self.feature_dim, cfg.hidden)
         instruction = cfg.env_kwargs.get("task_info", "reward") == "instruction"
         self.composer = PointerComposer(
-            cfg.hidden, K, len(PRIMITIVES), cfg.key_dim, cfg.composer, instruction
+            cfg.hidden, K, fam.n_tokens, cfg.key_dim, cfg.composer, instruction
         )
         self.graph = SkillGraph(K, cfg.graph)
         if cfg.library_finetune == "on":  # the KL's reference: the library phase 2 starts from
             self.frozen_library = copy.deepcopy(self.library).requires_grad_(False)
         if cfg.primitives == "discovered":  # part of the checkpoint: discovery state
-            self.discriminator = OutcomeDiscriminator(K, cfg.library_hidden)
+            in_dim = {"in_dim": MOTION_OUTCOME_DIM} if fam.continuous else {}
+            self.discriminator = OutcomeDiscriminator(K, cfg.library_hidden, **in_dim)
         self.discovery: Discovery | None = None
         self._discovery_state: dict | None = None
         if cfg.library_checkpoint:
@@ -266,14 +289,20 @@ class CompositionalAgent(RLModule):
         n = self.num_local_envs  # all of them on one process
         envs = make_vector_env(cfg.env_id, n, kwargs, vectorization=cfg.vectorization)
         if self._phase == 1 and cfg.primitives == "discovered":
-            envs.close()  # discovery runs in its own room (primitives.outcome_training.make_room)
             dcfg = DiscoveryConfig(
                 num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=n,
                 num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
                 hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
                 total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
             )  # fmt: skip
-            self.discovery = Discovery(dcfg, self.library, self.discriminator)
+            if self.family.continuous:  # the train tasks, a fresh goal every episode
+                sampler = uniform_task_sampler(self.train_set, False)
+                self.discovery = MotionDiscovery(
+                    dcfg, self.library, self.discriminator, envs, sampler
+                )
+            else:
+                envs.close()  # in its own room (primitives.outcome_training.make_room)
+                self.discovery = Discovery(dcfg, self.library, self.discriminator)
             if self._discovery_state is not None:
                 self.discovery.load_training_state(self._discovery_state)
                 self._discovery_state = None

@@ -4,8 +4,9 @@ It steps when the active skill terminates and at every episode start, never in b
 input at a decision (``decision_features``):
 
 - the observation at that moment;
-- the previous skill (one-hot), the outcome it produced (the object events of its segment,
-  ``envs.grid_events``), the reward collected while it ran, its duration / ``t_max``, and
+- the previous skill (one-hot), the outcome it produced (CompoGrid: the object events of its
+  segment, ``envs.grid_events``; Meta-World: its hand/gripper/object displacement,
+  ``compositional.family``), the reward collected while it ran, its duration / ``t_max``, and
   whether an episode boundary cut it;
 - per-skill statistics of the trial so far at the current sub-task position: "paid here" and
   "tried here without pay" — a belief state, which a plain LSTM does not learn on its own at
@@ -47,8 +48,11 @@ def current_token(obs: torch.Tensor) -> torch.Tensor:
     return torch.where((pos < MAX_LEN)[:, None], out, torch.zeros_like(out))
 
 
-def feature_dim(obs_dim: int, num_skills: int) -> int:
-    return obs_dim + num_skills + NUM_PRIMITIVES + 3 + 2 * num_skills + NUM_PRIMITIVES
+def feature_dim(
+    obs_dim: int, num_skills: int, outcome_dim: int = NUM_PRIMITIVES, n_tokens: int = NUM_PRIMITIVES
+) -> int:
+    """Controller input size (outcome and token sizes: the family's, ``compositional.family``)."""
+    return obs_dim + num_skills + outcome_dim + 3 + 2 * num_skills + n_tokens
 
 
 def decision_features(
@@ -61,8 +65,10 @@ def decision_features(
     paid: torch.Tensor,
     tried: torch.Tensor,
     num_skills: int,
+    token: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, feature_dim) controller input (see the module docstring)."""
+    """(B, feature_dim) controller input (see the module docstring); ``token``: the current
+    instruction token (None: CompoGrid's, read off ``obs``)."""
     prev = torch.zeros(obs.shape[0], num_skills)
     has = prev_skill >= 0
     prev[has, prev_skill[has]] = 1.0
@@ -76,7 +82,7 @@ def decision_features(
             boundary.float()[:, None],
             paid,
             tried,
-            current_token(obs),
+            current_token(obs) if token is None else token,
         ],
         -1,
     )

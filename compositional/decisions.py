@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from compositional.controller import current_token
-from envs.grid_events import NUM_PRIMITIVES
 from rl import distributed
 from rl.collect import Rollout
 from rl.ppo import PPO_TERMS, PPOConfig, empty_step, explained_variance, minibatch_step
@@ -189,7 +188,7 @@ def replay(agent, D: Decisions, envs: torch.Tensor):
     offs = torch.cat([torch.arange(b - a) for _, a, b in pieces])
     hs = hs.index_put((rows, cols), hs_seq[srcs, offs])
     hs = hs.reshape(n * M, -1)
-    token = x[..., -NUM_PRIMITIVES:].reshape(n * M, -1)
+    token = x[..., -agent.family.n_tokens :].reshape(n * M, -1)
     prior = agent.graph.log_prior(D.prev[envs].reshape(-1)) + D.bias[envs].reshape(n * M, -1)
     logits = agent.composer.logits(hs, token, prior).reshape(n, M, -1)
     return logits, agent.controller.value(hs).reshape(n, M)

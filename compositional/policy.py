@@ -2,7 +2,8 @@
 
 A ``RolloutPolicy`` for the shared collector. Every env step it
 
-1. adds the last reward to the active segment and its object events (``envs.grid_events``);
+1. adds the last reward to the active segment and the step's outcome (the family's:
+   CompoGrid object events, Meta-World displacements; ``compositional.family``);
 2. ends the active skill if its termination fires (``OptionLibrary.beta``), it has run
    ``t_max`` steps, or an episode ended (composer ``soft``: every step);
 3. records each finished segment in the trial's belief tables ("paid at this sub-task
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from compositional.controller import current_token, decision_features, progress_of
-from envs.grid import MAX_LEN
-from envs.grid_events import NUM_PRIMITIVES, outcomes
+from compositional.controller import decision_features
 from rl.collect import Prev, StepOutput
 
 # memory layout (a plain tuple: the collector clones and checkpoints it element-wise)
@@ -41,15 +40,16 @@ class SkillLevelPolicy:
         self.soft = agent.cfg.composer == "soft"
         # library fine-tuning: the acting skill's log-probability and value go in the rollout
         self.finetune = agent.cfg.library_finetune == "on"
+        self.fam = agent.family
 
     # -- memory ---------------------------------------------------------------------------------
     def initial_memory(self, n: int):
-        K, hid = self.K, self.a.controller.hidden
+        K, hid, fam = self.K, self.a.controller.hidden, self.fam
         z = torch.zeros
         return (
             z(n, hid), z(n, hid), torch.full((n,), -1, dtype=torch.long),
-            z(n, dtype=torch.long), z(n), z(n, NUM_PRIMITIVES), z(n, dtype=torch.long),
-            z(n, self.a.obs_dim), z(n, MAX_LEN, K), z(n, MAX_LEN, K),
+            z(n, dtype=torch.long), z(n), z(n, fam.outcome_dim), z(n, dtype=torch.long),
+            z(n, self.a.obs_dim), z(n, fam.max_len, K), z(n, fam.max_len, K),
             z(n, K), z(n, K), z(n), z(n), z(n), torch.full((n,), -1, dtype=torch.long),
         )  # fmt: skip
 
@@ -76,10 +76,10 @@ class SkillLevelPolicy:
         r = prev.reward
         m[SEG_REW] = m[SEG_REW] + r * active
         m[EP_RET] = m[EP_RET] + r
-        # events of the last transition (an episode boundary hides the final one)
+        # outcome of the last transition (an episode boundary hides the final one)
         cont = active & ~boundary
-        comp, ev, feas = outcomes(m[LAST_OBS], obs)
-        m[SEG_EV] = torch.maximum(m[SEG_EV], (ev & cont[:, None]).float())
+        comp, ev, feas = self.fam.step_outcome(m[LAST_OBS], obs)
+        m[SEG_EV] = self.fam.accumulate(m[SEG_EV], ev, cont)
         # 1. which active skills end here
         ended = boundary & active
         by_beta = torch.zeros(B, dtype=torch.bool)
@@ -93,7 +93,7 @@ class SkillLevelPolicy:
                 own = lib.event_of[skill.clamp(min=0)]
                 rows = torch.arange(B)
                 by_beta = check & (comp[rows, own] | ~feas[rows, own])
-            elif check.any():
+            elif lib.termination == "learned" and check.any():
                 beta = lib.beta(m[LAST_OBS][check], obs[check], skill[check], ev[check])
                 by_beta[check] = torch.rand(int(check.sum()), generator=self.gen) < beta
             ended = ended | timeout | by_beta
@@ -116,6 +116,8 @@ class SkillLevelPolicy:
             lib = a.library
             if lib.termination == "event":  # reached: its own primitive completed on the way
                 extras["seg_ok"][idx] = m[SEG_EV][idx, lib.event_of[k]] > 0
+            elif lib.termination == "duration":  # it moved the object
+                extras["seg_ok"][idx] = self.fam.moved(m[SEG_EV][idx])
             else:
                 extras["seg_ok"][idx] = by_beta[idx]
         # inner loop (ablation): one REINFORCE step on a per-trial skill bias per episode
@@ -148,15 +150,15 @@ class SkillLevelPolicy:
             old = skill[d]
             # the graph's row: the skill that just ended, none at an episode start
             row = torch.where(boundary[d], torch.full_like(old, -1), old)
-            pos = progress_of(obs[d]).clamp(max=MAX_LEN - 1)
+            pos = self.fam.progress(obs[d]).clamp(max=self.fam.max_len - 1)
+            token = self.fam.token(obs[d])
             x = decision_features(
-                obs[d], old, m[SEG_EV][d], m[SEG_REW][d], m[SEG_LEN][d].float() / cfg.t_max,
-                boundary[d], m[PAID][d, pos], m[TRIED][d, pos], K,
+                obs[d], old, m[SEG_EV][d], self.fam.reward_feature(m[SEG_REW][d], m[SEG_LEN][d]),
+                m[SEG_LEN][d].float() / cfg.t_max,
+                boundary[d], m[PAID][d, pos], m[TRIED][d, pos], K, token,
             )  # fmt: skip
             h, c = a.controller(x, m[H][d], m[C][d])
-            logits = a.composer.logits(
-                h, current_token(obs[d]), a.graph.log_prior(row) + m[BIAS][d]
-            )
+            logits = a.composer.logits(h, token, a.graph.log_prior(row) + m[BIAS][d])
             m[H], m[C] = m[H].clone(), m[C].clone()
             m[H][d], m[C][d] = h, c
             probs = torch.softmax(logits, -1)
@@ -191,18 +193,25 @@ class SkillLevelPolicy:
             extras["pi_a"] = pi[torch.arange(B), :, action]
             dec_logp = torch.log((alpha * extras["pi_a"]).sum(-1).clamp_min(1e-12))
             probs = mix
+        elif a.library.continuous:  # a Gaussian skill (Meta-World)
+            dist = a.library.dist(obs, skill)
+            action = dist.sample()
+            logp = dist.log_prob(action)
+            extras["skill_entropy"] = dist.entropy()
         else:
             # Categorical(logits).sample() without the distribution object (same draw)
             probs = torch.softmax(a.library.logits(obs, skill), -1)
             action = torch.multinomial(probs, 1, True).squeeze(-1)
-            if self.finetune:  # the skills' PPO data (compositional.agent._finetune_library)
+            logp = None
+            if self.finetune:
                 logp = probs.gather(1, action[:, None]).squeeze(-1).clamp_min(1e-12).log()
-                extras.update(
-                    seg_start=decide.clone(), beta_end=by_beta & ~boundary,
-                    skill_logp=logp, skill_value=a.library.value(obs, skill),
-                )  # fmt: skip
-        # entropy of the acting distribution, for rl.diagnostics
-        extras["skill_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        if self.finetune and not self.soft:  # the skills' PPO data (agent._finetune_library)
+            extras.update(
+                seg_start=decide.clone(), beta_end=by_beta & ~boundary,
+                skill_logp=logp, skill_value=a.library.value(obs, skill),
+            )  # fmt: skip
+        if "skill_entropy" not in extras:  # entropy of the acting distribution (rl.diagnostics)
+            extras["skill_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         m[SEG_LEN] = m[SEG_LEN] + 1
         m[LAST_OBS] = obs
         extras.update(

@@ -66,8 +66,9 @@ class ChainPolicy:
     - ``beta_on``: the termination of the skill active at t-1 was *sampled* at t (a learned
       termination on an object-event step): the decision is part of that skill's policy and
       ``beta_logp`` is its log-probability (0 elsewhere; see ``decision_log_probs``).
-    - ``start_state``: ``object_state`` (22) at the active segment's start (its outcome's
-      "before").
+    - ``start_state``: ``start_fn`` of the observation at the active segment's start (its
+      outcome's "before"; default CompoGrid's ``object_state`` (22); Meta-World discovery:
+      ``compositional.family.motion``).
     """
 
     def __init__(
@@ -76,8 +77,10 @@ class ChainPolicy:
         t_max: int,
         draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         generator: torch.Generator,
+        start_fn: Callable[[torch.Tensor], torch.Tensor] = object_state,
     ) -> None:
         self.lib, self.t_max, self.draw, self.gen = library, t_max, draw, generator
+        self.start_fn = start_fn
 
     def initial_memory(self, n: int):
         return (
@@ -119,7 +122,7 @@ class ChainPolicy:
         if new.any():
             skill[new] = self.draw(obs[new], new.nonzero().squeeze(-1))
         steps = torch.where(new, torch.zeros_like(steps), steps)
-        state = object_state(obs)
+        state = self.start_fn(obs)
         start = state if start is None else torch.where(new[:, None], state, start)
         dist = self.lib.dist(obs, skill)
         action = dist.sample()
@@ -243,7 +246,7 @@ def update_skills(
     """
     adv, ret, _ = segment_advantages(lib, ro, rewards, terminal, cfg)
     b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
-    b_act = ro.actions.reshape(-1)
+    b_act = ro.actions.flatten(0, 1) if lib.continuous else ro.actions.reshape(-1)
     b_skill = ro.extras["skill"].reshape(-1)
     learned = lib.termination == "learned" and "beta_on" in ro.extras
     if learned:
@@ -265,6 +268,11 @@ def update_skills(
         if kl_to is None:
             return out
         frozen, coef = kl_to
+        if lib.continuous:  # Gaussian skills
+            with torch.no_grad():
+                ref_d = frozen.dist(b_obs[mb], b_skill[mb])
+            kl = torch.distributions.kl_divergence(d, ref_d).mean()
+            return (*out, {"loss_kl_frozen": coef * kl})
         with torch.no_grad():
             ref = torch.log_softmax(frozen.logits(b_obs[mb], b_skill[mb]), -1)
         kl = (d.probs * (d.logits - ref)).sum(-1).mean()  # Categorical's logits are normalised

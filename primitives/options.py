@@ -15,6 +15,16 @@ Termination (``termination``):
   only on steps with an object event e (a step that changed nothing cannot end a skill, which
   keeps options from shrinking to one step, the role of option-critic's deliberation cost), and
   trained with the skill's policy gradient.
+- ``"duration"`` (Meta-World, which has no discrete object events): beta is 0 and a skill runs
+  exactly ``t_max`` steps (or to the episode's end), as MLSH's and SiMPL's fixed-length
+  high-level steps.
+
+Actions: a Categorical per skill (``n_actions`` logits; CompoGrid), or with ``continuous=True``
+a diagonal Gaussian per skill over ``n_actions`` dimensions with a per-skill state-independent
+log-std (Meta-World; the env clips to its box). Skills never see the task: on CompoGrid the
+progress and instruction parts of the observation are zeroed before encoder and critic
+(``envs.grid_events.task_free``); Meta-World's observation holds no task information (goal
+hidden).
 
 Examples:
     >>> lib = OptionLibrary(166, 6, num_skills=19)
@@ -28,12 +38,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Categorical
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal
 
 from envs.grid_events import NUM_PRIMITIVES, completed, events, feasible, task_free
 from rl.nets import mlp
 
-TERMINATIONS = ("event", "learned")
+TERMINATIONS = ("event", "learned", "duration")
 
 
 def check_positive_int(name: str, value) -> int:
@@ -47,11 +57,12 @@ class OptionLibrary(nn.Module):
 
     Args:
         obs_dim: observation size.
-        n_actions: discrete action count.
+        n_actions: discrete action count, or the action dimension (``continuous``).
         num_skills: K >= 1.
         hidden: encoder width.
-        termination: ``"event"`` (``event_of`` required) or ``"learned"``.
+        termination: ``"event"`` (``event_of`` required), ``"learned"`` or ``"duration"``.
         event_of: (K,) primitive index of each skill (``"event"`` termination).
+        continuous: Gaussian skills over a Box action space (Meta-World).
     """
 
     def __init__(
@@ -62,6 +73,7 @@ class OptionLibrary(nn.Module):
         hidden: int = 128,
         termination: str = "learned",
         event_of: list[int] | None = None,
+        continuous: bool = False,
     ) -> None:
         super().__init__()
         self.num_skills = K = check_positive_int("num_skills", num_skills)
@@ -73,6 +85,7 @@ class OptionLibrary(nn.Module):
             if not all(0 <= int(p) < NUM_PRIMITIVES for p in event_of):
                 raise ValueError(f"event_of={event_of}; allowed: indices 0..{NUM_PRIMITIVES - 1}")
         self.obs_dim, self.n_actions, self.termination = int(obs_dim), int(n_actions), termination
+        self.continuous = bool(continuous)
         self.register_buffer(
             "event_of", torch.as_tensor(event_of if event_of is not None else [-1] * K)
         )
@@ -84,17 +97,22 @@ class OptionLibrary(nn.Module):
         nn.init.orthogonal_(self.actor.weight, 0.01)
         nn.init.zeros_(self.actor.bias)
         self.critic = mlp([obs_dim, hidden, hidden, K], out_gain=1.0)
-        # skills never see the task (sub-task progress, instruction tokens): one library for
-        # reward and instruction mode, and no skill can key on the composition
-        for net in (self.encoder, self.critic):
-            net.register_forward_pre_hook(lambda _m, args: (task_free(args[0]),))
-        self.beta_head = nn.Linear(hidden + NUM_PRIMITIVES, K)
-        nn.init.orthogonal_(self.beta_head.weight, 0.01)
-        nn.init.zeros_(self.beta_head.bias)
+        if self.continuous:
+            self.log_std = nn.Parameter(torch.full((K, self.n_actions), -0.5))
+        else:
+            # skills never see the task (CompoGrid's sub-task progress, instruction tokens): one
+            # library for reward and instruction mode, and no skill can key on the composition
+            for net in (self.encoder, self.critic):
+                net.register_forward_pre_hook(lambda _m, args: (task_free(args[0]),))
+        if termination != "duration":
+            self.beta_head = nn.Linear(hidden + NUM_PRIMITIVES, K)
+            nn.init.orthogonal_(self.beta_head.weight, 0.01)
+            nn.init.zeros_(self.beta_head.bias)
 
     # -- acting ---------------------------------------------------------------------------------
     def logits(self, obs: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
-        """Action logits (B, n_actions) of skill ``skill`` (B,) at ``obs`` (B, obs_dim)."""
+        """Action logits (B, n_actions) of skill ``skill`` (B,) at ``obs`` (B, obs_dim) (the
+        Gaussian's mean when ``continuous``)."""
         out = self.actor(self.encoder(obs)).view(-1, self.num_skills, self.n_actions)
         return out[torch.arange(out.shape[0]), skill]
 
@@ -102,8 +120,12 @@ class OptionLibrary(nn.Module):
         """Every skill's action logits (B, K, n_actions) (the ``soft`` composer mixes them)."""
         return self.actor(self.encoder(obs)).view(-1, self.num_skills, self.n_actions)
 
-    def dist(self, obs: torch.Tensor, skill: torch.Tensor) -> Categorical:
-        return Categorical(logits=self.logits(obs, skill), validate_args=False)
+    def dist(self, obs: torch.Tensor, skill: torch.Tensor) -> Distribution:
+        out = self.logits(obs, skill)
+        if self.continuous:
+            std = self.log_std[skill].clamp(-5, 2).exp()
+            return Independent(Normal(out, std, validate_args=False), 1, validate_args=False)
+        return Categorical(logits=out, validate_args=False)
 
     def value(self, obs: torch.Tensor, skill: torch.Tensor) -> torch.Tensor:
         return self.critic(obs)[torch.arange(obs.shape[0]), skill]
@@ -113,7 +135,10 @@ class OptionLibrary(nn.Module):
         self, obs0: torch.Tensor, obs1: torch.Tensor, skill: torch.Tensor, ev=None
     ) -> torch.Tensor:
         """Termination probability (B,) of skill ``skill`` after the step obs0 -> obs1 (for
-        ``"event"``: 0 or 1). ``ev``: ``events(obs0, obs1)`` if the caller has it already."""
+        ``"event"``: 0 or 1; ``"duration"``: 0). ``ev``: ``events(obs0, obs1)`` if the caller
+        has it already."""
+        if self.termination == "duration":
+            return torch.zeros(obs1.shape[0], dtype=obs1.dtype)
         if self.termination == "event":
             prim = self.event_of[skill]
             rows = torch.arange(obs1.shape[0])

@@ -88,13 +88,14 @@ def outcome_features(start_state: torch.Tensor, obs0: torch.Tensor, obs1: torch.
 
 
 class OutcomeDiscriminator(nn.Module):
-    """q(k | outcome): an MLP over ``outcome_features``; logits of skills >= ``active`` are
-    masked (VALOR growth)."""
+    """q(k | outcome): an MLP over ``outcome_features`` (``in_dim``: another family's outcome
+    size, e.g. ``primitives.outcome_motion``); logits of skills >= ``active`` are masked
+    (VALOR growth)."""
 
-    def __init__(self, num_skills: int, hidden: int = 128) -> None:
+    def __init__(self, num_skills: int, hidden: int = 128, in_dim: int = OUTCOME_DIM) -> None:
         super().__init__()
         self.num_skills = check_positive_int("num_skills", num_skills)
-        self.net = mlp([OUTCOME_DIM, hidden, hidden, self.num_skills])
+        self.net = mlp([in_dim, hidden, hidden, self.num_skills])
 
     def forward(self, feats: torch.Tensor, active: int | None = None) -> torch.Tensor:
         logits = self.net(feats)

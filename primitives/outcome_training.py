@@ -51,8 +51,8 @@ from rl.io import atomic_torch_save
 class OutcomeReplay:
     """The most recent (outcome, skill) pairs, a ring of fixed capacity."""
 
-    def __init__(self, capacity: int) -> None:
-        self.feats = torch.zeros(capacity, OUTCOME_DIM)
+    def __init__(self, capacity: int, dim: int = OUTCOME_DIM) -> None:
+        self.feats = torch.zeros(capacity, dim)
         self.skill = torch.zeros(capacity, dtype=torch.long)
         self.n, self.at, self.cap = 0, 0, capacity
 
@@ -62,6 +62,12 @@ class OutcomeReplay:
             self.feats[idx], self.skill[idx] = f, k
             self.at = int((self.at + f.shape[0]) % self.cap)
             self.n = min(self.cap, self.n + f.shape[0])
+
+    def load(self, st: dict) -> None:
+        """Restore from the ``{"feats", "skill", "at"}`` of a training state."""
+        n = int(st["feats"].shape[0])
+        self.feats[:n], self.skill[:n] = st["feats"], st["skill"]
+        self.n, self.at = n, int(st["at"])
 
     def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(self.n, (batch,), generator=gen)
@@ -283,10 +289,7 @@ class Discovery:
     def load_training_state(self, st: dict) -> None:
         self.opt.load_state_dict(st["opt"])
         self.disc_opt.load_state_dict(st["disc_opt"])
-        n = int(st["replay"]["feats"].shape[0])
-        self.replay.feats[:n] = st["replay"]["feats"]
-        self.replay.skill[:n] = st["replay"]["skill"]
-        self.replay.n, self.replay.at = n, int(st["replay"]["at"])
+        self.replay.load(st["replay"])
         self.gen.set_state(st["gen"])
         self.active[0] = int(st["active"])
         self.iteration = int(st["iteration"])
