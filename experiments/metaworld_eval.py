@@ -372,7 +372,7 @@ def _check_module(module: Any, cfg: MetaWorldEvalConfig) -> str:
     if mcfg.env_id != "CompoMetaWorld-v0":
         raise ValueError(
             f"checkpoint of {module.method!r} trained on env_id={mcfg.env_id!r}; allowed: a"
-            " checkpoint trained on CompoMetaWorld-v0 (the compositional agent is CompoGrid-only)"
+            " checkpoint trained on CompoMetaWorld-v0"
         )
     if module.method in MAML_METHODS:
         m = int(mcfg.eval_adapt_episodes or mcfg.episodes_per_trial)

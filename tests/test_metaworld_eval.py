@@ -18,6 +18,7 @@ from experiments.cli import main
 from experiments.metaworld_eval import (
     MetaWorldAgent,
     MetaWorldEvalConfig,
+    _check_module,
     make_eval_envs,
     metaworld_evaluation,
     protocol_on_goals,
@@ -152,8 +153,11 @@ def test_refuses_what_metaworld_cannot_run(checkpoints):
         metaworld_evaluation(method_class("ppo")({}), cfg)
     with pytest.raises(ValueError, match="adaptation_episodes=3 for maml.*multiple of 2"):
         metaworld_evaluation(load_module(checkpoints["maml"], REGISTRY), cfg)
-    with pytest.raises(ValueError, match="allowed: CompoGrid-v0"):
-        method_class("compositional")({"env_id": "CompoMetaWorld-v0", "env_kwargs": {}})
+    # the skill-level agent runs on Meta-World too (Gaussian options of fixed length)
+    mw = method_class("compositional")(
+        {"env_id": "CompoMetaWorld-v0", "split_family": "ML1:reach-v3", "env_kwargs": {}}
+    )
+    assert _check_module(mw, cfg) == "reach-v3"
 
 
 # --- the command ---------------------------------------------------------------------------------
