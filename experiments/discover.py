@@ -87,6 +87,11 @@ def discovery_state(ckpt: dict) -> dict:
             "library.pt, or a compositional run with primitives: discovered)"
         )
     lib = part["library"]
+    if "log_std" in lib:  # Gaussian options: a Meta-World library
+        raise SystemExit(
+            "--evaluate: this checkpoint holds a Meta-World library (Gaussian options); "
+            "allowed: a CompoGrid library (the skills x outcomes table is CompoGrid's)"
+        )
     K = int(lib["event_of"].shape[0])
     return {
         "config": {"num_skills": K, "hidden": int(lib["critic.0.weight"].shape[0])},

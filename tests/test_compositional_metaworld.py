@@ -122,6 +122,12 @@ def test_discovered_run_decides_every_t_max_steps_and_resumes_across_phases(tmp_
         fit(Dies(MW), tmp_path / "cut", logger=False, checkpoint_every=1)
     ck1 = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "discovery" in ck1["rl_state"]["extra"]
+    # the CompoGrid skills x outcomes table refuses a Meta-World library in one line
+    from experiments.discover import discovery_state
+
+    with pytest.raises(SystemExit, match="holds a Meta-World library") as e:
+        discovery_state(ck1)
+    assert "\n" not in str(e.value)
     resumed = fit(CompositionalAgent(MW), tmp_path / "cut", resume=True, logger=False)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
