@@ -70,6 +70,11 @@ from rl.seeding import set_rng_state
 PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
 #: default K on Meta-World (fixed-length motion skills; no outcome kinds to count)
 MOTION_SKILLS = 8
+#: the ``DiscoveryConfig`` settings the ``discovery`` section may set
+DISCOVERY_KEYS = (
+    "cut_reward", "reward_floor", "bc_coef", "bc_balance", "relabel", "relabel_min_q",
+    "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills", "grow_at", "max_steps",
+)  # fmt: skip
 ON_OFF = ("on", "off")
 
 
@@ -128,6 +133,10 @@ class CompositionalConfig(BaseConfig):
     """PPO of the controller (decision level; num_steps = env steps per rollout)"""
     skills: OptionTrainingConfig = field(default_factory=OptionTrainingConfig)
     """phase-1 settings (num_steps, PPO of the skills; ``t_max`` above is used)"""
+    discovery: dict = field(default_factory=dict)
+    """``primitives="discovered"``: settings of ``primitives.outcome.DiscoveryConfig`` for
+    phase 1 (one of ``DISCOVERY_KEYS``, e.g. ``{bc_coef: 3}``); budget, K, ``t_max``, envs,
+    rollout length, widths, seed and PPO come from the fields above"""
 
     def __post_init__(self) -> None:
         if isinstance(self.ppo, dict):
@@ -164,6 +173,17 @@ class CompositionalConfig(BaseConfig):
         if not 0.0 <= float(self.library_fraction) < 1.0:
             raise ValueError(f"library_fraction={self.library_fraction}; allowed: [0, 1)")
         fam = family_for(self.env_id)
+        bad = sorted(set(self.discovery) - set(DISCOVERY_KEYS))
+        if bad:
+            raise ValueError(
+                f"discovery.{bad[0]}: not a discovery setting; allowed: {', '.join(DISCOVERY_KEYS)}"
+            )
+        try:  # its values, checked by name
+            DiscoveryConfig(num_skills=self.K, **self.discovery)
+        except TypeError:
+            raise ValueError(
+                f"discovery={self.discovery!r}; allowed: numbers for the numeric settings"
+            ) from None
         if fam.continuous and self.primitives == "supervised":
             raise ValueError(
                 f"primitives='supervised' on {self.env_id}; allowed there: discovered, "
@@ -294,6 +314,7 @@ class CompositionalAgent(RLModule):
                 num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
                 hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
                 total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
+                **cfg.discovery,
             )  # fmt: skip
             if self.family.continuous:  # the train tasks, a fresh goal every episode
                 sampler = uniform_task_sampler(self.train_set, False)

@@ -186,6 +186,11 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"primitives": "scripted"}, "primitives='scripted'"),
         ({"num_skills": 5}, "num_skills=5 with primitives='supervised'"),
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
+        ({"discovery": {"bogus": 1}}, "discovery.bogus: not a discovery setting"),
+        ({"discovery": {"bc_coef": -1}}, "bc_coef=-1"),
+        ({"discovery": {"relabel": "best"}}, "relabel='best'"),
+        ({"discovery": {"disc_steps": "many"}}, "disc_steps=.many.; allowed: an integer"),
+        ({"discovery": {"bc_coef": "x"}}, "allowed: numbers"),
     ],
 )
 def test_bad_config_one_line(over, match):
@@ -276,6 +281,15 @@ def test_update_replays_the_acting_policy_exactly(composer):
     v = D.valid
     torch.testing.assert_close(new[v], D.logp[v], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values[v], D.value[v], atol=1e-5, rtol=1e-5)
+
+
+def test_discovery_section_reaches_phase_one(tmp_path):
+    cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5,
+           "discovery": {"bc_coef": 3.0, "disc_steps": 2}}  # fmt: skip
+    agent = CompositionalAgent(cfg)
+    agent.make_collector().envs.close()
+    assert agent.discovery.cfg.bc_coef == 3.0 and agent.discovery.cfg.disc_steps == 2
+    assert agent.discovery.cfg.t_max == TINY.get("t_max", 32)
 
 
 def test_discovered_library_phase_and_resume(tmp_path):
