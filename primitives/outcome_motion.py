@@ -97,8 +97,14 @@ class MotionDiscovery:
         stats: dict[str, float] = {"active_skills": K}
         ppo = update_skills(self.lib, ro, rewards, done, self.opt, cfg.ppo, backward=backward)
         stats.update({f"ppo/{k}": v for k, v in ppo.items()})
-        # every rank's segments, in the order one process holding all envs has them
-        seg_feats, seg_skill = distributed.gather_cat(feats[done], skill[done])
+        # every rank's segments, in the (step, env) order one process holding all envs has
+        rank, size = distributed.world()
+        at, n = done.nonzero(), done.shape[1]
+        t, env, seg_feats, seg_skill = distributed.gather_cat(
+            at[:, 0], at[:, 1] + rank * n, feats[done], skill[done]
+        )
+        order = torch.argsort(t * n * size + env)
+        seg_feats, seg_skill = seg_feats[order], seg_skill[order]
         stats["segments_finished"] = int(seg_skill.numel())
         if seg_skill.numel():
             with torch.no_grad():

@@ -153,8 +153,8 @@ def test_tiny_metaworld_heldout(tmp_path):
     from experiments.heldout import HeldoutConfig, run_heldout
 
     keep = ("total_env_steps", "compositions", "num_envs", "env_id", "split_family")
-    cfg = HeldoutConfig(
-        family="metaworld", env_id="CompoMetaWorld-v0", env_kwargs={"max_steps": 30},
+    cfg = HeldoutConfig(  # ML1 reach: one MuJoCo model per env (the split's 40 cost ~10 s)
+        family="ML1:reach-v3", env_id="CompoMetaWorld-v0", env_kwargs={"max_steps": 30},
         methods=[{"name": "compositional", "method": "compositional",
                   "config": {k: v for k, v in MW.items() if k not in keep}}],
         references=[], seeds=[0], total_env_steps=MW["total_env_steps"], num_envs=2,

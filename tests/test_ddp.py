@@ -93,13 +93,33 @@ CONFIGS = {
         "ppo": {"num_steps": 32},
         "skills": {"num_steps": 32},
     },
+    # the same agent on Meta-World: Gaussian options of fixed length, discovery from
+    # displacements (discriminator on every rank's segments in the 1-process order)
+    "compositional_mw": {
+        "env_id": "CompoMetaWorld-v0",
+        "split_family": "ML1:reach-v3",  # one MuJoCo model per env
+        "env_kwargs": {"max_steps": 32},
+        "primitives": "discovered",
+        "num_envs": 4,
+        "t_max": 8,
+        "hidden": 16,
+        "key_dim": 8,
+        "library_hidden": 16,
+        "library_finetune": "on",
+        "total_env_steps": 768,
+        "library_fraction": 0.5,
+        "ppo": {"num_steps": 32},
+        "skills": {"num_steps": 32},
+    },
     # the DIAYN library: PPO of the skills on log q(k | phi), the discriminator on a buffer
     "discovery": {"num_envs": 4, "total_env_steps": 384, "training": {"ppo": {"num_steps": 32}}},
 }
 META = ("maml", "fomaml", "reptile")
 #: methods whose policy memory holds (envs, ...) tensors (RL²'s is (layers, envs, ...)); their
 #: rollouts are recorded from a real 1-process ``fit`` (their collectors come with a phase)
-ENVS_FIRST_MEMORY = ("compositional", "discovery")
+ENVS_FIRST_MEMORY = ("compositional", "compositional_mw", "discovery")
+#: the registry method of a case whose name is not one
+METHOD_OF = {"compositional_mw": "compositional"}
 
 
 def _env() -> dict:
@@ -148,7 +168,7 @@ def replay_main(method: str, devices: int, rollouts_path: str, out: str) -> None
     from rl.train import fit
 
     stored = torch.load(rollouts_path, weights_only=False)  # written by this test
-    cls = method_class(method)
+    cls = method_class(METHOD_OF.get(method, method))
     served = [0]  # rollouts served so far, over every collector of the run (the agent's phases)
     memory_dim = 0 if method in ENVS_FIRST_MEMORY else 1
 
@@ -193,7 +213,7 @@ def _record_rollouts(method: str, path: Path) -> dict:
     from experiments.registry import method_class
 
     cfg = {**CONFIGS[method], "compositions": None}
-    cls = method_class(method)
+    cls = method_class(METHOD_OF.get(method, method))
     module = cls(cfg)
     init = {k: v.clone() for k, v in module.state_dict().items()}
     if method in ENVS_FIRST_MEMORY:  # a real 1-process run, its rollouts of every phase kept
@@ -254,8 +274,8 @@ def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
 
 @pytest.mark.parametrize(
     "methods",
-    [["ppo", "rl2"], list(META), ["pearl", "compositional", "discovery"]],
-    ids=["ppo-rl2", "maml-family", "pearl-compositional-discovery"],
+    [["ppo", "rl2"], list(META), ["pearl", "compositional", "discovery"], ["compositional_mw"]],
+    ids=["ppo-rl2", "maml-family", "pearl-compositional-discovery", "compositional-metaworld"],
 )
 def test_two_processes_update_as_one(tmp_path, methods):
     init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
@@ -280,7 +300,7 @@ def test_two_processes_update_as_one(tmp_path, methods):
                     assert r2["trpo/accepted"] == r1["trpo/accepted"]
                     assert r2["trpo/grad_norm"] == pytest.approx(r1["trpo/grad_norm"], rel=2e-3)
             continue
-        if m == "compositional":  # both phases: the whole batch's numbers on every rank
+        if m in ("compositional", "compositional_mw"):  # both phases: the whole batch's numbers
             assert [r["charts/phase"] for r in h1] == [1.0] * 3 + [2.0] * 3
             for part in ("library.", "discriminator.", "controller.", "composer."):  # all trained
                 assert max(
