@@ -380,7 +380,7 @@ def outcomes(tmp_path_factory) -> dict:
 #: a case that loads a config or a checkpoint imports torch and Lightning (~3.8 CPU-s); make
 #: test runs every cheap case and at most this many such cases per command (>= 100 in all),
 #: COMPO_ALL_BAD_INPUT=1 runs every case
-HEAVY_PER_COMMAND = {"train": 40, "heldout": 14, "trace": 10, "eval": 6, "embed": 6,
+HEAVY_PER_COMMAND = {"train": 32, "heldout": 10, "trace": 10, "eval": 6, "embed": 6,
                      "graph": 4, "ablate": 5, "diagnose": 3, "metaworld-eval": 1}  # fmt: skip
 
 
