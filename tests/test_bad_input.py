@@ -7,14 +7,21 @@ them where it has config keys (``train``, ``heldout``, ``ablate``, ``embed``, ``
 randomness (``trace --seed``) and rejects them in one line otherwise (``trace --config/--set``,
 ``graph --config/--set/--seed``).
 
-Each case is a fresh ``compo`` process (about 3 s of imports); they run a few at a time in one
-module fixture, and every case is rejected before the first env step.
+Each case costs about 3.8 CPU-s of imports in a fresh process. So every case that needs no
+config or checkpoint, and the first ``PROCESS_PER_COMMAND`` config/checkpoint cases of each
+command, run as a fresh ``compo`` process (what a user runs, import-time output included); the
+other config/checkpoint cases of a command run one after another inside one fresh Python
+process through ``experiments.cli.main`` (the console script's function), each in its own
+working folder with its own stderr and exit code. Every case is rejected before the first env
+step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -344,13 +351,57 @@ def _workspace(ws: Path) -> None:
     (ws / "afile").write_text("not a folder\n")
 
 
+#: config/checkpoint cases per command run as their own ``compo`` process; the rest of that
+#: command's run in one Python process (module docstring)
+PROCESS_PER_COMMAND = 3
+
+#: run by ``python -c`` with a JSON list of (argv, cwd): each case through ``main`` in its own
+#: working folder, its stderr and exit code back as JSON on stdout
+_IN_PROCESS = """
+import contextlib, io, json, os, sys
+from experiments.cli import main
+out = []
+for argv, cwd in json.loads(sys.stdin.read()):
+    os.chdir(cwd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    out.append([code, err.getvalue()])
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
+def _heavy(argv: list[str]) -> bool:
+    """The case loads a config or a checkpoint (imports torch and Lightning)."""
+    return any(a in ("--set", "--config", "--checkpoint") for a in argv)
+
+
+def _split(cases) -> tuple[list, dict[str, list]]:
+    """(cases run as their own process, {command: cases run in one process})."""
+    alone, batched, taken = [], {}, {}
+    for case in cases:
+        argv = case[1]
+        if argv and _heavy(argv):
+            cmd = argv[0]
+            taken[cmd] = taken.get(cmd, 0) + 1
+            if taken[cmd] > PROCESS_PER_COMMAND:
+                batched.setdefault(cmd, []).append(case)
+                continue
+        alone.append(case)
+    return alone, batched
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict:
-    """Every case run through the console script, a few processes at a time."""
+    """Every case, a few processes at a time (module docstring)."""
     ws = tmp_path_factory.mktemp("bad_input")
     _workspace(ws)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def run(case):
+    def prepare(case):
         name, argv, _ = case
         argv = [a.replace("{ws}", str(ws)) for a in argv]
         out = ws / "outs" / name
@@ -359,8 +410,14 @@ def outcomes(tmp_path_factory) -> dict:
         if argv and "--out" not in argv and argv[0] in COMMANDS:
             argv += ["--out", str(out)]
         watched = Path(argv[argv.index("--out") + 1]) if "--out" in argv else out
-        before = _snapshot(watched)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return argv, cwd, watched, _snapshot(watched)
+
+    def result(watched, before, cwd, code, err):
+        written = _snapshot(watched) != before or any(cwd.iterdir())
+        return code, err, written
+
+    def run(case):
+        argv, cwd, watched, before = prepare(case)
         try:
             proc = subprocess.run(
                 [*_compo(), *argv], cwd=cwd, env=env, capture_output=True, text=True,
@@ -369,46 +426,36 @@ def outcomes(tmp_path_factory) -> dict:
             code, err = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as e:  # it started working on the bad input
             code, err = None, f"still running after {TIMEOUT} s: {e.stderr!r}"
-        written = _snapshot(watched) != before or any(cwd.iterdir())
-        return name, (code, err, written)
+        return {case[0]: result(watched, before, cwd, code, err)}
 
+    def run_batch(cases):
+        prepared = [prepare(c) for c in cases]
+        payload = json.dumps([[argv, str(cwd)] for argv, cwd, _, _ in prepared])
+        proc = subprocess.run(
+            [sys.executable, "-c", _IN_PROCESS], input=payload, env=env, capture_output=True,
+            text=True, timeout=TIMEOUT * len(cases),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout)
+        return {
+            c[0]: result(watched, before, cwd, code, err)
+            for c, (_, cwd, watched, before), (code, err) in zip(cases, prepared, got)
+        }
+
+    alone, batched = _split(RUN_CASES)
+    found: dict = {}
     with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 1) + 1)) as pool:
-        found = dict(pool.map(run, RUN_CASES))
+        jobs = [pool.submit(run_batch, cs) for cs in batched.values()]
+        jobs += [pool.submit(run, c) for c in alone]
+        for job in jobs:
+            found.update(job.result())
     return {"ws": str(ws), **found}
 
 
-#: a case that loads a config or a checkpoint imports torch and Lightning (~3.8 CPU-s); make
-#: test runs every cheap case and at most this many such cases per command (>= 100 in all),
-#: COMPO_ALL_BAD_INPUT=1 runs every case
-HEAVY_PER_COMMAND = {"train": 32, "heldout": 10, "trace": 10, "eval": 6, "embed": 6,
-                     "graph": 4, "ablate": 5, "diagnose": 3, "metaworld-eval": 1}  # fmt: skip
-
-
-def _heavy(argv: list[str]) -> bool:
-    return any(a in ("--set", "--config", "--checkpoint") for a in argv)
-
-
-def _selected(cases):
-    if os.environ.get("COMPO_ALL_BAD_INPUT") == "1":
-        return list(cases)
-    taken: dict[str, int] = {}
-    out = []
-    for case in cases:
-        argv = case[1]
-        if argv and _heavy(argv):
-            cmd = argv[0]
-            if taken.get(cmd, 0) >= HEAVY_PER_COMMAND.get(cmd, 0):
-                continue
-            taken[cmd] = taken.get(cmd, 0) + 1
-        out.append(case)
-    return out
-
-
-RUN_CASES = _selected(CASES)
+RUN_CASES = CASES
 
 
 def test_enough_cases():
-    assert len(RUN_CASES) >= 100
     assert len(CASES) >= 100
     assert len({c[0] for c in CASES}) == len(CASES)
     commands = {c[1][0] for c in CASES if c[1]}
