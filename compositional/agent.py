@@ -299,6 +299,7 @@ class CompositionalAgent(RLModule):
         return [lib, ctl]
 
     def skill_names(self) -> list[str | None]:
+        """What each skill stands for or mostly produces (None: not measured)."""
         return self.library.skill_names([str(p) for p in PRIMITIVES])
 
     # -- collectors -------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def motion_name(d: torch.Tensor) -> str:
+    """A Meta-World skill named by its mean displacement ``d`` of [hand xyz, gripper, object
+    xyz]: the hand's main axis, and the object's move when it moved >= 1 cm.
+
+    Examples:
+        >>> motion_name(torch.tensor([0.0, -0.06, 0.01, 0.0, 0.0, 0.0, 0.0]))
+        'hand -y 6cm'
+    """
+    axis = int(d[:3].abs().argmax())
+    name = f"hand {'+' if d[axis] >= 0 else '-'}{'xyz'[axis]} {abs(float(d[axis])) * 100:.0f}cm"
+    moved = float(d[4:7].norm())
+    return name + (f", object {moved * 100:.0f}cm" if moved >= 0.01 else "")
+
+
 class OptionLibrary(nn.Module):
     """K options over a shared encoder (see the module docstring).
 
@@ -99,6 +113,11 @@ class OptionLibrary(nn.Module):
         self.critic = mlp([obs_dim, hidden, hidden, K], out_gain=1.0)
         if self.continuous:
             self.log_std = nn.Parameter(torch.full((K, self.n_actions), -0.5))
+            # mean displacement of [hand xyz, gripper, object xyz] over each skill's segments
+            # and how many segments it is from (0: not measured), set by Meta-World discovery;
+            # names the skills
+            self.register_buffer("motion_of", torch.zeros(K, 7))
+            self.register_buffer("motion_n", torch.zeros(K, dtype=torch.long))
         else:
             # skills never see the task (CompoGrid's sub-task progress, instruction tokens): one
             # library for reward and instruction mode, and no skill can key on the composition
@@ -165,11 +184,19 @@ class OptionLibrary(nn.Module):
 
     def skill_names(self, primitive_names: list[str]) -> list[str | None]:
         """The primitive each skill stands for (``"event"``) or mostly produces (``"learned"``,
-        once measured), else None per skill."""
+        once measured), else None per skill; Gaussian skills: what they mostly move
+        (``motion_name``)."""
+        if self.continuous:
+            return [
+                motion_name(d) if n > 0 else None for d, n in zip(self.motion_of, self.motion_n)
+            ]
         of = self.event_of if self.termination == "event" else self.outcome_of
         return [primitive_names[int(p)] if int(p) >= 0 else None for p in of]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # libraries saved before ``outcome_of`` existed load with it unmeasured
         state_dict.setdefault(prefix + "outcome_of", torch.full_like(self.outcome_of, -1))
+        if self.continuous:  # (Meta-World libraries saved before their motions were kept)
+            state_dict.setdefault(prefix + "motion_of", torch.zeros_like(self.motion_of))
+            state_dict.setdefault(prefix + "motion_n", torch.zeros_like(self.motion_n))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -114,9 +114,20 @@ class MotionDiscovery:
                                                                K).mean())  # fmt: skip
             stats["object_moved"] = float(MotionFamily().moved(seg_feats[:, 7:]).float().mean())
             self.replay.add(seg_feats, seg_skill)
+            self._name_skills()
         stats["disc_loss"] = self._train_discriminator(K)
         self.iteration += 1
         return stats
+
+    def _name_skills(self) -> None:
+        """Each skill's mean displacement over the replay's segments (the library's
+        ``motion_of``, which ``OptionLibrary.skill_names`` turns into names)."""
+        r, K = self.replay, self.lib.num_skills
+        k, d = r.skill[: r.n], r.feats[: r.n, MotionFamily.outcome_dim :]
+        sums = torch.zeros(K, d.shape[1]).index_add_(0, k, d)
+        count = torch.bincount(k, minlength=K)
+        self.lib.motion_of.copy_(sums / count.clamp(min=1)[:, None])
+        self.lib.motion_n.copy_(count)
 
     def _train_discriminator(self, K: int) -> float:
         """``disc_steps`` cross-entropy steps on replayed outcomes (rank 0's draws, so every

@@ -147,6 +147,14 @@ def test_discovery_rewards_only_finished_segments_and_trains_the_discriminator(t
     ro, done = agent.discovery.last
     assert done.any() and (ro.extras["seg_len"][done] == MW["t_max"]).all()
     assert agent.discovery.replay.n > 0 and agent.discovery.iteration == agent.phase1_iters
+    # skills are named by their mean displacement over the replay's segments
+    r = agent.discovery.replay
+    k0 = int(r.skill[0])
+    mean = r.feats[: r.n][r.skill[: r.n] == k0, 7:].mean(0)
+    assert torch.allclose(agent.library.motion_of[k0], mean)
+    names = agent.skill_names()
+    assert names[k0] is not None and names[k0].startswith("hand ")
+    assert all((n is None) == (int(agent.library.motion_n[i]) == 0) for i, n in enumerate(names))
 
 
 def test_tiny_metaworld_heldout(tmp_path):
