@@ -23,15 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from compositional.family import MotionFamily, motion
 from primitives.option_training import ChainPolicy, update_skills
 from primitives.options import OptionLibrary
 from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator, intrinsic_reward
-from primitives.outcome_training import OutcomeReplay, uniform_draw
+from primitives.outcome_training import DiscoveryLoop, OutcomeReplay, uniform_draw
 from rl import distributed
 from rl.collect import Collector, Rollout
 
@@ -48,7 +46,7 @@ def finished_segments(ro: Rollout, t_max: int) -> tuple[torch.Tensor, torch.Tens
     return done, torch.where(done[..., None], feats, torch.zeros_like(feats))
 
 
-class MotionDiscovery:
+class MotionDiscovery(DiscoveryLoop):
     """Phase 1 of the compositional agent on Meta-World (``discovered`` skills); the interface
     of ``primitives.outcome_training.Discovery`` (``collector``, ``step``, ``last``, ``gen``,
     ``training_state`` / ``load_training_state``).
@@ -128,42 +126,3 @@ class MotionDiscovery:
         count = torch.bincount(k, minlength=K)
         self.lib.motion_of.copy_(sums / count.clamp(min=1)[:, None])
         self.lib.motion_n.copy_(count)
-
-    def _train_discriminator(self, K: int) -> float:
-        """``disc_steps`` cross-entropy steps on replayed outcomes (rank 0's draws, so every
-        DDP rank takes the same steps on the same replay)."""
-        if self.replay.n == 0:
-            return float("nan")
-        draws = None
-        if distributed.world()[0] == 0:
-            draws = [
-                torch.randint(self.replay.n, (self.cfg.disc_batch,), generator=self.gen)
-                for _ in range(self.cfg.disc_steps)
-            ]
-        losses = []
-        for idx in distributed.broadcast_object(draws):
-            loss = F.cross_entropy(self.disc(self.replay.feats[idx], K), self.replay.skill[idx])
-            self.disc_opt.zero_grad()
-            loss.backward()
-            self.disc_opt.step()
-            losses.append(float(loss.detach()))
-        return float(np.mean(losses))
-
-    def training_state(self) -> dict:
-        """Optimisers, the outcome replay, the generator and the counter: plain data."""
-        r = self.replay
-        return {
-            "opt": self.opt.state_dict(),
-            "disc_opt": self.disc_opt.state_dict(),
-            "replay": {"feats": r.feats[: r.n].clone(), "skill": r.skill[: r.n].clone(),
-                       "at": r.at},
-            "gen": self.gen.get_state(),
-            "iteration": self.iteration,
-        }  # fmt: skip
-
-    def load_training_state(self, st: dict) -> None:
-        self.opt.load_state_dict(st["opt"])
-        self.disc_opt.load_state_dict(st["disc_opt"])
-        self.replay.load(st["replay"])
-        self.gen.set_state(st["gen"])
-        self.iteration = int(st["iteration"])

@@ -104,7 +104,58 @@ def make_room(num_envs: int, size: int = 8, max_steps: int | None = None):
     return venv, uniform_task_sampler([ROOM], False)
 
 
-class Discovery:
+class DiscoveryLoop:
+    """What the discovery loops share (``Discovery`` here, ``primitives.outcome_motion``'s on
+    Meta-World): the discriminator's steps on the outcome replay and the training state. A
+    loop has ``cfg`` (``disc_batch``, ``disc_steps``), ``disc``, ``disc_opt``, ``opt``,
+    ``replay``, ``gen``, ``active`` and ``iteration``."""
+
+    def _train_discriminator(self, K: int) -> float:
+        """``disc_steps`` cross-entropy steps on replayed outcomes. Under DDP every rank holds
+        the same replay and takes the same steps on rank 0's draws: the same discriminator."""
+        if self.replay.n == 0:
+            return float("nan")
+        rank = distributed.world()[0]
+        draws = None
+        if rank == 0:
+            draws = [
+                torch.randint(self.replay.n, (self.cfg.disc_batch,), generator=self.gen)
+                for _ in range(self.cfg.disc_steps)
+            ]
+        losses = []
+        for idx in distributed.broadcast_object(draws):
+            x, k = self.replay.feats[idx], self.replay.skill[idx]
+            loss = F.cross_entropy(self.disc(x, K), k)
+            self.disc_opt.zero_grad()
+            loss.backward()
+            self.disc_opt.step()
+            losses.append(float(loss.detach()))
+        return float(np.mean(losses))
+
+    def training_state(self) -> dict:
+        """Everything beyond library and discriminator weights that training continues from
+        (optimisers, the outcome replay, the generator, growth, counters): plain data."""
+        r = self.replay
+        return {
+            "opt": self.opt.state_dict(),
+            "disc_opt": self.disc_opt.state_dict(),
+            "replay": {"feats": r.feats[: r.n].clone(), "skill": r.skill[: r.n].clone(),
+                       "at": r.at},
+            "gen": self.gen.get_state(),
+            "active": self.active[0],
+            "iteration": self.iteration,
+        }  # fmt: skip
+
+    def load_training_state(self, st: dict) -> None:
+        self.opt.load_state_dict(st["opt"])
+        self.disc_opt.load_state_dict(st["disc_opt"])
+        self.replay.load(st["replay"])
+        self.gen.set_state(st["gen"])
+        self.active[0] = int(st.get("active", self.active[0]))
+        self.iteration = int(st["iteration"])
+
+
+class Discovery(DiscoveryLoop):
     """The discovery loop's state: library, discriminator, optimisers, collector."""
 
     def __init__(
@@ -249,50 +300,6 @@ class Discovery:
             "relabel_changed": float((k_star[keep] != every.skill[keep]).float().mean()),
             "bc_loss": float(bc.mean()),
         }
-
-    def _train_discriminator(self, K: int) -> float:
-        """``disc_steps`` cross-entropy steps on replayed outcomes. Under DDP every rank holds
-        the same replay and takes the same steps on rank 0's draws: the same discriminator."""
-        if self.replay.n == 0:
-            return float("nan")
-        rank = distributed.world()[0]
-        draws = None
-        if rank == 0:
-            draws = [
-                torch.randint(self.replay.n, (self.cfg.disc_batch,), generator=self.gen)
-                for _ in range(self.cfg.disc_steps)
-            ]
-        losses = []
-        for idx in distributed.broadcast_object(draws):
-            x, k = self.replay.feats[idx], self.replay.skill[idx]
-            loss = F.cross_entropy(self.disc(x, K), k)
-            self.disc_opt.zero_grad()
-            loss.backward()
-            self.disc_opt.step()
-            losses.append(float(loss.detach()))
-        return float(np.mean(losses))
-
-    def training_state(self) -> dict:
-        """Everything beyond library and discriminator weights that training continues from
-        (optimisers, the outcome replay, the generator, growth, counters): plain data."""
-        r = self.replay
-        return {
-            "opt": self.opt.state_dict(),
-            "disc_opt": self.disc_opt.state_dict(),
-            "replay": {"feats": r.feats[: r.n].clone(), "skill": r.skill[: r.n].clone(),
-                       "at": r.at},
-            "gen": self.gen.get_state(),
-            "active": self.active[0],
-            "iteration": self.iteration,
-        }  # fmt: skip
-
-    def load_training_state(self, st: dict) -> None:
-        self.opt.load_state_dict(st["opt"])
-        self.disc_opt.load_state_dict(st["disc_opt"])
-        self.replay.load(st["replay"])
-        self.gen.set_state(st["gen"])
-        self.active[0] = int(st["active"])
-        self.iteration = int(st["iteration"])
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (loads with ``weights_only=True``)."""
