@@ -57,7 +57,7 @@ from primitives.option_training import (
 )
 from primitives.options import OptionLibrary, check_positive_int
 from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator
-from primitives.outcome_motion import MOTION_OUTCOME_DIM, MotionDiscovery
+from primitives.outcome_motion import MOTION_OUTCOME_DIM, MotionDiscovery, finished_segments
 from primitives.outcome_training import Discovery
 from rl import distributed
 from rl.collect import Collector, make_vector_env, uniform_task_sampler
@@ -410,7 +410,11 @@ class CompositionalAgent(RLModule):
             # no task reward: skills x outcomes MI
             stats = self.discovery.step(backward=self.manual_backward)
             ro, terminal = self.discovery.last
-            self._count_chain_segments(ro, terminal.float(), terminal)
+            ok = terminal
+            if self.family.continuous:  # a finished Meta-World segment succeeds if it moved
+                _, feats = finished_segments(ro, self.cfg.t_max)  # the object (as in phase 2)
+                ok = terminal & self.family.moved(feats[..., 7:].reshape(-1, 7)).view_as(terminal)
+            self._count_chain_segments(ro, ok.float(), terminal)
             self.iteration += 1
             self.log_scalars(
                 {"charts/phase": 1.0, "charts/SPS": (self.cfg.num_envs * self.cfg.skills.num_steps)
@@ -481,7 +485,10 @@ class CompositionalAgent(RLModule):
         return {f"skills_{k}": v for k, v in stats.items()}
 
     def _count_chain_segments(self, ro, rewards, terminal) -> None:
-        """Phase-1 segments for the graph: (previous skill in the episode, skill, completed)."""
+        """Phase-1 segments for the graph: (previous skill in the episode, skill, succeeded).
+        Success: ``rewards > 0`` (supervised: completed its primitive; Meta-World: moved the
+        object), or for learned terminations the skill's own termination (its outcome)."""
+        learned = self.library.termination == "learned"
         skill = ro.extras["skill"].numpy()
         start = ro.extras["seg_start"].numpy()
         ep_end = (ro.terminated | ro.truncated).numpy()
@@ -500,7 +507,7 @@ class CompositionalAgent(RLModule):
                     continue
                 prevs.append(prev)
                 skills.append(skill[t, i])
-                oks.append(ok[t, i] if self.library.termination == "event" else terminal[t, i])
+                oks.append(terminal[t, i] if learned else ok[t, i])
                 prev = -1 if ep_end[t, i] else int(skill[t, i])
         # every rank's segments, as one process holding all envs counts them
         seg = distributed.gather_cat(
