@@ -10,10 +10,11 @@ segment "did something" (the feasibility graph's success), the current sub-task 
   when its termination fired on an event; position and token are read off the observation's
   progress one-hot and instruction tokens.
 - ``MotionFamily`` (Meta-World): the outcome is the displacement of ``[hand xyz, gripper,
-  object xyz]`` (the first 7 entries of Meta-World's observation), summed over the segment's
-  steps; a segment succeeds when it moved the object by at least ``MOVED`` (2 cm); the
-  controller reads its mean reward per step / 10 (dense 0..10 rewards); one sub-task per task
-  (position 0) and no instructions (Meta-World tasks are reward-only).
+  object xyz]`` (``envs.metaworld.motion``: the first 7 entries of the observation), summed
+  over the segment's steps; a segment succeeds when it moved the object by at least
+  ``envs.metaworld.MOVED`` (2 cm); the controller reads its mean reward per step / 10 (dense
+  0..10 rewards); one sub-task per task (position 0) and no instructions (Meta-World tasks
+  are reward-only).
 
 Examples:
     >>> fam = family_for("CompoMetaWorld-v0")
@@ -27,9 +28,7 @@ import torch
 
 from envs.grid import MAX_LEN, PRIMITIVES
 from envs.grid_events import NUM_PRIMITIVES, outcomes
-
-#: an object displacement (m) that counts as "the segment moved the object"
-MOVED = 0.02
+from envs.metaworld import MOTION_DIM, motion, moved
 
 
 class GridFamily:
@@ -63,16 +62,11 @@ class GridFamily:
         return current_token(obs)
 
 
-def motion(obs: torch.Tensor) -> torch.Tensor:
-    """``[hand xyz, gripper, object xyz]`` of Meta-World observations (B, 39) -> (B, 7)."""
-    return obs[..., :7]
-
-
 class MotionFamily:
     """Meta-World: hand, gripper and object displacement."""
 
     name = "motion"
-    outcome_dim = 7
+    outcome_dim = MOTION_DIM
     n_tokens = 1
     max_len = 1
     continuous = True
@@ -84,8 +78,8 @@ class MotionFamily:
         return seg + ev * cont[:, None].float()
 
     def moved(self, seg: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the segment's outcome moved the object by at least ``MOVED``."""
-        return seg[:, 4:7].norm(dim=-1) >= MOVED
+        """(B,) bool: the segment's outcome moved the object by at least ``MOVED`` (2 cm)."""
+        return moved(seg)
 
     def reward_feature(self, seg_reward: torch.Tensor, seg_len: torch.Tensor) -> torch.Tensor:
         """Mean reward per step of the segment / 10 (Meta-World's dense reward is 0..10 per

@@ -356,6 +356,25 @@ def goal_pool(env_name: str) -> tuple[Any, ...]:
     return _GOAL_POOLS[env_name]
 
 
+# --- what a step did to hand and object (the skill-level agent's outcomes) ---------------------
+
+#: ``[hand xyz, gripper, object xyz]``: the first entries of the observation
+MOTION_DIM = 7
+#: an object displacement (m) that counts as "moved the object"
+MOVED = 0.02
+
+
+def motion(obs):
+    """``[hand xyz, gripper, object xyz]`` of observations (..., 39) -> (..., 7) (numpy or
+    torch)."""
+    return obs[..., :MOTION_DIM]
+
+
+def moved(displacement):
+    """Whether a displacement (..., 7) of ``motion`` moved the object by at least ``MOVED``."""
+    return (displacement[..., 4:7] ** 2).sum(-1) ** 0.5 >= MOVED
+
+
 # --- environment --------------------------------------------------------------------------------
 
 

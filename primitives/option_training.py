@@ -68,7 +68,7 @@ class ChainPolicy:
       ``beta_logp`` is its log-probability (0 elsewhere; see ``decision_log_probs``).
     - ``start_state``: ``start_fn`` of the observation at the active segment's start (its
       outcome's "before"; default CompoGrid's ``object_state`` (22); Meta-World discovery:
-      ``compositional.family.motion``).
+      ``envs.metaworld.motion``).
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Meta-World has no discrete object events, so a skill is an option of the ``"dura
 (``primitives.options``): drawn uniformly at an episode start or when the previous one ends, it
 runs ``t_max`` steps (MLSH / SiMPL's fixed-length high-level steps). Its outcome is the pair
 (``[hand xyz, gripper, object xyz]`` at its start, their displacement over the segment)
-(``compositional.family.motion``); a discriminator q(k | start, displacement) is trained on
+(``envs.metaworld.motion``); a discriminator q(k | start, displacement) is trained on
 finished segments (a replay of recent ones), and the skill earns ``log q(k | outcome) - log
 p(k)`` (p uniform; floored at ``reward_floor`` if set) on the segment's last step, which is
 terminal for it. The skills are trained by the shared PPO (``primitives.option_training.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from compositional.family import MotionFamily, motion
+from envs.metaworld import MOTION_DIM, motion, moved
 from primitives.option_training import ChainPolicy, update_skills
 from primitives.options import OptionLibrary
 from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator, intrinsic_reward
@@ -34,7 +34,7 @@ from rl import distributed
 from rl.collect import Collector, Rollout
 
 #: discriminator input: motion features at the segment's start and their displacement
-MOTION_OUTCOME_DIM = 2 * MotionFamily.outcome_dim
+MOTION_OUTCOME_DIM = 2 * MOTION_DIM
 
 
 def finished_segments(ro: Rollout, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +110,7 @@ class MotionDiscovery(DiscoveryLoop):
             stats["disc_acc_unseen"] = float((pred == seg_skill).float().mean())
             stats["intrinsic_reward"] = float(intrinsic_reward(self.disc, seg_feats, seg_skill,
                                                                K).mean())  # fmt: skip
-            stats["object_moved"] = float(MotionFamily().moved(seg_feats[:, 7:]).float().mean())
+            stats["object_moved"] = float(moved(seg_feats[:, MOTION_DIM:]).float().mean())
             self.replay.add(seg_feats, seg_skill)
             self._name_skills()
         stats["disc_loss"] = self._train_discriminator(K)
@@ -121,7 +121,7 @@ class MotionDiscovery(DiscoveryLoop):
         """Each skill's mean displacement over the replay's segments (the library's
         ``motion_of``, which ``OptionLibrary.skill_names`` turns into names)."""
         r, K = self.replay, self.lib.num_skills
-        k, d = r.skill[: r.n], r.feats[: r.n, MotionFamily.outcome_dim :]
+        k, d = r.skill[: r.n], r.feats[: r.n, MOTION_DIM:]
         sums = torch.zeros(K, d.shape[1]).index_add_(0, k, d)
         count = torch.bincount(k, minlength=K)
         self.lib.motion_of.copy_(sums / count.clamp(min=1)[:, None])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from compositional.agent import CompositionalAgent
-from compositional.family import MOVED, GridFamily, MotionFamily, family_for
+from compositional.family import GridFamily, MotionFamily, family_for
+from envs.metaworld import MOVED
 from primitives.options import OptionLibrary
 from primitives.outcome_motion import MOTION_OUTCOME_DIM, finished_segments
 from rl.train import fit
