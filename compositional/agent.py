@@ -72,8 +72,9 @@ PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
 MOTION_SKILLS = 8
 #: the ``DiscoveryConfig`` settings the ``discovery`` section may set
 DISCOVERY_KEYS = (
-    "cut_reward", "reward_floor", "bc_coef", "bc_balance", "relabel", "relabel_min_q",
-    "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills", "grow_at", "max_steps",
+    "cut_reward", "reward_floor", "bc_coef", "bc_epochs", "bc_balance", "relabel",
+    "relabel_min_q", "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills",
+    "grow_at", "max_steps",
 )  # fmt: skip
 ON_OFF = ("on", "off")
 

@@ -1,8 +1,8 @@
 """Outcome-based skill discovery on CompoGrid, and the skills x outcomes table (issue 13).
 
 ``python -m experiments.discover --out DIR [--steps 8000000] [--num-skills 19] [--seed 0]
-[--start-skills N] [--bc-coef 1.0] [--cut-reward -1.0] [--reward-floor F] [--gamma 0.95]
-[--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
+[--start-skills N] [--bc-coef 1.0] [--bc-epochs 5] [--cut-reward -1.0] [--reward-floor F]
+[--gamma 0.95] [--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
 trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
 ``library.pt`` (plain state dict, ``rl.io.safe_torch_load``), ``log.jsonl`` (one line per
 rollout), then ``table.md`` / ``table.json`` / ``table.png`` from ``primitives.outcome_eval``:
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-skills", type=int, default=None, help="VALOR growth from N")
     ap.add_argument("--bc-coef", type=float, default=1.0)
+    ap.add_argument(
+        "--bc-epochs", type=int, default=5, help="imitation passes over each rollout's segments"
+    )
     ap.add_argument("--cut-reward", type=float, default=-1.0)
     ap.add_argument("--reward-floor", type=float, default=None)
     ap.add_argument("--relabel", default="assign", help="assign or argmax")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         try:  # validated before anything is written: one line, exit 2
             cfg = DiscoveryConfig(
                 num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
-                start_skills=a.start_skills, bc_coef=a.bc_coef, cut_reward=a.cut_reward,
+                start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs, cut_reward=a.cut_reward,
                 reward_floor=a.reward_floor, relabel=a.relabel, disc_steps=a.disc_steps,
                 ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef,
                      "update_epochs": a.update_epochs},

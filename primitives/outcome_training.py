@@ -241,7 +241,8 @@ class Discovery(DiscoveryLoop):
         return stats
 
     def _imitate(self, ro: Rollout, every: Segments, K: int, backward=None) -> dict[str, float]:
-        """Relabelled behaviour cloning. ``every``: the segments of every rank's envs (global
+        """Relabelled behaviour cloning: ``bc_epochs`` passes over the steps of this rollout's
+        terminated segments, in minibatches of PPO's size. ``every``: the segments of every rank's envs (global
         env indices); this rank imitates the steps of its own envs' segments."""
         rank, size = distributed.world()
         T, n_local = ro.actions.shape[:2]
@@ -269,7 +270,12 @@ class Discovery(DiscoveryLoop):
         idx = (g_target >= 0).nonzero().squeeze(-1)
         if idx.numel() == 0:
             return {"relabelled_steps": 0}
-        draw = torch.randperm(idx.numel(), generator=self.gen) if rank == 0 else None
+        draw = None
+        if rank == 0:  # bc_epochs passes, each in a fresh order
+            n = idx.numel()
+            draw = torch.cat(
+                [torch.randperm(n, generator=self.gen) for _ in range(self.cfg.bc_epochs)]
+            )
         perm = idx[distributed.broadcast_object(draw)]
         params = list(self.lib.parameters())
         losses = []
@@ -277,7 +283,7 @@ class Discovery(DiscoveryLoop):
             g_weight = None
             if weight is not None:
                 g_weight = distributed.gather_envs(weight.reshape(T, n_local)).reshape(-1)
-        for mb in perm.chunk(self.cfg.ppo.num_minibatches):
+        for mb in perm.chunk(self.cfg.ppo.num_minibatches * self.cfg.bc_epochs):
             self.opt.zero_grad()
             if size == 1:
                 loss = self.cfg.bc_coef * bc_loss(self.lib, ro, target, mb, weight)

@@ -264,7 +264,8 @@ def test_tiny_discovery_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"num_skills": 0}, {"t_max": 0}, {"start_skills": 30}, {"bc_coef": -1.0}]
+    "kw",
+    [{"num_skills": 0}, {"t_max": 0}, {"start_skills": 30}, {"bc_coef": -1.0}, {"bc_epochs": 0}],
 )
 def test_bad_discovery_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
@@ -303,6 +304,7 @@ def wrap_step(step, seen: list):
         (["--gamma", "2"], "gamma=2.0"),
         (["--num-skills", "0"], "num_skills=0"),
         (["--disc-steps", "0"], "disc_steps=0"),
+        (["--bc-epochs", "0"], "bc_epochs=0"),
     ],
 )
 def test_discover_command_bad_input_one_line(tmp_path, capsys, args, message):
@@ -316,3 +318,33 @@ def test_discover_command_bad_input_one_line(tmp_path, capsys, args, message):
     assert e.value.code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_imitation_takes_bc_epochs_passes_over_the_relabelled_steps(monkeypatch):
+    """Each pass is a fresh order of the same relabelled steps, in PPO-sized minibatches:
+    with E passes the optimiser takes E times the imitation steps of one pass, and every
+    relabelled step is imitated exactly E times."""
+    import primitives.outcome_training as ot
+
+    steps = {}
+    for epochs in (1, 3):
+        cfg = DiscoveryConfig(
+            num_skills=4, total_env_steps=512, num_envs=8, num_steps=64, bc_epochs=epochs
+        )
+        run = Discovery(cfg)
+        calls: list[torch.Tensor] = []
+
+        def spy(lib, ro, target, idx, weight=None, total=None, _real=ot.bc_loss, _seen=calls):
+            _seen.append(idx.clone())
+            return _real(lib, ro, target, idx, weight, total)
+
+        monkeypatch.setattr(ot, "bc_loss", spy)
+        stats = run.step()
+        monkeypatch.undo()
+        n = stats["relabelled_steps"]
+        counts = torch.bincount(torch.cat(calls))
+        assert n > 0 and int(counts.sum()) == epochs * n
+        assert set(counts[counts > 0].tolist()) == {epochs}  # each step, E times
+        assert int((counts > 0).sum()) == n
+        steps[epochs] = len(calls)
+    assert steps[3] == 3 * steps[1] == 3 * PPOConfig().num_minibatches
