@@ -295,7 +295,7 @@ class DiscoveryConfig:
     bc_epochs: int = 5
     """passes of the imitation over each rollout's relabelled segments, in minibatches of
     PPO's size (600k env steps, seeds 0-2: 1 pass 8 / 8 / 5 primitives at >= 0.9, held-out
-    accuracy 0.59 / 0.62 / 0.48; 5 passes, at ~10% more wall time, 14 / 12 / 14 and
+    accuracy 0.59 / 0.62 / 0.48; 5 passes, at ~25% more wall time, 14 / 12 / 14 and
     0.88 / 0.88 / 0.87; RESULTS.md "Skill discovery")"""
     bc_balance: bool = True
     """weigh imitated segments by 1 / frequency of their terminating events"""
