@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         try:  # validated before anything is written: one line, exit 2
             cfg = DiscoveryConfig(
                 num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
-                start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs, cut_reward=a.cut_reward,
-                reward_floor=a.reward_floor, relabel=a.relabel, disc_steps=a.disc_steps,
+                start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs,
+                cut_reward=a.cut_reward, reward_floor=a.reward_floor, relabel=a.relabel,
+                disc_steps=a.disc_steps,
                 ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef,
                      "update_epochs": a.update_epochs},
             )  # fmt: skip

@@ -242,8 +242,9 @@ class Discovery(DiscoveryLoop):
 
     def _imitate(self, ro: Rollout, every: Segments, K: int, backward=None) -> dict[str, float]:
         """Relabelled behaviour cloning: ``bc_epochs`` passes over the steps of this rollout's
-        terminated segments, in minibatches of PPO's size. ``every``: the segments of every rank's envs (global
-        env indices); this rank imitates the steps of its own envs' segments."""
+        terminated segments, each in ``ppo.num_minibatches`` minibatches. ``every``: the
+        segments of every rank's envs (global env indices); this rank imitates the steps of
+        its own envs' segments."""
         rank, size = distributed.world()
         T, n_local = ro.actions.shape[:2]
         how = relabel if self.cfg.relabel == "argmax" else relabel_assigned
