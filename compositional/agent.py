@@ -72,7 +72,7 @@ PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
 MOTION_SKILLS = 8
 #: the ``DiscoveryConfig`` settings the ``discovery`` section may set
 DISCOVERY_KEYS = (
-    "cut_reward", "reward_floor", "bc_coef", "bc_epochs", "bc_balance", "relabel",
+    "cut_reward", "reward_floor", "bc_coef", "bc_epochs", "ppo_epochs", "bc_balance", "relabel",
     "relabel_min_q", "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills",
     "grow_at", "max_steps",
 )  # fmt: skip
@@ -137,7 +137,9 @@ class CompositionalConfig(BaseConfig):
     discovery: dict = field(default_factory=dict)
     """``primitives="discovered"``: settings of ``primitives.outcome.DiscoveryConfig`` for
     phase 1 (one of ``DISCOVERY_KEYS``, e.g. ``{bc_coef: 3}``); budget, K, ``t_max``, envs,
-    rollout length, widths, seed and PPO come from the fields above"""
+    rollout length, widths, seed and PPO come from the fields above, except the skills' PPO
+    epochs (``ppo_epochs``, 8 by default: ``skills.ppo`` is also the supervised library's and
+    the fine-tuning's PPO)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.ppo, dict):

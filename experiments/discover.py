@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--relabel", default="assign", help="assign or argmax")
     ap.add_argument("--gamma", type=float, default=0.95, help="skills' PPO discount")
     ap.add_argument("--ent-coef", type=float, default=0.01, help="skills' entropy bonus")
-    ap.add_argument("--update-epochs", type=int, default=4, help="skills' PPO epochs per rollout")
+    ap.add_argument(
+        "--update-epochs", type=int, default=8, help="skills' PPO epochs per rollout (ppo_epochs)"
+    )
     ap.add_argument(
         "--disc-steps", type=int, default=8, help="discriminator minibatch steps per rollout"
     )
@@ -136,9 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                 num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
                 start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs,
                 cut_reward=a.cut_reward, reward_floor=a.reward_floor, relabel=a.relabel,
-                disc_steps=a.disc_steps,
-                ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef,
-                     "update_epochs": a.update_epochs},
+                disc_steps=a.disc_steps, ppo_epochs=a.update_epochs,
+                ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef},
             )  # fmt: skip
         except (TypeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -297,6 +297,14 @@ class DiscoveryConfig:
     PPO's size (600k env steps, seeds 0-2: 1 pass 8 / 8 / 5 primitives at >= 0.9, held-out
     accuracy 0.59 / 0.62 / 0.48; 5 passes, at ~25% more wall time, 14 / 12 / 14 and
     0.88 / 0.88 / 0.87; RESULTS.md "Skill discovery")"""
+    ppo_epochs: int | None = 8
+    """the skills' PPO epochs per rollout (None: ``ppo.update_epochs``); its own setting
+    because ``ppo`` is also the supervised library's and the fine-tuning's PPO in the
+    compositional agent. 8 rather than PPO's usual 4 makes the skills robust from fresh start
+    states (600k env steps, seeds 0-2, with 5 imitation passes: a skill at >= 0.9 from fresh
+    states on 13 / 13 / 13 primitives, against 12 / 10 / 8 with 4 epochs; RESULTS.md "Skill
+    discovery"). Meta-World's motion discovery (``primitives.outcome_motion``) uses
+    ``ppo.update_epochs``"""
     bc_balance: bool = True
     """weigh imitated segments by 1 / frequency of their terminating events"""
     relabel: str = "assign"
@@ -323,6 +331,8 @@ class DiscoveryConfig:
             check_positive_int(k, getattr(self, k))
         for k in ("disc_steps", "disc_batch", "disc_buffer", "bc_epochs"):
             check_positive_int(k, getattr(self, k))
+        if self.ppo_epochs is not None:
+            check_positive_int("ppo_epochs", self.ppo_epochs)
         if self.start_skills is not None and not 1 <= self.start_skills <= self.num_skills:
             raise ValueError(
                 f"start_skills={self.start_skills!r}; allowed: None or 1..{self.num_skills}"

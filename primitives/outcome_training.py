@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +191,8 @@ class Discovery(DiscoveryLoop):
         )
         self.collector = Collector(self.venv, self.policy, task_sampler=sampler, seed=cfg.seed)
         self.opt = torch.optim.Adam(self.lib.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+        epochs = cfg.ppo.update_epochs if cfg.ppo_epochs is None else cfg.ppo_epochs
+        self.ppo = replace(cfg.ppo, update_epochs=epochs)  # the skills' PPO (``ppo_epochs``)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr)
         self.replay = OutcomeReplay(cfg.disc_buffer)
         self.iteration = 0
@@ -219,7 +221,7 @@ class Discovery(DiscoveryLoop):
             torch.tensor([self.collector.env_steps, tmax_cuts(ro, cfg.t_max).sum()]).double()
         )
         stats = {"env_steps": int(counts[0]), "active_skills": K}
-        ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, cfg.ppo, backward=backward)
+        ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, self.ppo, backward=backward)
         stats.update({f"ppo/{k}": v for k, v in ppo.items()})
         n_seg = int(every.env.numel())
         stats["segments_terminated"] = n_seg

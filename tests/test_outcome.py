@@ -265,7 +265,14 @@ def test_tiny_discovery_end_to_end(tmp_path):
 
 @pytest.mark.parametrize(
     "kw",
-    [{"num_skills": 0}, {"t_max": 0}, {"start_skills": 30}, {"bc_coef": -1.0}, {"bc_epochs": 0}],
+    [
+        {"num_skills": 0},
+        {"t_max": 0},
+        {"start_skills": 30},
+        {"bc_coef": -1.0},
+        {"bc_epochs": 0},
+        {"ppo_epochs": 0},
+    ],
 )
 def test_bad_discovery_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
@@ -300,7 +307,7 @@ def wrap_step(step, seen: list):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--update-epochs", "0"], "update_epochs=0"),
+        (["--update-epochs", "0"], "ppo_epochs=0"),
         (["--gamma", "2"], "gamma=2.0"),
         (["--num-skills", "0"], "num_skills=0"),
         (["--disc-steps", "0"], "disc_steps=0"),
@@ -348,3 +355,25 @@ def test_imitation_takes_bc_epochs_passes_over_the_relabelled_steps(monkeypatch)
         assert int((counts > 0).sum()) == n
         steps[epochs] = len(calls)
     assert steps[3] == 3 * steps[1] == 3 * PPOConfig().num_minibatches
+
+
+@pytest.mark.parametrize("ppo_epochs, update_epochs, expected", [(None, 3, 3), (8, 3, 8)])
+def test_discovery_ppo_epochs_sets_the_skills_ppo_epochs(monkeypatch, ppo_epochs, update_epochs,
+                                                         expected):  # fmt: skip
+    """Discovery's PPO runs ``ppo_epochs`` passes (None: ``ppo.update_epochs``), and the
+    ``ppo`` it was given (the compositional agent's ``skills.ppo``) is left as it was."""
+    import primitives.outcome_training as ot
+
+    seen: list[int] = []
+
+    def spy(lib, ro, rewards, terminal, opt, cfg, backward=None, _real=ot.update_skills):
+        seen.append(cfg.update_epochs)
+        return _real(lib, ro, rewards, terminal, opt, cfg, backward=backward)
+
+    monkeypatch.setattr(ot, "update_skills", spy)
+    skills_ppo = PPOConfig(update_epochs=update_epochs)
+    cfg = DiscoveryConfig(num_skills=4, total_env_steps=512, num_envs=8, num_steps=64,
+                          ppo_epochs=ppo_epochs, ppo=skills_ppo)  # fmt: skip
+    Discovery(cfg).step()
+    assert seen == [expected]
+    assert skills_ppo.update_epochs == update_epochs
