@@ -1,6 +1,6 @@
 """Merge the rows of several ``compo heldout`` runs into one table.
 
-``python -m experiments.merge RUN_A RUN_B ... --out DIR [--replace ROW ...]``
+``python -m experiments.merge RUN_A RUN_B ... --out DIR [--replace ROW ...] [--drop ROW ...]``
 
 A table can be run in parts — one method (or seed set) per process, per core or per session —
 and merged afterwards, because every part evaluates on the same held-out tasks with the same
@@ -12,7 +12,9 @@ Writes ``results.json`` (with ``merged_from``: each part's folder, command and c
 merged part's own ``merged_from``), ``table.md`` and ``curves.png`` into ``--out``.
 ``--replace ROW`` keeps a row only from the last part that has it (a row re-run from scratch in
 a later part, e.g. with a new library, replaces the earlier parts' row instead of clashing with
-its seeds).
+its seeds). ``--drop ROW`` leaves a row out of the merged table (e.g. a variant that became the
+default and was re-run under the default's name); the parts' commands in ``merged_from`` keep
+its history.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ def replace_rows(docs: list[dict], rows: list[str]) -> list[dict]:
     out = []
     for i, d in enumerate(docs):
         keep = [m for m in d["methods"] if last.get(m, i) == i]
+        scores = {**d["scores"], "methods": {m: d["scores"]["methods"][m] for m in keep}}
+        out.append({**d, "methods": {m: d["methods"][m] for m in keep}, "scores": scores})
+    return out
+
+
+def drop_rows(docs: list[dict], rows: list[str]) -> list[dict]:
+    """The parts without the rows of ``rows`` (each must be in some part)."""
+    for r in rows:
+        if not any(r in d["methods"] for d in docs):
+            raise ValueError(f"--drop {r!r}: no part has that row")
+    out = []
+    for d in docs:
+        keep = [m for m in d["methods"] if m not in rows]
         scores = {**d["scores"], "methods": {m: d["scores"]["methods"][m] for m in keep}}
         out.append({**d, "methods": {m: d["methods"][m] for m in keep}, "scores": scores})
     return out
@@ -126,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         "--replace", action="append", default=[], metavar="ROW",
         help="take this row only from the last part that has it",
     )  # fmt: skip
+    p.add_argument(
+        "--drop", action="append", default=[], metavar="ROW",
+        help="leave this row out of the merged table",
+    )  # fmt: skip
     a = p.parse_args(argv)
     try:
         paths = [r / "results.json" if r.is_dir() else r for r in a.runs]
         docs = replace_rows([json.loads(path.read_text()) for path in paths], a.replace)
-        doc = merge(docs, [str(r) for r in a.runs])
+        doc = merge(drop_rows(docs, a.drop), [str(r) for r in a.runs])
         doc["command"] += "".join(f" --replace {shlex.quote(r)}" for r in a.replace)
+        doc["command"] += "".join(f" --drop {shlex.quote(r)}" for r in a.drop)
         out = prepare_run_dir(a.out, overwrite=a.overwrite)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         print(f"merge: error: {e}", file=sys.stderr)

@@ -55,6 +55,20 @@ def test_parts_merge_to_the_whole(tmp_path, capsys):
     assert len(doc["merged_from"][0]["merged_from"]) == 2
     assert merge_main([str(a), "--out", str(tmp_path / "z2"), "--replace", "nope"]) == 2
     assert "--replace 'nope': no part has that row" in capsys.readouterr().err
+    # --drop leaves a row out of the merged table; the statistics are those without it
+    dropped = tmp_path / "dropped"
+    assert (
+        merge_main([*args, "--replace", "random", "--drop", "random", "--out", str(dropped)]) == 0
+    )
+    doc = json.loads((dropped / "results.json").read_text())
+    assert "random" not in doc["methods"] and "random" not in doc["scores"]["methods"]
+    assert doc["methods"]["ppo"]["success_at"] == want["methods"]["ppo"]["success_at"]
+    assert (
+        "--drop random" in doc["command"] and "| random |" not in (dropped / "table.md").read_text()
+    )
+    assert merge_main([str(a), "--out", str(tmp_path / "z3"), "--drop", "nope"]) == 2
+    assert "--drop 'nope': no part has that row" in capsys.readouterr().err
+    assert not (tmp_path / "z3").exists()
 
 
 def test_missing_run_is_one_line(tmp_path, capsys):
