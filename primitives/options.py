@@ -104,7 +104,9 @@ class OptionLibrary(nn.Module):
             "event_of", torch.as_tensor(event_of if event_of is not None else [-1] * K)
         )
         # discovered skills: the primitive each one mostly produces (-1: not measured yet), set
-        # by ``primitives.outcome_eval.name_skills`` and kept in the state dict
+        # during discovery from its recent segments (``primitives.outcome.main_outcome_of``)
+        # and by ``primitives.outcome_eval.name_skills`` when a library is evaluated; kept in
+        # the state dict
         self.register_buffer("outcome_of", torch.full((K,), -1, dtype=torch.long))
         self.encoder = nn.Sequential(mlp([obs_dim, hidden, hidden]), nn.Tanh())
         self.actor = nn.Linear(hidden, K * n_actions)

@@ -139,6 +139,19 @@ def outcome_label(ev: torch.Tensor) -> torch.Tensor:
     return torch.where(ev.any(-1), best, torch.full_like(best, -1))
 
 
+def main_outcome_of(feats: torch.Tensor, skill: torch.Tensor, K: int) -> torch.Tensor:
+    """(K,) the outcome kind (``outcome_label``, a primitive index) most of each skill's
+    terminated segments ended on, -1 for a skill none of whose segments ended on an event:
+    the name ``OptionLibrary.skill_names`` gives a discovered skill (graphs, traces).
+    ``feats``/``skill``: segments' outcome features and the skills that ran them."""
+    kind = outcome_label(feats[:, :NUM_PRIMITIVES] > 0.5)
+    ok = kind >= 0
+    counts = torch.zeros(K * NUM_PRIMITIVES)
+    counts.index_add_(0, skill[ok] * NUM_PRIMITIVES + kind[ok], torch.ones(int(ok.sum())))
+    counts = counts.view(K, NUM_PRIMITIVES)
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((K,), -1))
+
+
 def relabel_assigned(
     disc: OutcomeDiscriminator, feats: torch.Tensor, active: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

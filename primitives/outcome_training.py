@@ -37,6 +37,7 @@ from primitives.outcome import (
     bc_loss,
     discovery_rewards,
     intrinsic_reward,
+    main_outcome_of,
     relabel,
     relabel_assigned,
     relabelled_steps,
@@ -236,6 +237,10 @@ class Discovery(DiscoveryLoop):
             if cfg.bc_coef > 0:
                 stats.update(self._imitate(ro, every, K, backward))
             self.replay.add(every.feats, every.skill)
+            # each skill named by what its recent segments mostly did (graphs, traces)
+            rp = self.replay
+            named = main_outcome_of(rp.feats[: rp.n], rp.skill[: rp.n], cfg.num_skills)
+            self.lib.outcome_of.copy_(named)
         stats["disc_loss"] = self._train_discriminator(K)
         if cfg.start_skills and stats.get("disc_acc_unseen", 0.0) >= cfg.grow_at:
             self.active[0] = min(cfg.num_skills, int(1.5 * K) + 1)

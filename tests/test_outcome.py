@@ -26,6 +26,7 @@ from primitives.outcome import (
     balance_weights,
     discovery_rewards,
     intrinsic_reward,
+    main_outcome_of,
     outcome_label,
     relabel,
     relabel_assigned,
@@ -245,6 +246,34 @@ def test_outcome_label_prefers_the_specific_primitive():
     opened = PRIMITIVE_INDEX[Primitive.parse("open(door)")]
     ev[1, [opened, opened + 1]] = True  # opening the door also toggles it
     assert outcome_label(ev).tolist() == [drop, opened, -1]
+
+
+def test_main_outcome_of_names_each_skill_by_its_most_frequent_outcome_kind():
+    drop, pickup = (
+        PRIMITIVE_INDEX[Primitive.parse(t)] for t in ("drop(red ball)", "pickup(red ball)")
+    )
+    feats = torch.zeros(5, OUTCOME_DIM)
+    feats[[0, 1], drop] = feats[[0, 1], 0] = 1.0  # a drop that also faces the ball: kind drop
+    feats[2, pickup] = 1.0
+    feats[3, pickup] = 1.0
+    # segment 4 ended on no event: it names nothing
+    skill = torch.tensor([0, 0, 0, 2, 1])
+    # skill 0: drop twice, pickup once; skill 1: nothing; skill 2: pickup; skill 3: no segment
+    assert main_outcome_of(feats, skill, 4).tolist() == [drop, -1, pickup, -1]
+
+
+def test_discovery_names_its_skills_from_the_segments_it_saw():
+    """After a discovery step, a skill's name is the outcome kind most of its replayed
+    segments ended on (``compo graph`` and ``compo trace`` show it)."""
+    run = Discovery(DiscoveryConfig(num_skills=4, total_env_steps=512, num_envs=8, num_steps=64))
+    assert run.lib.outcome_of.tolist() == [-1] * 4
+    run.step()
+    rp = run.replay
+    assert rp.n > 0
+    want = main_outcome_of(rp.feats[: rp.n], rp.skill[: rp.n], 4)
+    assert torch.equal(run.lib.outcome_of, want) and (want >= 0).any()
+    names = run.lib.skill_names([str(p) for p in PRIMITIVES])
+    assert [n is not None for n in names] == (want >= 0).tolist()
 
 
 def test_tiny_discovery_end_to_end(tmp_path):
