@@ -188,6 +188,7 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
         ({"discovery": {"bogus": 1}}, "discovery.bogus: not a discovery setting"),
         ({"discovery": {"bc_coef": -1}}, "bc_coef=-1"),
+        ({"discovery": {"ppo_epochs": 0}}, "ppo_epochs=0"),
         ({"discovery": {"relabel": "best"}}, "relabel='best'"),
         ({"discovery": {"disc_steps": "many"}}, "disc_steps=.many.; allowed: an integer"),
         ({"discovery": {"bc_coef": "x"}}, "allowed: numbers"),
@@ -285,10 +286,13 @@ def test_update_replays_the_acting_policy_exactly(composer):
 
 def test_discovery_section_reaches_phase_one(tmp_path):
     cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5,
-           "discovery": {"bc_coef": 3.0, "disc_steps": 2}}  # fmt: skip
+           "discovery": {"bc_coef": 3.0, "disc_steps": 2, "ppo_epochs": 3}}  # fmt: skip
     agent = CompositionalAgent(cfg)
     agent.make_collector().envs.close()
     assert agent.discovery.cfg.bc_coef == 3.0 and agent.discovery.cfg.disc_steps == 2
+    # discovery's PPO epochs are its own; the skills' PPO (supervised, fine-tuning) keeps its
+    assert agent.discovery.ppo.update_epochs == 3
+    assert agent.cfg.skills.ppo.update_epochs == TINY["skills"]["ppo"]["update_epochs"] != 3
     assert agent.discovery.cfg.t_max == TINY.get("t_max", 32)
 
 
