@@ -12,6 +12,9 @@ Two measurements, each side by side in one run:
    construction to the end of ``rl.train.fit`` (so rollouts, updates, Lightning, checkpoints).
    Targets >= 4x for PPO, RL² and the compositional agent. The two paths step identically
    (tests/test_grid_batch.py, tests/test_ppo.py), so both runs do the same work but for the env.
+3. PPO's ceiling: ``rl.ppo.ppo_update`` alone at the methods' setting
+   (``benchmarks.learner_ceiling``), against the per-env PPO run of 2.: with env and collector
+   free, no env path trains faster, so its ratio bounds what the batched env can give PPO here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from benchmarks import Row, load_note, median_seconds
 from benchmarks.bench_collector import raw_steps_per_second
 from benchmarks.bench_methods import train_sps
+from benchmarks.learner_ceiling import update_steps_per_second
 
 NAME = "batched_env"
 BATCH = 256
@@ -68,6 +72,20 @@ class _Timed:
             return self.fn(*a, **k)
         finally:
             self.seconds += time.perf_counter() - t
+
+
+def ceiling_row(per_env_sps: float) -> Row:
+    """PPO's update alone at the methods' setting (``NUM_ENVS`` x 128 rollout, PPO's default 4
+    minibatches, 4 epochs) against the per-env PPO run: the most the batched env could lift
+    ``ppo_train_env_steps_per_s``'s ratio to if env and collector cost nothing."""
+    ceiling = update_steps_per_second(NUM_ENVS, 4)
+    return Row(
+        NAME, "ppo_update_ceiling_env_steps_per_s", ceiling, per_env_sps, "",
+        f"value=env steps/s of rl.ppo.ppo_update alone (benchmarks.learner_ceiling: "
+        f"{NUM_ENVS} x 128 rollout, minibatch {NUM_ENVS * 128 // 4}, 4 epochs, env and "
+        f"collector free); reference=per-env PPO as in ppo_train_env_steps_per_s: the ratio is "
+        f"an upper bound on that row's ratio on this machine; {load_note()}",
+    )  # fmt: skip
 
 
 def profile_ppo(budget: int, workdir: str, num_envs: int = 64) -> Row:
@@ -164,6 +182,8 @@ def run(
                     f" {load_note()}",
                 )
             )  # fmt: skip
+            if label == "ppo":
+                rows.append(ceiling_row(sps["sync"]))
         rows.append(profile_ppo(16_384 if quick else 200_000, tmp))
         print(f"[{NAME}] {rows[-1].notes}")
     print(f"[{NAME}] done in {time.perf_counter() - t0:.1f} s")

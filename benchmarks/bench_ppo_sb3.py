@@ -18,6 +18,9 @@ Success, like for like: (a) during training, the mean success of the last 10 rol
 episodes that end in each rollout); (b) after training, both policies sampled
 (non-deterministic) on the same random-layout tasks through the shared
 ``rl.protocol.run_trials``.
+
+Ceiling: our PPO update alone at these hyper-parameters (``benchmarks.learner_ceiling``)
+against SB3's rate; no env makes ours faster than that, so the ratio bounds the speed-up.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks import COMPOSITION, Row, load_note
+from benchmarks.learner_ceiling import update_steps_per_second
 
 NAME = "ppo_vs_sb3"
 NUM_ENVS = 8
@@ -201,6 +205,7 @@ def run(quick: bool = False, workdir: str | None = None, **_: object) -> list[Ro
         env_s = steps_sb3 / raw_steps_per_second(500 if quick else 4000, 3)
         eval_ours = eval_success(module, n_eval)
         eval_sb3 = eval_success(SB3Agent(model), n_eval)
+        ceiling = update_steps_per_second(OURS_ENVS, OURS_ENVS * NUM_STEPS // MINIBATCH)
         print(f"[{NAME}] done in {time.perf_counter() - t0:.1f} s")
     sps_ours, sps_sb3 = steps_ours / wall_ours, steps_sb3 / wall_sb3
     common = (
@@ -229,5 +234,13 @@ def run(quick: bool = False, workdir: str | None = None, **_: object) -> list[Ro
             f"{eval_sb3:.2f}{_ci(eval_sb3, n_eval)} (95% normal CI); {n_eval} episodes each, "
             f"sampled actions (deterministic=False), same random layouts, both through "
             f"rl.protocol.run_trials; {common}",
+        ),
+        Row(
+            NAME, "update_ceiling_env_steps_per_s", ceiling, sps_sb3, "",
+            f"value=env steps/s of our PPO update alone (benchmarks.learner_ceiling: "
+            f"rl.ppo.ppo_update, {OURS_ENVS} x {NUM_STEPS} rollout, minibatch {MINIBATCH}, 4 "
+            f"epochs, env and collector free), reference=SB3 as above: the ratio is an upper "
+            f"bound on env_steps_per_s's ratio at these hyper-parameters on this machine; "
+            f"{load_note()}",
         ),
     ]  # fmt: skip

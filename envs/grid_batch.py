@@ -83,6 +83,7 @@ _VERB_CODE = {"goto": 0, "pickup": 1, "drop": 2, "open": 3, "toggle": 4}
 PRIM_VERB = np.array([_VERB_CODE[p.verb] for p in PRIMITIVES] + [0])  # last: padding
 PRIM_OBJ = np.array([ENTITIES.index(p.obj) for p in PRIMITIVES] + [0])
 PAD = len(PRIMITIVES)
+_DXL, _DYL = DX.tolist(), DY.tolist()
 
 
 def _check_seed(seed: Any, what: str = "layout_seed") -> int | None:
@@ -94,7 +95,8 @@ def _check_seed(seed: Any, what: str = "layout_seed") -> int | None:
 
 
 class _Layouts:
-    """``CompoGridEnv._gen_grid``'s draws, as plain numbers: (door_y, cells (7, 2), dir).
+    """``CompoGridEnv._gen_grid``'s draws, as plain numbers: (door_y, cells, dir), ``cells``
+    a list of seven (x, y).
 
     ``cells`` are the six objects' cells in ``ENTITIES`` order then the agent's. The
     reachability test ("every entity can be approached, and the agent does not start facing
@@ -106,10 +108,7 @@ class _Layouts:
         self.wall_x = size - 3
         room = [(x, y) for x in range(1, self.wall_x) for y in range(1, size - 1)]
         # the cells objects and agent are drawn from, per door row (never in front of the door)
-        self.free = {
-            dy: np.array([c for c in room if c != (self.wall_x - 1, dy)], dtype=np.int64)
-            for dy in range(1, S - 1)
-        }
+        self.free = {dy: [c for c in room if c != (self.wall_x - 1, dy)] for dy in range(1, S - 1)}
         self.bit = [[1 << (y * S + x) for y in range(S)] for x in range(S)]
         self.room_mask = sum(self.bit[x][y] for x, y in room)
         # cells from which a cell can be faced: its four neighbours
@@ -141,17 +140,17 @@ class _Layouts:
         for _attempt in range(1000):
             door_y = int(rng.integers(1, S - 1))
             free = self.free[door_y]
-            cells = free[rng.choice(len(free), size=N_ENT, replace=False)]
+            cells = [free[i] for i in rng.choice(len(free), size=N_ENT, replace=False).tolist()]
             d = int(rng.integers(0, 4))
-            if self._ok(cells.tolist(), door_y, d):
+            if self._ok(cells, door_y, d):
                 return door_y, cells, d
         raise RuntimeError(f"no layout with every object reachable for size={S}")
 
     def _ok(self, cells: list, door_y: int, d: int) -> bool:
         S, bit = self.size, self.bit
-        ent = [*cells[:-1], [self.wall_x, door_y]]
+        ent = [*cells[:-1], (self.wall_x, door_y)]
         ax, ay = cells[-1]
-        if [ax + int(DX[d]), ay + int(DY[d])] in ent:
+        if (ax + _DXL[d], ay + _DYL[d]) in ent:
             return False  # already facing an entity: approach_states gives [] (falsy)
         passable = self.room_mask  # the room's empty cells (the corridor is behind the door)
         for x, y in cells[:-1]:
@@ -265,6 +264,9 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         self._needs_reset = np.ones(B, dtype=bool)  # NEXT_STEP autoreset
         self._walls = self._wall_templates()
         self._b = np.arange(B)
+        self._all = np.ones(B, dtype=bool)
+        self._cell0 = self._b * S * S  # env i's first cell in grid.reshape(-1)
+        self._obj_codes = np.arange(2, 2 + N_ENT - 1, dtype=np.int8)
         for i in range(B):
             self._set_task(i, Task(self.compositions[i], self.layout_seeds[i]))
 
@@ -328,128 +330,147 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
             raise ValueError(
                 f"unknown reset options {sorted(options)}; allowed: reset_mask, tasks, task, replay"
             )
-        idx = np.flatnonzero(mask)
-        for i in idx:
-            i = int(i)
+        idx, idx_seeds = [], []
+        for i in np.flatnonzero(mask).tolist():
             if i in replay:
                 task, s, _actions = replay[i]
                 self._set_task(i, task)
-                self._reset_one(i, s)
-                continue
-            if i in tasks:
-                self._set_task(i, tasks[i])
-            self._reset_one(i, seeds[i])
+                idx_seeds.append(s)
+            else:
+                if i in tasks:
+                    self._set_task(i, tasks[i])
+                idx_seeds.append(seeds[i])
+            idx.append(i)
+        self._reset_many(idx, idx_seeds)
         if replay:
             self._replay({i: r[2] for i, r in replay.items() if mask[i]})
         self._needs_reset[idx] = False
         obs = self._obs()
         return obs, self._info(mask)
 
-    def _reset_one(self, i: int, seed: int | None) -> None:
-        seed = _check_seed(seed, "seed")
-        if seed is not None:
-            self._rngs[i] = np.random.default_rng(seed)
-        elif self._rngs[i] is None:
-            self._rngs[i] = np.random.default_rng()
-        ls = self.layout_seeds[i]
-        door_y, cells, d = (
-            self._layouts.for_seed(ls) if ls is not None else self._layouts.draw(self._rngs[i])
-        )
-        g = self.grid[i]
-        g[:] = self._walls[door_y]
-        objs = cells[:-1]
-        g[objs[:, 0], objs[:, 1]] = np.arange(2, 2 + N_ENT - 1, dtype=np.int8)
+    def _reset_many(self, idx: Sequence[int], seeds: Sequence[int | None]) -> None:
+        """Reset envs ``idx`` (seeding env ``idx[j]``'s generator with ``seeds[j]`` when given):
+        layouts drawn per env in Python, state written for all of them at once."""
+        door_ys, cells, dirs = [], [], []
+        for i, seed in zip(idx, seeds, strict=True):
+            seed = _check_seed(seed, "seed")
+            if seed is not None:
+                self._rngs[i] = np.random.default_rng(seed)
+            elif self._rngs[i] is None:
+                self._rngs[i] = np.random.default_rng()
+            ls = self.layout_seeds[i]
+            door_y, c, d = (
+                self._layouts.for_seed(ls) if ls is not None else self._layouts.draw(self._rngs[i])
+            )
+            door_ys.append(door_y)
+            cells.append(c)
+            dirs.append(d)
+        if not door_ys:
+            return
+        i = np.asarray(idx, dtype=np.int64)
+        # (n, N_ENT, 2): the six objects' cells, then the agent's
+        cells = np.array(cells, dtype=np.int64)
+        objs = cells[:, :-1]
+        self.grid[i] = self._walls[door_ys]
+        self.grid[i[:, None], objs[:, :, 0], objs[:, :, 1]] = self._obj_codes
         self.ent_pos[i, :-1] = objs
-        self.ent_pos[i, DOOR_I] = (self.size - 3, door_y)
+        self.ent_pos[i, DOOR_I, 0] = self.size - 3
+        self.ent_pos[i, DOOR_I, 1] = door_ys
         self.on_grid[i] = True
         self.carried[i] = -1
         self.door_open[i] = False
-        self.agent_pos[i] = cells[-1]
-        self.agent_dir[i] = d
+        self.agent_pos[i] = cells[:, -1]
+        self.agent_dir[i] = dirs
         self.step_count[i] = 0
         self.progress[i] = 0
 
     def _replay(self, actions: dict[int, Sequence[int]]) -> None:
+        B = self.num_envs
         longest = max((len(a) for a in actions.values()), default=0)
         for t in range(longest):
-            rows = [i for i, a in actions.items() if t < len(a)]
-            act = np.array([int(actions[i][t]) for i in rows], dtype=np.int64)
-            self._advance(np.array(rows, dtype=np.int64), act)
+            act = np.full(B, -1, dtype=np.int64)  # -1: not stepped
+            for i, a in actions.items():
+                if t < len(a):
+                    act[i] = int(a[t])
+            self._advance(act, act >= 0)
 
     # -- dynamics ---------------------------------------------------------------------------------------
-    def _front(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = self.agent_dir[b]
-        return self.agent_pos[b, 0] + DX[d], self.agent_pos[b, 1] + DY[d]
+    def _front_cell(self) -> np.ndarray:
+        """Flat index (into ``grid.reshape(-1)``) of the cell each agent faces."""
+        d, S = self.agent_dir, self.size
+        return self._cell0 + (self.agent_pos[:, 0] + DX[d]) * S + self.agent_pos[:, 1] + DY[d]
 
-    def _advance(self, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """MiniGrid's step and CompoGrid's sub-task checks for the envs ``b`` (actions ``a``);
-        returns their rewards and new progress."""
-        fx, fy = self._front(b)
-        fcode = self.grid[b, fx, fy].astype(np.int64)
-        before_carried = self.carried[b].copy()
-        before_door = self.door_open[b].copy()
+    def _advance(self, a: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """MiniGrid's step and CompoGrid's sub-task checks for every env with ``live`` set
+        (actions ``a``; others must hold -1 and are left unchanged); returns the rewards."""
+        S, gf = self.size, self.grid.reshape(-1)  # a view: writes land in self.grid
+        d = self.agent_dir
+        fx, fy = self.agent_pos[:, 0] + DX[d], self.agent_pos[:, 1] + DY[d]
+        cell = self._cell0 + fx * S + fy
+        fcode = gf[cell].astype(np.int64)
+        before_carried = self.carried.copy()
+        before_door = self.door_open.copy()
         # turn
-        self.agent_dir[b] = np.where(
-            a == 0,
-            (self.agent_dir[b] - 1) % 4,
-            np.where(a == 1, (self.agent_dir[b] + 1) % 4, self.agent_dir[b]),
-        )
+        np.remainder(d + (a == 1) - (a == 0), 4, out=d)
         # forward: into an empty cell or the open door
-        m = (a == 2) & ((fcode == EMPTY) | ((fcode == DOOR_CODE) & self.door_open[b]))
-        self.agent_pos[b[m], 0] = fx[m]
-        self.agent_pos[b[m], 1] = fy[m]
+        m = (a == 2) & ((fcode == EMPTY) | ((fcode == DOOR_CODE) & self.door_open))
+        if m.any():
+            k = np.flatnonzero(m)
+            self.agent_pos[k, 0] = fx[k]
+            self.agent_pos[k, 1] = fy[k]
         # pickup: a portable entity in front, hands empty
         e = fcode - 2
         m = (a == 3) & (e >= 0) & (e < N_PORTABLE) & (before_carried < 0)
-        bm = b[m]
-        self.carried[bm] = e[m]
-        self.grid[bm, fx[m], fy[m]] = EMPTY
-        self.on_grid[bm, e[m]] = False
+        if m.any():
+            k = np.flatnonzero(m)
+            self.carried[k] = e[k]
+            gf[cell[k]] = EMPTY
+            self.on_grid[k, e[k]] = False
         # drop: an empty cell in front, something carried
         m = (a == 4) & (fcode == EMPTY) & (before_carried >= 0)
-        bm, cm = b[m], before_carried[m]
-        self.grid[bm, fx[m], fy[m]] = (cm + 2).astype(np.int8)
-        self.ent_pos[bm, cm, 0] = fx[m]
-        self.ent_pos[bm, cm, 1] = fy[m]
-        self.on_grid[bm, cm] = True
-        self.carried[bm] = -1
+        if m.any():
+            k = np.flatnonzero(m)
+            c = before_carried[k]
+            gf[cell[k]] = c + 2
+            self.ent_pos[k, c, 0] = fx[k]
+            self.ent_pos[k, c, 1] = fy[k]
+            self.on_grid[k, c] = True
+            self.carried[k] = -1
         # toggle: the door opens/closes; a box is replaced by its (empty) contents
-        m = (a == 5) & (fcode == DOOR_CODE)
-        self.door_open[b[m]] = ~self.door_open[b[m]]
-        m = (a == 5) & ((e == BOX_I[0]) | (e == BOX_I[1]))
-        bm = b[m]
-        self.grid[bm, fx[m], fy[m]] = EMPTY
-        self.on_grid[bm, e[m]] = False
-        self.step_count[b] += 1
+        toggle = a == 5
+        if toggle.any():
+            self.door_open ^= toggle & (fcode == DOOR_CODE)
+            m = toggle & ((e == BOX_I[0]) | (e == BOX_I[1]))
+            if m.any():
+                k = np.flatnonzero(m)
+                gf[cell[k]] = EMPTY
+                self.on_grid[k, e[k]] = False
+        self.step_count += live
 
         # sub-tasks: only the next one in order is checked; several can complete in one step
-        fx, fy = self._front(b)
-        front = self.grid[b, fx, fy].astype(np.int64) - 2
-        L = self.comp_len[b]
-        reward = np.zeros(len(b), dtype=np.float64)
-        progress = self.progress[b]
+        front = gf[self._front_cell()].astype(np.int64) - 2
+        L = self.comp_len
+        door_changed = self.door_open != before_door
+        reward = np.zeros(self.num_envs, dtype=np.float64)
+        progress = self.progress
         for _ in range(MAX_LEN):
-            active = progress < L
-            p = self.comp[b, np.minimum(progress, MAX_LEN - 1)]
+            p = self.comp[self._b, np.minimum(progress, MAX_LEN - 1)]
             verb, obj = PRIM_VERB[p], PRIM_OBJ[p]
-            on = self.on_grid[b, obj]
-            done = np.select(
-                [verb == 0, verb == 1, verb == 2, verb == 3],
-                [
-                    front == obj,
-                    self.carried[b] == obj,
-                    (before_carried == obj) & on,
-                    np.where(obj == DOOR_I, self.door_open[b], ~on),
-                ],
-                default=self.door_open[b] != before_door,
+            on = self.on_grid[self._b, obj]
+            done = (
+                ((verb == 0) & (front == obj))
+                | ((verb == 1) & (self.carried == obj))
+                | ((verb == 2) & (before_carried == obj) & on)
+                | ((verb == 3) & np.where(obj == DOOR_I, self.door_open, ~on))
+                | ((verb == 4) & door_changed)
             )
-            done &= active
+            done &= (progress < L) & live
             if not done.any():
                 break
             progress = progress + done
             reward = np.where(done, reward + 1.0 / np.maximum(L, 1), reward)
-        self.progress[b] = progress
-        return reward, progress
+        self.progress[:] = progress
+        return reward
 
     def step(self, actions):
         B = self.num_envs
@@ -459,25 +480,21 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         if ((a < 0) | (a >= len(ACTIONS))).any():
             bad = int(a[(a < 0) | (a >= len(ACTIONS))][0])
             raise ValueError(f"action={bad}; allowed: 0..{len(ACTIONS) - 1}")
-        reward = np.zeros(B, dtype=np.float64)
-        term = np.zeros(B, dtype=bool)
-        trunc = np.zeros(B, dtype=bool)
         auto = self.autoreset_mode == AutoresetMode.NEXT_STEP and self._needs_reset.any()
         if auto:
-            for i in np.flatnonzero(self._needs_reset):
-                self._reset_one(int(i), None)
-            b = np.flatnonzero(~self._needs_reset)
+            ended = np.flatnonzero(self._needs_reset)
+            self._reset_many(ended.tolist(), [None] * len(ended))
+            live = ~self._needs_reset
+            a = np.where(live, a, -1)
         else:
-            b = self._b
-        if len(b):
-            r, progress = self._advance(b, a[b])
-            reward[b] = r
-            term[b] = progress == self.comp_len[b]
-            trunc[b] = (self.step_count[b] >= self.max_steps[b]) & ~term[b]
+            live = self._all
+        reward = self._advance(a, live)
+        term = live & (self.progress == self.comp_len)
+        trunc = live & (self.step_count >= self.max_steps) & ~term
         if auto:
             self._needs_reset[:] = False
         obs = self._obs()
-        info = self._info(np.ones(B, dtype=bool))
+        info = self._info(self._all)
         done = term | trunc
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             self._needs_reset = done
@@ -486,8 +503,8 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
             info["_final_obs"] = done
             info["final_info"] = {k: v.copy() for k, v in info.items() if not k.startswith("final")}
             info["_final_info"] = done
-            for i in np.flatnonzero(done):
-                self._reset_one(int(i), None)
+            ended = np.flatnonzero(done)
+            self._reset_many(ended.tolist(), [None] * len(ended))
             obs = self._obs()
             fresh = self._info(done)
             for k in ("success", "progress", "phi"):
@@ -500,44 +517,48 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         B, S = self.num_envs, self.size
         W = float(S - 1)
         out = np.zeros((B, self.obs_dim), dtype=np.float32)
+        flat = out.reshape(-1)  # a view; env i's row starts at flat[row[i]]
+        row = self._b * self.obs_dim
         ax, ay = self.agent_pos[:, 0], self.agent_pos[:, 1]
         d = self.agent_dir
         fx, fy = DX[d], DY[d]
-        rx, ry = -fy, fx
         ex, ey = self.ent_pos[:, :, 0], self.ent_pos[:, :, 1]
         dx, dy = ex - ax[:, None], ey - ay[:, None]
-        f = dx * fx[:, None] + dy * fy[:, None]
-        r = dx * rx[:, None] + dy * ry[:, None]
+        f = dx * fx[:, None] + dy * fy[:, None]  # ahead of the agent
+        r = dy * fx[:, None] - dx * fy[:, None]  # to its right
         on = self.on_grid
         onf = on.astype(np.float64)
-        ov = out[:, : N_ENT * PER_ENTITY].reshape(B, N_ENT, PER_ENTITY)  # a view into out
-        ov[:, :, 0] = onf
-        ov[:, :, 1] = ~on & (self.carried[:, None] == np.arange(N_ENT))
-        ov[:, :, 2] = ex * onf / W
-        ov[:, :, 3] = ey * onf / W
-        ov[:, :, 4] = f * onf / W
-        ov[:, :, 5] = r * onf / W
-        ov[:, DOOR_I, 6] = self.door_open  # the door is always on the grid
-        ov[:, :, 7] = np.sign(f) * on
-        ov[:, :, 8] = np.sign(r) * on
-        ov[:, :, 9] = on & (f == 1) & (r == 0)
+        door = np.zeros((B, N_ENT), dtype=bool)
+        door[:, DOOR_I] = self.door_open  # the door is always on the grid
+        per_entity = [
+            onf,
+            ~on & (self.carried[:, None] == np.arange(N_ENT)),
+            ex * onf / W,
+            ey * onf / W,
+            f * onf / W,
+            r * onf / W,
+            door,
+            np.sign(f) * on,
+            np.sign(r) * on,
+            on & (f == 1) & (r == 0),
+        ]
+        out[:, : N_ENT * PER_ENTITY] = np.stack(per_entity, axis=2).reshape(B, -1)
         i = self._agent_at
         out[:, i] = ax / W
         out[:, i + 1] = ay / W
-        out[self._b, i + 2 + d] = 1.0
-        code = self.grid[self._b, ax + fx, ay + fy].astype(np.int64)
+        flat[row + i + 2 + d] = 1.0
+        code = self.grid.reshape(-1)[self._cell0 + (ax + fx) * S + ay + fy]
         front = np.where(code >= 2, code - 2, np.where(code == WALL, N_ENT, N_ENT + 1))
-        out[self._b, self._front_at + front] = 1.0
-        out[self._b, self._prog_at + np.minimum(self.progress, MAX_LEN)] = 1.0
+        flat[row + self._front_at + front] = 1.0
+        flat[row + self._prog_at + np.minimum(self.progress, MAX_LEN)] = 1.0
         if self.task_info == "instruction":
             k = np.arange(MAX_LEN)
-            cols = self._instr_at + k * len(PRIMITIVES) + np.minimum(self.comp, PAD - 1)
-            valid = k[None, :] < self.comp_len[:, None]
-            rows = np.broadcast_to(self._b[:, None], cols.shape)
-            out[rows[valid], cols[valid]] = 1.0
+            tokens = k * len(PRIMITIVES) + np.minimum(self.comp, PAD - 1)
+            cols = row[:, None] + self._instr_at + tokens
+            flat[cols[k[None, :] < self.comp_len[:, None]]] = 1.0
         if self.cell_onehot:
-            out[self._b, self._cell_at + ax] = 1.0
-            out[self._b, self._cell_at + S + ay] = 1.0
+            flat[row + self._cell_at + ax] = 1.0
+            flat[row + self._cell_at + S + ay] = 1.0
         return out
 
     def phi(self) -> np.ndarray:
@@ -554,6 +575,15 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
 
     def _info(self, mask: np.ndarray) -> dict:
         m = np.asarray(mask, dtype=bool)
+        if m.all():
+            return {
+                "success": self.progress == self.comp_len,
+                "_success": m.copy(),
+                "progress": self.progress.copy(),
+                "_progress": m.copy(),
+                "phi": self.phi(),
+                "_phi": m.copy(),
+            }
         return {
             "success": np.where(m, self.progress == self.comp_len, False),
             "_success": m.copy(),

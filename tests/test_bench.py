@@ -98,6 +98,7 @@ def test_quick_suite_rows(tmp_path):
         ("ppo_vs_sb3", "env_steps_per_s"),
         ("ppo_vs_sb3", "train_success_last10"),
         ("ppo_vs_sb3", "eval_success"),
+        ("ppo_vs_sb3", "update_ceiling_env_steps_per_s"),
     }
     for r in rows:
         _check_numeric_row(r)
@@ -196,8 +197,12 @@ def test_batched_env_rows(tmp_path):
     assert set(got) == {
         "raw_env_steps_per_s",
         "ppo_train_env_steps_per_s",
+        "ppo_update_ceiling_env_steps_per_s",
         "ppo_profile_env_steps_per_s",
     }
+    # the ceiling's reference is the per-env PPO run of the training row
+    ceiling = got["ppo_update_ceiling_env_steps_per_s"]
+    assert ceiling.reference == got["ppo_train_env_steps_per_s"].reference
     assert "update" in got["ppo_profile_env_steps_per_s"].notes
     assert got["raw_env_steps_per_s"].target == ">=30"
     for r in rows:
