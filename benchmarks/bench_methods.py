@@ -61,9 +61,11 @@ class NotAvailable(Exception):
 
 
 def train_sps(
-    method: str, overrides: dict, budget: int, out: Path, seed: int = 0, num_envs: int = NUM_ENVS
-):
-    """Train one method on ``budget`` env steps; returns (env steps, wall seconds)."""
+    method: str, overrides: dict, budget: int, out: Path, seed: int = 0, num_envs: int = NUM_ENVS,
+    history: list | None = None,
+):  # fmt: skip
+    """Train one method on ``budget`` env steps; returns (env steps, wall seconds). ``history``:
+    a list the module's logged rows are appended to."""
     from experiments.registry import method_class
     from rl.train import fit
 
@@ -79,7 +81,33 @@ def train_sps(
     module = cls(cfg)
     fit(module, out, logger=False)
     wall = time.perf_counter() - t0
+    if history is not None:
+        history.extend(module.history)
     return module.env_steps, wall
+
+
+def phase_seconds(history: list[dict]) -> dict[int, tuple[int, float]]:
+    """(env steps, seconds inside training_step) per ``charts/phase`` of one run's logged rows
+    (0 for a method without phases), from each iteration's env steps and ``charts/SPS``."""
+    out: dict[int, tuple[int, float]] = {}
+    prev = 0
+    for h in history:
+        steps, prev = h["env_steps"] - prev, h["env_steps"]
+        if h.get("charts/SPS"):
+            phase = int(h.get("charts/phase", 0))
+            n, sec = out.get(phase, (0, 0.0))
+            out[phase] = (n + steps, sec + steps / h["charts/SPS"])
+    return out
+
+
+def _per_step_us(runs: list[list[dict]]) -> dict[int, float]:
+    """Microseconds inside training_step per env step, per phase, over several runs."""
+    tot: dict[int, list[float]] = {}
+    for hist in runs:
+        for phase, (n, sec) in phase_seconds(hist).items():
+            t = tot.setdefault(phase, [0, 0.0])
+            t[0], t[1] = t[0] + n, t[1] + sec
+    return {p: 1e6 * sec / max(n, 1) for p, (n, sec) in tot.items()}
 
 
 def run(
@@ -171,21 +199,34 @@ def paired_row(label: str, method: str, overrides: dict, quick: bool, workdir: s
         (QUICK_BUDGET.get(label, 1024), 1) if quick else (PAIRED_BUDGET, PAIRED_REPEATS)
     )
     n_envs = 8 if quick else NUM_ENVS
-    ppo_sps, m_sps = [], []
+    ppo_sps, m_sps, ppo_hist, m_hist = [], [], [], []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for i in range(repeats + 1):
-            steps, wall = train_sps("ppo", {}, budget, Path(tmp) / f"ppo{i}", num_envs=n_envs)
+            ppo_hist.append([])
+            steps, wall = train_sps(
+                "ppo", {}, budget, Path(tmp) / f"ppo{i}", num_envs=n_envs, history=ppo_hist[-1]
+            )
             ppo_sps.append(steps / wall)
             if i < repeats:
+                m_hist.append([])
                 steps, wall = train_sps(
-                    method, overrides, budget, Path(tmp) / f"{label}{i}", num_envs=n_envs
-                )
+                    method, overrides, budget, Path(tmp) / f"{label}{i}", num_envs=n_envs,
+                    history=m_hist[-1],
+                )  # fmt: skip
                 m_sps.append(steps / wall)
     ratios = [m / ((ppo_sps[i] + ppo_sps[i + 1]) / 2) for i, m in enumerate(m_sps)]
     print(f"[{NAME}] {label} paired ratios {[round(r, 3) for r in ratios]}")
+    # where the method's time goes, per phase, against PPO's (inside training_step)
+    ppo_us = _per_step_us(ppo_hist).get(0, float("nan"))
+    phases = "; ".join(
+        f"phase {p}: {us:.0f} us per env step ({us / ppo_us:.2f}x PPO's {ppo_us:.0f} us)"
+        for p, us in sorted(_per_step_us(m_hist).items())
+    )
+    print(f"[{NAME}] {label} {phases}")
     return Row(
         NAME, f"{label}_paired_ratio_to_ppo", float(np.median(ratios)), 1.0, TARGETS[label],
         f"median of {repeats} paired ratios {[round(r, 3) for r in ratios]}; {label} env "
         f"steps/s {[round(v) for v in m_sps]}, PPO {[round(v) for v in ppo_sps]} (alternating, "
-        f"PPO first and last); budget {budget} per run; {load_note()}",
+        f"PPO first and last); budget {budget} per run; inside training_step, {phases}; "
+        f"{load_note()}",
     )  # fmt: skip

@@ -176,9 +176,20 @@ def test_paired_ratio_uses_the_ppo_runs_around_each_method_run(monkeypatch):
     speeds = iter([100.0, 75.0, 200.0, 75.0, 100.0, 87.5, 250.0])  # ppo, m, ppo, m, ppo, m, ppo
     calls = []
 
-    def fake_train_sps(method, overrides, budget, out, seed=0, num_envs=8):
+    def fake_train_sps(method, overrides, budget, out, seed=0, num_envs=8, history=None):
         calls.append(method)
-        return 1000, 1000 / next(speeds)
+        sps = next(speeds)
+        if method == "ppo":  # 1000 steps at 1000 us each inside training_step
+            history += [
+                {"env_steps": 500, "charts/SPS": 1000.0},
+                {"env_steps": 1000, "charts/SPS": 1000.0},
+            ]
+        else:  # phase 1: 300 steps at 3000 us, phase 2: 700 steps at 1500 us
+            history += [
+                {"env_steps": 300, "charts/phase": 1.0, "charts/SPS": 1e6 / 3000},
+                {"env_steps": 1000, "charts/phase": 2.0, "charts/SPS": 1e6 / 1500},
+            ]
+        return 1000, 1000 / sps
 
     monkeypatch.setattr(bench_methods, "train_sps", fake_train_sps)
     monkeypatch.setattr(bench_methods, "PAIRED_REPEATS", 3)
@@ -186,6 +197,20 @@ def test_paired_ratio_uses_the_ppo_runs_around_each_method_run(monkeypatch):
     assert calls == ["ppo", "compositional"] * 3 + ["ppo"]
     assert row.value == pytest.approx(0.5) and row.ratio == pytest.approx(0.5)
     assert row.metric == "compositional_paired_ratio_to_ppo" and row.meets_target is False
+    # the per-phase split of the time inside training_step, against PPO's
+    assert "phase 1: 3000 us per env step (3.00x PPO's 1000 us)" in row.notes
+    assert "phase 2: 1500 us per env step (1.50x PPO's 1000 us)" in row.notes
+
+
+def test_phase_seconds_splits_a_run_by_phase():
+    hist = [
+        {"env_steps": 100, "charts/phase": 1.0, "charts/SPS": 50.0},  # 2 s
+        {"env_steps": 300, "charts/phase": 1.0, "charts/SPS": 100.0},  # 2 s
+        {"env_steps": 400, "charts/phase": 2.0, "charts/SPS": 400.0},  # 0.25 s
+        {"env_steps": 400, "charts/phase": 2.0},  # no SPS (e.g. an evaluation row): skipped
+    ]
+    assert bench_methods.phase_seconds(hist) == {1: (300, 4.0), 2: (100, 0.25)}
+    assert bench_methods.phase_seconds([{"env_steps": 10, "charts/SPS": 5.0}]) == {0: (10, 2.0)}
 
 
 def test_batched_env_rows(tmp_path):
