@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,21 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  untrusted bytes: torch raises many kinds (IndexError
-        # for text files, UnpicklingError, RuntimeError, EOFError, BadZipFile...)
-        # torch's own message suggests ``weights_only=False``, i.e. trusting the file: never
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not a readable checkpoint ({type(e).__name__})"
-        ) from None
+    # warnings torch gives while reading (e.g. random bytes that start like a pickle of an
+    # unknown protocol) are held back: a file that fails to load gets our one line only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  untrusted bytes: torch raises many kinds
+            # (IndexError for text files, UnpicklingError, RuntimeError, EOFError, BadZipFile...)
+            # torch's own message suggests ``weights_only=False``, i.e. trusting the file: never
+            raise ValueError(
+                f"checkpoint {str(path)!r} is not a readable checkpoint ({type(e).__name__})"
+            ) from None
+    for w in caught:  # a checkpoint that loaded: its warnings, as torch gave them
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:

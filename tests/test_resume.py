@@ -382,3 +382,23 @@ def test_read_jsonl_skips_only_a_torn_last_line(tmp_path):
     log.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_jsonl(log)
+
+
+def test_unreadable_checkpoint_is_one_error_without_torch_warnings(tmp_path):
+    """Bytes that start like a pickle of an unknown protocol make torch warn before it fails
+    (os.urandom gives such a file once in 256): the caller gets our ValueError and no warning,
+    so the CLI's error stays one line. A readable checkpoint still loads."""
+    import warnings
+
+    from rl.io import safe_torch_load
+
+    bad = tmp_path / "proto241.ckpt"
+    bad.write_bytes(b"\x80\xf1" + bytes(range(256)) * 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="is not a readable checkpoint"):
+            safe_torch_load(bad)
+    assert [str(w.message) for w in caught] == []
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(3)}, good)
+    assert torch.equal(safe_torch_load(good)["w"], torch.arange(3))
