@@ -77,6 +77,7 @@ DISCOVERY_KEYS = (
     "grow_at", "max_steps",
 )  # fmt: skip
 ON_OFF = ("on", "off")
+BELIEF_EVIDENCE = ("terminated", "any")
 
 
 def _controller_ppo() -> PPOConfig:
@@ -114,6 +115,12 @@ class CompositionalConfig(BaseConfig):
     """'on': a per-trial skill bias adapted by one REINFORCE step after each episode"""
     inner_lr: float = 1.0
     """step size of the inner loop"""
+    belief_evidence: str = "terminated"
+    """which finished segments count as "tried here without pay" in the controller's belief
+    tables: 'terminated' (only a skill that ended by its own termination — it did what it
+    does and nothing paid; a segment cut by ``t_max`` or by the episode's end is no evidence
+    against its skill) or 'any' (every segment without pay, the earlier rule). A segment
+    that paid always counts as paid"""
     library_finetune: str = "off"
     """'on': in phase 2 each skill is also trained, by PPO on the task reward collected while
     it runs (its segment's return), with ``finetune_kl`` times KL(skill || its frozen phase-1
@@ -157,6 +164,10 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(f"inner_loop={self.inner_loop!r}; allowed: on, off")
         if self.library_finetune not in ON_OFF:
             raise ValueError(f"library_finetune={self.library_finetune!r}; allowed: on, off")
+        if self.belief_evidence not in BELIEF_EVIDENCE:
+            raise ValueError(
+                f"belief_evidence={self.belief_evidence!r}; allowed: {', '.join(BELIEF_EVIDENCE)}"
+            )
         kl = self.finetune_kl
         if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
             raise ValueError(f"finetune_kl={kl!r}; allowed: a finite number >= 0")

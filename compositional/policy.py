@@ -7,7 +7,8 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
 2. ends the active skill if its termination fires (``OptionLibrary.beta``), it has run
    ``t_max`` steps, or an episode ended (composer ``soft``: every step);
 3. records each finished segment in the trial's belief tables ("paid at this sub-task
-   position" / "tried here without pay") and for the skill graph;
+   position" / "tried here without pay": only a skill that ended by its own termination is
+   evidence against itself, ``belief_evidence``) and for the skill graph;
 4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
    pointer composer (``compositional.composer``) choose the next skill;
 5. acts with the active skill alone (``soft``: with the composer's mixture of all skills).
@@ -65,6 +66,17 @@ class SkillLevelPolicy:
     def bootstrap_value(self, obs, memory, prev) -> torch.Tensor:
         return torch.zeros(obs.shape[0])  # decision-level values live in the extras
 
+    def _evidence(self, by_beta, timeout, boundary) -> torch.Tensor:
+        """(B,) which ending segments may count as "tried here without pay"
+        (``belief_evidence``): every one ('any', and every one-step segment of ``soft``), or
+        those that ended as their skill ends — its termination, or its fixed duration on
+        Meta-World — not cut by ``t_max`` or the episode's end."""
+        if self.soft or self.a.cfg.belief_evidence == "any":
+            return torch.ones_like(by_beta)
+        if self.a.library.termination == "duration":
+            return timeout & ~boundary
+        return by_beta
+
     # -- one env step ---------------------------------------------------------------------------
     def step(self, obs: torch.Tensor, memory, prev: Prev) -> StepOutput:
         a, K, B = self.a, self.K, obs.shape[0]
@@ -83,6 +95,7 @@ class SkillLevelPolicy:
         # 1. which active skills end here
         ended = boundary & active
         by_beta = torch.zeros(B, dtype=torch.bool)
+        timeout = torch.zeros(B, dtype=torch.bool)
         if self.soft:
             ended = active.clone()
         else:
@@ -108,10 +121,12 @@ class SkillLevelPolicy:
             idx = ended.nonzero().squeeze(-1)
             pos, k = m[SEG_POS][idx], skill[idx]
             paid = (m[SEG_REW][idx] > 0).float()
+            # evidence against the skill here: it ran to its own end and nothing paid
+            tried = (1 - paid) * self._evidence(by_beta, timeout, boundary)[idx].float()
             m[PAID] = m[PAID].clone()
             m[TRIED] = m[TRIED].clone()
             m[PAID][idx, pos, k] = torch.maximum(m[PAID][idx, pos, k], paid)
-            m[TRIED][idx, pos, k] = torch.maximum(m[TRIED][idx, pos, k], 1 - paid)
+            m[TRIED][idx, pos, k] = torch.maximum(m[TRIED][idx, pos, k], tried)
             extras["seg_prev"][idx] = m[PREV][idx]
             lib = a.library
             if lib.termination == "event":  # reached: its own primitive completed on the way
