@@ -74,7 +74,7 @@ MOTION_SKILLS = 8
 DISCOVERY_KEYS = (
     "cut_reward", "reward_floor", "bc_coef", "bc_epochs", "ppo_epochs", "bc_balance", "relabel",
     "relabel_min_q", "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills",
-    "grow_at", "max_steps",
+    "grow_at", "max_steps", "draw", "draw_explore",
 )  # fmt: skip
 ON_OFF = ("on", "off")
 BELIEF_EVIDENCE = ("terminated", "any")

@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--disc-steps", type=int, default=8, help="discriminator minibatch steps per rollout"
     )
+    ap.add_argument(
+        "--draw", default="uniform", help="chains' skill draw: uniform or value (critic-guided)"
+    )
+    ap.add_argument("--draw-explore", type=float, default=0.25, help="uniform share of 'value'")
     ap.add_argument("--states", type=int, default=16, help="start states per primitive")
     ap.add_argument("--evaluate", default=None, help="only evaluate this discovery checkpoint")
     ap.add_argument("--supervised", type=int, default=None, help="train the supervised library")
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                 num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
                 start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs,
                 cut_reward=a.cut_reward, reward_floor=a.reward_floor, relabel=a.relabel,
-                disc_steps=a.disc_steps, ppo_epochs=a.update_epochs,
+                disc_steps=a.disc_steps, ppo_epochs=a.update_epochs, draw=a.draw,
+                draw_explore=a.draw_explore,
                 ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef},
             )  # fmt: skip
         except (TypeError, ValueError) as e:

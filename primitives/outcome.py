@@ -325,6 +325,12 @@ class DiscoveryConfig:
     of highest q)"""
     relabel_min_q: float = 0.0
     """relabel only outcomes whose best skill has at least this probability"""
+    draw: str = "uniform"
+    """how chains choose the next skill: 'uniform' over the active skills, or 'value' (among
+    the skills whose critic expects better than chance from the current state, with
+    ``draw_explore`` of the draws uniform; ``outcome_training.value_draw``)"""
+    draw_explore: float = 0.25
+    """share of uniform draws when ``draw='value'``"""
     disc_lr: float = 1e-3
     disc_steps: int = 8
     """discriminator minibatch steps per rollout"""
@@ -350,6 +356,10 @@ class DiscoveryConfig:
             raise ValueError(
                 f"start_skills={self.start_skills!r}; allowed: None or 1..{self.num_skills}"
             )
+        if self.draw not in ("uniform", "value"):
+            raise ValueError(f"draw={self.draw!r}; allowed: uniform, value")
+        if not 0.0 <= float(self.draw_explore) <= 1.0:
+            raise ValueError(f"draw_explore={self.draw_explore!r}; allowed: a number in [0, 1]")
         if self.relabel not in ("argmax", "assign"):
             raise ValueError(f"relabel={self.relabel!r}; allowed: argmax, assign")
         if self.bc_coef < 0:

@@ -98,6 +98,27 @@ def uniform_draw(active: list[int], generator: torch.Generator):
     return draw
 
 
+def value_draw(lib: OptionLibrary, active: list[int], generator: torch.Generator, explore: float):
+    """Chain draw guided by the skills' own critics: with probability ``explore`` a skill
+    uniformly among the active ones, otherwise uniformly among those whose value V(s, k) of
+    the intrinsic reward is above chance (> 0: the skill expects to produce an outcome its
+    discriminator gives it) — a learned analogue of the supervised library's feasible draw
+    (``option_training.feasible_draw``), so chains spend their segments where a skill can
+    succeed. No skill above chance: uniform."""
+
+    def draw(obs: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
+        K = active[0]
+        with torch.no_grad():
+            ok = (lib.critic(obs)[:, :K] > 0).float()
+        ok = torch.where(ok.sum(-1, keepdim=True) > 0, ok, torch.ones_like(ok))
+        pick = torch.multinomial(ok, 1, generator=generator).squeeze(-1)
+        uniform = torch.randint(K, (obs.shape[0],), generator=generator)
+        coin = torch.rand(obs.shape[0], generator=generator) < explore
+        return torch.where(coin, uniform, pick)
+
+    return draw
+
+
 def make_room(num_envs: int, size: int = 8, max_steps: int | None = None):
     """The vector env discovery runs on, and a task sampler that gives it the room."""
     kw = {"size": size, "composition": ROOM, "max_steps": max_steps}
@@ -187,9 +208,12 @@ class Discovery(DiscoveryLoop):
             )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.active = [cfg.start_skills or cfg.num_skills]
-        self.policy = ChainPolicy(
-            self.lib, cfg.t_max, uniform_draw(self.active, self.gen), self.gen
+        draw = (
+            uniform_draw(self.active, self.gen)
+            if cfg.draw == "uniform"
+            else value_draw(self.lib, self.active, self.gen, cfg.draw_explore)
         )
+        self.policy = ChainPolicy(self.lib, cfg.t_max, draw, self.gen)
         self.collector = Collector(self.venv, self.policy, task_sampler=sampler, seed=cfg.seed)
         self.opt = torch.optim.Adam(self.lib.parameters(), lr=cfg.ppo.lr, eps=1e-5)
         epochs = cfg.ppo.update_epochs if cfg.ppo_epochs is None else cfg.ppo_epochs
