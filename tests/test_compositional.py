@@ -186,6 +186,8 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"primitives": "scripted"}, "primitives='scripted'"),
         ({"num_skills": 5}, "num_skills=5 with primitives='supervised'"),
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
+        ({"belief_evidence": "all"}, "belief_evidence='all'; allowed: terminated, any"),
+        ({"discovery": {"draw": "greedy"}}, "draw='greedy'; allowed: uniform, value"),
         ({"discovery": {"bogus": 1}}, "discovery.bogus: not a discovery setting"),
         ({"discovery": {"bc_coef": -1}}, "bc_coef=-1"),
         ({"discovery": {"ppo_epochs": 0}}, "ppo_epochs=0"),
@@ -394,3 +396,32 @@ def test_kl_to_the_frozen_skills_holds_them_close():
     """The same fine-tuning steps drift less from the frozen skills with a large KL weight."""
     free, held = _kl_after_finetune(0.0), _kl_after_finetune(100.0)
     assert free > 0 and held < 0.5 * free, (free, held)
+
+
+def _tried(evidence: str, beta_bias: float) -> float:
+    """Largest "tried here without pay" entry over a phase-2 rollout of discovered-style
+    skills (learned termination) whose termination always (bias +30) or never (-30) fires."""
+    from compositional.policy import TRIED
+
+    torch.manual_seed(5)
+    cfg = {**TINY, "primitives": "discovered", "belief_evidence": evidence, "t_max": 4}
+    agent = CompositionalAgent(cfg)
+    with torch.no_grad():
+        agent.library.beta_head.weight.zero_()
+        agent.library.beta_head.bias.fill_(beta_bias)
+    agent.iteration = agent.phase1_iters
+    col = agent.make_collector()
+    tried = 0.0
+    for _ in range(6):
+        col.collect(20)
+        tried = max(tried, float(col.memory[TRIED].max()))
+    return tried
+
+
+def test_belief_counts_only_segments_that_ended_by_their_own_termination():
+    # never terminating: every segment is cut by t_max (or the episode's end): no evidence
+    assert _tried("terminated", -30.0) == 0.0
+    # the earlier rule counts the cut segments too
+    assert _tried("any", -30.0) == 1.0
+    # terminating at the first step: a skill that ended by itself and was not paid is tried
+    assert _tried("terminated", 30.0) == 1.0

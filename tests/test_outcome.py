@@ -40,6 +40,7 @@ from primitives.outcome_training import (
     load_discovered,
     make_room,
     uniform_draw,
+    value_draw,
 )
 from rl.collect import Collector, Rollout
 from rl.io import safe_torch_load
@@ -406,3 +407,29 @@ def test_discovery_ppo_epochs_sets_the_skills_ppo_epochs(monkeypatch, ppo_epochs
     Discovery(cfg).step()
     assert seen == [expected]
     assert skills_ppo.update_epochs == update_epochs
+
+
+def test_value_draw_picks_skills_above_chance_and_explores_uniformly():
+    """Only skills whose critic is above 0 are drawn, except the ``draw_explore`` share drawn
+    uniformly; no skill above chance: uniform."""
+    torch.manual_seed(0)
+    lib = OptionLibrary(OBS_DIM, 6, 5, termination="learned")
+    with torch.no_grad():  # values -1, +1, -1, +1, -1 everywhere
+        last = lib.critic[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([-1.0, 1.0, -1.0, 1.0, -1.0]))
+    obs = torch.rand(4000, OBS_DIM)
+    gen = torch.Generator().manual_seed(0)
+    greedy = value_draw(lib, [5], gen, 0.0)(obs, None)
+    assert set(greedy.tolist()) == {1, 3}
+    mixed = value_draw(lib, [5], gen, 0.5)(obs, None)
+    share = torch.bincount(mixed, minlength=5).float() / len(mixed)
+    # 1 and 3: 0.25 + 0.1 each; the others 0.1 each
+    assert torch.allclose(share, torch.tensor([0.1, 0.35, 0.1, 0.35, 0.1]), atol=0.03)
+    with torch.no_grad():
+        last.bias.fill_(-1.0)
+    assert len(set(value_draw(lib, [5], gen, 0.0)(obs, None).tolist())) == 5
+    # only the active skills are drawn (growth)
+    with torch.no_grad():
+        last.bias.fill_(1.0)
+    assert value_draw(lib, [2], gen, 0.3)(obs, None).max() < 2
