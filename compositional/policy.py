@@ -7,8 +7,7 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
 2. ends the active skill if its termination fires (``OptionLibrary.beta``), it has run
    ``t_max`` steps, or an episode ended (composer ``soft``: every step);
 3. records each finished segment in the trial's belief tables ("paid at this sub-task
-   position" / "tried here without pay": only a skill that ended by its own termination is
-   evidence against itself, ``belief_evidence``) and for the skill graph;
+   position" / "tried here without pay", ``belief_evidence``) and for the skill graph;
 4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
    pointer composer (``compositional.composer``) choose the next skill;
 5. acts with the active skill alone (``soft``: with the composer's mixture of all skills).
