@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
     ap.add_argument("--steps", type=int, default=8_000_000, help="discovery env-step budget")
     ap.add_argument("--num-skills", type=int, default=19)
+    ap.add_argument("--hidden", type=int, default=128, help="library and discriminator width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-skills", type=int, default=None, help="VALOR growth from N")
     ap.add_argument("--bc-coef", type=float, default=1.0)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.supervised is None and a.evaluate is None:
         try:  # validated before anything is written: one line, exit 2
             cfg = DiscoveryConfig(
-                num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed,
+                num_skills=a.num_skills, total_env_steps=a.steps, seed=a.seed, hidden=a.hidden,
                 start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs,
                 cut_reward=a.cut_reward, reward_floor=a.reward_floor, relabel=a.relabel,
                 disc_steps=a.disc_steps, ppo_epochs=a.update_epochs, draw=a.draw,
