@@ -10,7 +10,8 @@ maximise the mutual information between skill and outcome, without task reward).
 Phase 2 meta-trains controller and composer on trials of ``episodes_per_trial`` episodes of the
 train compositions (fixed layout per trial), with the library frozen (or, with
 ``library_finetune="on"``, fine-tuned on the task reward its segments collect, by PPO with a KL
-to a frozen copy of the phase-1 skills): the acting policy
+to a frozen copy of the phase-1 skills; or, with ``"discovery"``, trained further by phase 1's
+reward-free objective on the controller's own segments): the acting policy
 (``compositional.policy``) runs the controller only when the active skill terminates and at
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
 trial-level advantages). The graph counts every segment of both phases.
@@ -77,6 +78,7 @@ DISCOVERY_KEYS = (
     "grow_at", "max_steps", "draw", "draw_explore",
 )  # fmt: skip
 ON_OFF = ("on", "off")
+FINETUNE_MODES = ("off", "on", "discovery")
 BELIEF_EVIDENCE = ("terminated", "any")
 
 
@@ -125,7 +127,10 @@ class CompositionalConfig(BaseConfig):
     library_finetune: str = "off"
     """'on': in phase 2 each skill is also trained, by PPO on the task reward collected while
     it runs (its segment's return), with ``finetune_kl`` times KL(skill || its frozen phase-1
-    copy) in the loss; 'off': the library stays frozen (the default)"""
+    copy) in the loss; 'discovery' (``primitives="discovered"`` on CompoGrid): phase 1's
+    objective keeps training the library on the segments the controller runs — intrinsic
+    outcome reward, relabelled imitation, the discriminator's replay (``Discovery.learn``), no
+    task reward; 'off': the library stays frozen (the default)"""
     finetune_kl: float = 0.1
     """weight of the KL to the frozen skills when ``library_finetune='on'``"""
     hidden: int = 128
@@ -163,8 +168,10 @@ class CompositionalConfig(BaseConfig):
         check_graph_mode(self.graph)
         if self.inner_loop not in ON_OFF:
             raise ValueError(f"inner_loop={self.inner_loop!r}; allowed: on, off")
-        if self.library_finetune not in ON_OFF:
-            raise ValueError(f"library_finetune={self.library_finetune!r}; allowed: on, off")
+        if self.library_finetune not in FINETUNE_MODES:
+            raise ValueError(
+                f"library_finetune={self.library_finetune!r}; allowed: {', '.join(FINETUNE_MODES)}"
+            )
         if self.belief_evidence not in BELIEF_EVIDENCE:
             raise ValueError(
                 f"belief_evidence={self.belief_evidence!r}; allowed: {', '.join(BELIEF_EVIDENCE)}"
@@ -172,10 +179,21 @@ class CompositionalConfig(BaseConfig):
         kl = self.finetune_kl
         if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
             raise ValueError(f"finetune_kl={kl!r}; allowed: a finite number >= 0")
-        if self.library_finetune == "on" and self.composer == "soft":
+        if self.library_finetune != "off" and self.composer == "soft":
             raise ValueError(
-                "library_finetune='on' with composer='soft'; allowed: composer 'attention' or "
-                "'uniform' (a skill is fine-tuned on the steps it acts alone)"
+                f"library_finetune={self.library_finetune!r} with composer='soft'; allowed: "
+                "composer 'attention' or 'uniform' (a skill is fine-tuned on the steps it acts "
+                "alone)"
+            )
+        if self.library_finetune == "discovery" and self.primitives != "discovered":
+            raise ValueError(
+                f"library_finetune='discovery' with primitives={self.primitives!r}; allowed: "
+                "primitives 'discovered' (the objective continues phase 1's discovery)"
+            )
+        if self.library_finetune == "discovery" and self.library_checkpoint:
+            raise ValueError(
+                "library_finetune='discovery' with a library_checkpoint; allowed: without one "
+                "(the objective continues phase 1's discriminator and replay)"
             )
         if self.library_finetune == "on" and self.primitives == "random-frozen":
             raise ValueError(
@@ -203,6 +221,11 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(
                 f"primitives='supervised' on {self.env_id}; allowed there: discovered, "
                 "random-frozen (Meta-World has no primitive completion events to train on)"
+            )
+        if fam.continuous and self.library_finetune == "discovery":
+            raise ValueError(
+                f"library_finetune='discovery' on {self.env_id}; allowed there: off, on "
+                "(Meta-World's motion discovery runs in phase 1 only)"
             )
         if fam.continuous and self.composer == "soft":
             raise ValueError(
@@ -325,13 +348,7 @@ class CompositionalAgent(RLModule):
         n = self.num_local_envs  # all of them on one process
         envs = make_vector_env(cfg.env_id, n, kwargs, vectorization=cfg.vectorization)
         if self._phase == 1 and cfg.primitives == "discovered":
-            dcfg = DiscoveryConfig(
-                num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=n,
-                num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
-                hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
-                total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
-                **cfg.discovery,
-            )  # fmt: skip
+            dcfg = self._discovery_config(n)
             if self.family.continuous:  # the train tasks, a fresh goal every episode
                 sampler = uniform_task_sampler(self.train_set, False)
                 self.discovery = MotionDiscovery(
@@ -351,11 +368,37 @@ class CompositionalAgent(RLModule):
                 self.library, cfg.t_max, feasible_draw(self.library, self.act_gen), self.act_gen
             )
             return Collector(envs, policy, task_sampler=sampler, seed=cfg.seed)
+        if cfg.library_finetune == "discovery" and self.discovery is None:
+            # resumed in phase 2: the objective's state without phase 1's room
+            self.discovery = Discovery(
+                self._discovery_config(n), self.library, self.discriminator, room=False
+            )
+            if self._discovery_state is not None:
+                self.discovery.load_training_state(self._discovery_state)
+                self._discovery_state = None
         sampler = uniform_task_sampler(self.train_set, cfg.fixed_layout, cfg.train_layout_seeds())
         return Collector(
             envs, SkillLevelPolicy(self, self.act_gen), episodes_per_trial=cfg.episodes_per_trial,
             task_sampler=sampler, seed=cfg.seed + 1,
         )  # fmt: skip
+
+    def _discovery_config(self, n: int) -> DiscoveryConfig:
+        """Phase 1's discovery settings (``n``: this process's envs)."""
+        cfg: CompositionalConfig = self.cfg
+        return DiscoveryConfig(
+            num_skills=self.library.num_skills, t_max=cfg.t_max, num_envs=n,
+            num_steps=cfg.skills.num_steps, size=int(cfg.env_kwargs.get("size", 8)),
+            hidden=cfg.library_hidden, seed=int(cfg.seed), ppo=cfg.skills.ppo,
+            total_env_steps=max(1, self.phase1_iters * cfg.num_envs * cfg.skills.num_steps),
+            **cfg.discovery,
+        )  # fmt: skip
+
+    def _discovering(self) -> bool:
+        """The discovery objective trains the library now (phase 1, or phase 2 with
+        ``library_finetune="discovery"``)."""
+        return self.discovery is not None and (
+            self._phase == 1 or self.cfg.library_finetune == "discovery"
+        )
 
     def _ensure_phase_collector(self) -> None:
         if self._phase != self.phase():
@@ -386,13 +429,13 @@ class CompositionalAgent(RLModule):
 
     def extra_state(self) -> dict:
         out = {"act_gen": self.act_gen.get_state(), "phase": int(self._phase or self.phase())}
-        if self.discovery is not None and self._phase == 1:
+        if self._discovering():
             out["discovery"] = self.discovery.training_state()
         return out
 
     def local_state(self) -> dict:
         out = {"act_gen": self.act_gen.get_state()}
-        if self.discovery is not None and self._phase == 1:
+        if self._discovering():
             out["discovery_gen"] = self.discovery.gen.get_state()
         return out
 
@@ -462,6 +505,9 @@ class CompositionalAgent(RLModule):
         stats = update_controller(self, D, ctl_opt, cfg.ppo, backward=self.manual_backward)
         if cfg.library_finetune == "on":
             stats |= self._finetune_library(ro, lib_opt)
+        elif cfg.library_finetune == "discovery":  # no task reward reaches the skills
+            learned = self.discovery.learn(ro, backward=self.manual_backward)
+            stats |= {f"discovery_{k}": float(v) for k, v in learned.items() if k != "env_steps"}
         ex = ro.extras
         ends = ex["seg_end"] & ro.valid
         # after the update: the prior the decisions were taken with stays fixed; every rank's

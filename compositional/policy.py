@@ -12,6 +12,12 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
    pointer composer (``compositional.composer``) choose the next skill;
 5. acts with the active skill alone (``soft``: with the composer's mixture of all skills).
 
+With ``library_finetune`` on or ``discovery`` the rollout also carries what the skills' own
+updates need: the acting skill's log-probability and value (``StepOutput.logp`` / ``value``),
+segment starts and, for ``discovery``, the extras ``primitives.option_training.ChainPolicy``
+records (``seg_len``, ``term``, ``beta_on``, ``beta_logp``, ``start_state``), so phase 2's
+segments train the library by the discovery objective (``Discovery.learn``).
+
 Its memory (a tuple of tensors, so the collector can checkpoint it) holds the controller
 state, the active segment and the trial's belief tables, and is reset between trials. What a
 decision needs for the PPO update (its input, choice, log-probability, value, prior) goes into
@@ -23,11 +29,14 @@ from __future__ import annotations
 import torch
 
 from compositional.controller import decision_features
+from envs.grid_events import object_state
+from primitives.outcome import STATE_DIM
 from rl.collect import Prev, StepOutput
 
 # memory layout (a plain tuple: the collector clones and checkpoints it element-wise)
 H, C, SKILL, SEG_LEN, SEG_REW, SEG_EV, SEG_POS, LAST_OBS, PAID, TRIED = range(10)
 BIAS, ACC, EP_RET, EP_MEAN, EP_CNT, PREV = range(10, 16)
+START = 16  # library_finetune="discovery" only: object state at the active segment's start
 
 
 class SkillLevelPolicy:
@@ -39,19 +48,21 @@ class SkillLevelPolicy:
         self.K = agent.library.num_skills
         self.soft = agent.cfg.composer == "soft"
         # library fine-tuning: the acting skill's log-probability and value go in the rollout
-        self.finetune = agent.cfg.library_finetune == "on"
+        self.finetune = agent.cfg.library_finetune in ("on", "discovery")
+        self.discover = agent.cfg.library_finetune == "discovery"  # + ChainPolicy's extras
         self.fam = agent.family
 
     # -- memory ---------------------------------------------------------------------------------
     def initial_memory(self, n: int):
         K, hid, fam = self.K, self.a.controller.hidden, self.fam
         z = torch.zeros
-        return (
+        mem = (
             z(n, hid), z(n, hid), torch.full((n,), -1, dtype=torch.long),
             z(n, dtype=torch.long), z(n), z(n, fam.outcome_dim), z(n, dtype=torch.long),
             z(n, self.a.obs_dim), z(n, fam.max_len, K), z(n, fam.max_len, K),
             z(n, K), z(n, K), z(n), z(n), z(n), torch.full((n,), -1, dtype=torch.long),
         )  # fmt: skip
+        return (*mem, z(n, STATE_DIM)) if self.discover else mem
 
     def reset_memory(self, memory, mask: torch.Tensor):
         fresh = self.initial_memory(int(mask.sum()))
@@ -95,6 +106,7 @@ class SkillLevelPolicy:
         ended = boundary & active
         by_beta = torch.zeros(B, dtype=torch.bool)
         timeout = torch.zeros(B, dtype=torch.bool)
+        beta_on, beta_logp = torch.zeros(B, dtype=torch.bool), torch.zeros(B)
         if self.soft:
             ended = active.clone()
         else:
@@ -107,7 +119,14 @@ class SkillLevelPolicy:
                 by_beta = check & (comp[rows, own] | ~feas[rows, own])
             elif lib.termination == "learned" and check.any():
                 beta = lib.beta(m[LAST_OBS][check], obs[check], skill[check], ev[check])
-                by_beta[check] = torch.rand(int(check.sum()), generator=self.gen) < beta
+                fire = torch.rand(int(check.sum()), generator=self.gen) < beta
+                by_beta[check] = fire
+                if self.discover:  # the decision's log-probability, on event steps only
+                    on = ev[check].any(-1)
+                    bc = beta.clamp(1e-6, 1 - 1e-6)
+                    lp = torch.where(fire, bc.log(), (1 - bc).log())
+                    beta_on[check] = on
+                    beta_logp[check] = torch.where(on, lp, torch.zeros_like(lp))
             ended = ended | timeout | by_beta
         # 2. finished segments: the trial's belief tables and the graph's data
         extras = {
@@ -198,6 +217,9 @@ class SkillLevelPolicy:
             m[SEG_EV] = torch.where(decide[:, None], torch.zeros_like(m[SEG_EV]), m[SEG_EV])
             m[SEG_POS] = m[SEG_POS].clone()
             m[SEG_POS][d] = pos
+            if self.discover:
+                m[START] = m[START].clone()
+                m[START][d] = object_state(obs[d])
 
         # 4. act
         if self.soft:
@@ -228,6 +250,11 @@ class SkillLevelPolicy:
             extras["skill_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         m[SEG_LEN] = m[SEG_LEN] + 1
         m[LAST_OBS] = obs
+        if self.discover:  # as ChainPolicy records its chains (Discovery.learn reads them)
+            extras.update(
+                seg_len=m[SEG_LEN].clone(), term=by_beta.clone(), beta_on=beta_on,
+                beta_logp=beta_logp, start_state=m[START].clone(),
+            )  # fmt: skip
         extras.update(
             decision=decide, ctrl_in=feats, skill=skill.clone(), dec_logp=dec_logp,
             dec_value=dec_value, alpha=alpha, bias=bias_used,

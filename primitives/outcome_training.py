@@ -185,15 +185,23 @@ class Discovery(DiscoveryLoop):
         cfg: DiscoveryConfig,
         library: OptionLibrary | None = None,
         discriminator: OutcomeDiscriminator | None = None,
+        room: bool = True,
     ) -> None:
         """``library`` / ``discriminator``: train these (the compositional agent's phase 1)
-        instead of new ones; they must have ``cfg.num_skills`` skills."""
+        instead of new ones; they must have ``cfg.num_skills`` skills. ``room=False``: no
+        room and no collector of its own — ``learn`` trains on segments someone else
+        collected (the agent's phase 2 with ``library_finetune="discovery"``); ``library``
+        is then required."""
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.venv, sampler = make_room(cfg.num_envs, cfg.size, cfg.max_steps)
-        obs_dim = self.venv.single_observation_space.shape[0]
-        n_act = int(self.venv.single_action_space.n)
+        self.venv = self.collector = None
+        if room:
+            self.venv, sampler = make_room(cfg.num_envs, cfg.size, cfg.max_steps)
         if library is None:
+            if not room:
+                raise ValueError("Discovery(room=False) needs the library it trains")
+            obs_dim = self.venv.single_observation_space.shape[0]
+            n_act = int(self.venv.single_action_space.n)
             library = OptionLibrary(obs_dim, n_act, cfg.num_skills, cfg.hidden, "learned")
         self.lib = library
         self.disc = (
@@ -208,13 +216,14 @@ class Discovery(DiscoveryLoop):
             )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.active = [cfg.start_skills or cfg.num_skills]
-        draw = (
-            uniform_draw(self.active, self.gen)
-            if cfg.draw == "uniform"
-            else value_draw(self.lib, self.active, self.gen, cfg.draw_explore)
-        )
-        self.policy = ChainPolicy(self.lib, cfg.t_max, draw, self.gen)
-        self.collector = Collector(self.venv, self.policy, task_sampler=sampler, seed=cfg.seed)
+        if room:
+            draw = (
+                uniform_draw(self.active, self.gen)
+                if cfg.draw == "uniform"
+                else value_draw(self.lib, self.active, self.gen, cfg.draw_explore)
+            )
+            self.policy = ChainPolicy(self.lib, cfg.t_max, draw, self.gen)
+            self.collector = Collector(self.venv, self.policy, task_sampler=sampler, seed=cfg.seed)
         self.opt = torch.optim.Adam(self.lib.parameters(), lr=cfg.ppo.lr, eps=1e-5)
         epochs = cfg.ppo.update_epochs if cfg.ppo_epochs is None else cfg.ppo_epochs
         self.ppo = replace(cfg.ppo, update_epochs=epochs)  # the skills' PPO (``ppo_epochs``)
@@ -234,8 +243,13 @@ class Discovery(DiscoveryLoop):
         minibatches and the discriminator's samples drawn by rank 0 and broadcast; the
         discriminator's steps computed alike on every rank from the same replay.
         """
+        return self.learn(self.collector.collect(self.cfg.num_steps), backward)
+
+    def learn(self, ro: Rollout, backward=None) -> dict[str, float]:
+        """``step``'s updates on the chain rollout ``ro`` (extras as ``ChainPolicy`` records
+        them: skill, seg_start, seg_len, term, beta_on, beta_logp, start_state; the rollout's
+        ``logp`` / ``values`` the acting skill's)."""
         cfg, K = self.cfg, self.active[0]
-        ro = self.collector.collect(cfg.num_steps)
         seg = terminated_segments(ro)
         rewards, terminal = discovery_rewards(
             self.disc, ro, seg, K, cfg.t_max, cfg.cut_reward, cfg.reward_floor
@@ -243,7 +257,7 @@ class Discovery(DiscoveryLoop):
         self.last = (ro, terminal)  # the segments, for a caller that counts them (skill graph)
         every = _every_rank(seg, ro.obs.shape[1])
         counts = distributed.all_reduce_sum(
-            torch.tensor([self.collector.env_steps, tmax_cuts(ro, cfg.t_max).sum()]).double()
+            torch.tensor([self.env_steps, tmax_cuts(ro, cfg.t_max).sum()]).double()
         )
         stats = {"env_steps": int(counts[0]), "active_skills": K}
         ppo = update_skills(self.lib, ro, rewards, terminal, self.opt, self.ppo, backward=backward)
@@ -270,6 +284,11 @@ class Discovery(DiscoveryLoop):
             self.active[0] = min(cfg.num_skills, int(1.5 * K) + 1)
         self.iteration += 1
         return stats
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps of its own room (0 without one)."""
+        return 0 if self.collector is None else self.collector.env_steps
 
     def _imitate(self, ro: Rollout, every: Segments, K: int, backward=None) -> dict[str, float]:
         """Relabelled behaviour cloning: ``bc_epochs`` passes over the steps of this rollout's
@@ -348,7 +367,7 @@ class Discovery(DiscoveryLoop):
             "discriminator": self.disc.state_dict(),
             "active_skills": self.active[0],
             "iteration": self.iteration,
-            "env_steps": self.collector.env_steps,
+            "env_steps": self.env_steps,
             "config": cfg,
             "obs_dim": self.lib.obs_dim,
             "n_actions": self.lib.n_actions,
