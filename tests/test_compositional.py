@@ -3,6 +3,8 @@ pointer composer, the feasibility graph, checkpoints, bad input, end to end."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -341,6 +343,16 @@ def test_discovered_library_phase_and_resume(tmp_path):
         ({"library_finetune": "on", "finetune_kl": float("nan")}, "'finetune_kl'=nan"),
         ({"library_finetune": "on", "composer": "soft"}, "with composer='soft'"),
         ({"library_finetune": "on", "primitives": "random-frozen"}, "primitives='random-frozen'"),
+        ({"library_finetune": "discovery"}, "'discovery' with primitives='supervised'"),
+        (
+            {"library_finetune": "discovery", "primitives": "discovered", "composer": "soft"},
+            "'discovery' with composer='soft'",
+        ),
+        (
+            {"library_finetune": "discovery", "primitives": "discovered",
+             "library_checkpoint": "lib.pt"},
+            "'discovery' with a library_checkpoint",
+        ),  # fmt: skip
     ],
 )
 def test_bad_finetune_config_one_line(over, match):
@@ -425,3 +437,87 @@ def test_belief_counts_only_segments_that_ended_by_their_own_termination():
     assert _tried("any", -30.0) == 1.0
     # terminating at the first step: a skill that ended by itself and was not paid is tried
     assert _tried("terminated", 30.0) == 1.0
+
+
+CONT = {**TINY, "primitives": "discovered", "library_fraction": 0.5,
+        "library_finetune": "discovery"}  # fmt: skip
+
+
+def test_continued_discovery_records_chain_extras_in_phase_two():
+    """library_finetune='discovery': a phase-2 rollout carries what ``Discovery.learn`` reads,
+    with ChainPolicy's meaning — seg_len restarts at 1 on each decision and counts up inside
+    a segment, the start state is the object state where the segment began, a termination
+    decision is sampled (and fires) only on object-event steps, and logp / value are the
+    acting skill's."""
+    from envs.grid_events import events, object_state
+
+    torch.manual_seed(3)
+    agent = CompositionalAgent({**CONT, "t_max": 6})
+    _, ro = _rollout(agent, 120)
+    ex = ro.extras
+    start, seg_len = ex["seg_start"], ex["seg_len"]
+    assert start.any() and (~start).any()
+    assert (seg_len[start] == 1).all()
+    assert (seg_len[1:][~start[1:]] == seg_len[:-1][~start[1:]] + 1).all()
+    assert seg_len.max() <= 6
+    T, N = start.shape
+    for i in range(N):
+        for t in range(T):
+            s0 = t if start[t, i] else s0  # noqa: F821 (a rollout starts with a decision)
+            assert torch.equal(ex["start_state"][t, i], object_state(ro.obs[s0, i]))
+    # a decision at t judges the step t-1 -> t
+    ev = torch.zeros(T, N, dtype=torch.bool)
+    ev[1:] = events(ro.obs[:-1], ro.obs[1:]).any(-1) & ~(ro.terminated | ro.truncated)[:-1]
+    assert not (ex["beta_on"] & ~ev).any() and not (ex["term"] & ~ex["beta_on"]).any()
+    assert ((ex["beta_logp"] != 0) == ex["beta_on"]).all() and ex["beta_on"].any()
+    obs, skill = ro.obs.reshape(T * N, -1), ex["skill"].reshape(-1)
+    with torch.no_grad():
+        lp = agent.library.dist(obs, skill).log_prob(ro.actions.reshape(-1)).reshape(T, N)
+        v = agent.library.value(obs, skill).reshape(T, N)
+    torch.testing.assert_close(ro.logp, lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro.values, v)
+
+
+def test_continued_discovery_sees_no_task_reward():
+    """``Discovery.learn`` on a phase-2 rollout updates the library identically whatever task
+    reward the rollout collected: only the outcome objective trains the skills."""
+    from copy import deepcopy
+
+    torch.manual_seed(4)
+    agent = CompositionalAgent(CONT)
+    _, ro = _rollout(agent, 64)
+    agent.discovery = None
+    agent.make_collector().envs.close()  # builds the phase-2 learner (no room)
+    learners = []
+    for r in (torch.zeros_like(ro.rewards), torch.rand(ro.rewards.shape)):
+        d = deepcopy(agent.discovery)
+        torch.manual_seed(0)  # the PPO minibatches' order
+        d.learn(dataclasses.replace(ro, rewards=r))
+        learners.append(d)
+    a, b = (d.lib.state_dict() for d in learners)
+    moved = any(not torch.equal(a[k], v) for k, v in agent.library.state_dict().items())
+    assert moved and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kill_at", [0, 1], ids=["phase-boundary", "inside-phase-2"])
+def test_continued_discovery_resumes_exactly(tmp_path, kill_at):
+    """The objective's state (optimisers, replay, generator) is in phase 2's checkpoints: a
+    run killed at the phase boundary or inside phase 2 resumes to the same parameters."""
+    full = fit(CompositionalAgent(CONT), tmp_path / "full", logger=False, checkpoint_every=1)
+    assert full.phase2_iters >= 2
+    assert any("losses/discovery_bc_loss" in h for h in full.history)
+    ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "discovery" in ck["rl_state"]["extra"]
+
+    class Dies(CompositionalAgent):
+        def training_step(self, batch, batch_idx):
+            if self.iteration == self.phase1_iters + kill_at:
+                raise RuntimeError("killed")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(Dies(CONT), tmp_path / "cut", logger=False, checkpoint_every=1)
+    resumed = fit(CompositionalAgent(CONT), tmp_path / "cut", resume=True, logger=False)
+    assert resumed.iteration == full.iteration
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -93,6 +93,7 @@ def test_finished_segments_by_hand():
     "over, match",
     [
         ({"primitives": "supervised"}, "primitives='supervised' on CompoMetaWorld-v0"),
+        ({"library_finetune": "discovery"}, "'discovery' on CompoMetaWorld-v0"),
         ({"composer": "soft"}, "composer='soft' on CompoMetaWorld-v0"),
         ({"env_id": "CartPole-v1"}, "env_id='CartPole-v1'"),
     ],
