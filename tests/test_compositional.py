@@ -349,8 +349,11 @@ def test_discovered_library_phase_and_resume(tmp_path):
             "'discovery' with composer='soft'",
         ),
         (
-            {"library_finetune": "discovery", "primitives": "discovered",
-             "library_checkpoint": "lib.pt"},
+            {
+                "library_finetune": "discovery",
+                "primitives": "discovered",
+                "library_checkpoint": "lib.pt",
+            },
             "'discovery' with a library_checkpoint",
         ),  # fmt: skip
     ],
