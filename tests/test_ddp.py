@@ -93,6 +93,19 @@ CONFIGS = {
         "ppo": {"num_steps": 32},
         "skills": {"num_steps": 32},
     },
+    # phase 2 with the discovery objective continued on the controller's segments
+    "compositional_cd": {
+        "primitives": "discovered",
+        "num_envs": 4,
+        "hidden": 16,
+        "key_dim": 8,
+        "library_hidden": 16,
+        "library_finetune": "discovery",
+        "total_env_steps": 768,
+        "library_fraction": 0.5,
+        "ppo": {"num_steps": 32},
+        "skills": {"num_steps": 32},
+    },
     # the same agent on Meta-World: Gaussian options of fixed length, discovery from
     # displacements (discriminator on every rank's segments in the 1-process order)
     "compositional_mw": {
@@ -117,9 +130,9 @@ CONFIGS = {
 META = ("maml", "fomaml", "reptile")
 #: methods whose policy memory holds (envs, ...) tensors (RL²'s is (layers, envs, ...)); their
 #: rollouts are recorded from a real 1-process ``fit`` (their collectors come with a phase)
-ENVS_FIRST_MEMORY = ("compositional", "compositional_mw", "discovery")
+ENVS_FIRST_MEMORY = ("compositional", "compositional_cd", "compositional_mw", "discovery")
 #: the registry method of a case whose name is not one
-METHOD_OF = {"compositional_mw": "compositional"}
+METHOD_OF = {"compositional_mw": "compositional", "compositional_cd": "compositional"}
 
 
 def _env() -> dict:
@@ -274,8 +287,18 @@ def _run_replay(methods: list[str], devices: int, tmp: Path) -> dict:
 
 @pytest.mark.parametrize(
     "methods",
-    [["ppo", "rl2"], list(META), ["pearl", "compositional", "discovery"], ["compositional_mw"]],
-    ids=["ppo-rl2", "maml-family", "pearl-compositional-discovery", "compositional-metaworld"],
+    [
+        ["ppo", "rl2"],
+        list(META),
+        ["pearl", "compositional", "discovery"],
+        ["compositional_mw", "compositional_cd"],
+    ],
+    ids=[
+        "ppo-rl2",
+        "maml-family",
+        "pearl-compositional-discovery",
+        "compositional-metaworld-continued",
+    ],
 )
 def test_two_processes_update_as_one(tmp_path, methods):
     init = {m: _record_rollouts(m, tmp_path / f"{m}-rollouts.pt") for m in methods}
@@ -300,7 +323,7 @@ def test_two_processes_update_as_one(tmp_path, methods):
                     assert r2["trpo/accepted"] == r1["trpo/accepted"]
                     assert r2["trpo/grad_norm"] == pytest.approx(r1["trpo/grad_norm"], rel=2e-3)
             continue
-        if m in ("compositional", "compositional_mw"):  # both phases: the whole batch's numbers
+        if m in ("compositional", "compositional_cd", "compositional_mw"):  # both phases: all envs
             assert [r["charts/phase"] for r in h1] == [1.0] * 3 + [2.0] * 3
             for part in ("library.", "discriminator.", "controller.", "composer."):  # all trained
                 assert max(
