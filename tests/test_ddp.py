@@ -93,19 +93,6 @@ CONFIGS = {
         "ppo": {"num_steps": 32},
         "skills": {"num_steps": 32},
     },
-    # phase 2 with the discovery objective continued on the controller's segments
-    "compositional_cd": {
-        "primitives": "discovered",
-        "num_envs": 4,
-        "hidden": 16,
-        "key_dim": 8,
-        "library_hidden": 16,
-        "library_finetune": "discovery",
-        "total_env_steps": 768,
-        "library_fraction": 0.5,
-        "ppo": {"num_steps": 32},
-        "skills": {"num_steps": 32},
-    },
     # the same agent on Meta-World: Gaussian options of fixed length, discovery from
     # displacements (discriminator on every rank's segments in the 1-process order)
     "compositional_mw": {
@@ -127,6 +114,8 @@ CONFIGS = {
     # the DIAYN library: PPO of the skills on log q(k | phi), the discriminator on a buffer
     "discovery": {"num_envs": 4, "total_env_steps": 384, "training": {"ppo": {"num_steps": 32}}},
 }
+# the compositional agent with phase 2 continuing the discovery objective on its segments
+CONFIGS["compositional_cd"] = {**CONFIGS["compositional"], "library_finetune": "discovery"}
 META = ("maml", "fomaml", "reptile")
 #: methods whose policy memory holds (envs, ...) tensors (RL²'s is (layers, envs, ...)); their
 #: rollouts are recorded from a real 1-process ``fit`` (their collectors come with a phase)
