@@ -2,7 +2,8 @@
 
 ``python -m experiments.discover --out DIR [--steps 8000000] [--num-skills 19] [--seed 0]
 [--start-skills N] [--bc-coef 1.0] [--bc-epochs 5] [--cut-reward -1.0] [--reward-floor F]
-[--gamma 0.95] [--ent-coef 0.01] [--relabel assign|argmax] [--states 16]``
+[--gamma 0.95] [--ent-coef 0.01] [--relabel assign|argmax] [--num-envs 128] [--num-steps 64]
+[--states 16]``
 trains ``primitives.outcome`` discovery (no task reward) and writes, in DIR:
 ``library.pt`` (plain state dict, ``rl.io.safe_torch_load``), ``log.jsonl`` (one line per
 rollout), then ``table.md`` / ``table.json`` / ``table.png`` from ``primitives.outcome_eval``:
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         "--draw", default="uniform", help="chains' skill draw: uniform or value (critic-guided)"
     )
     ap.add_argument("--draw-explore", type=float, default=0.25, help="uniform share of 'value'")
+    ap.add_argument("--num-envs", type=int, default=128, help="parallel rooms")
+    ap.add_argument("--num-steps", type=int, default=64, help="vector steps per rollout")
     ap.add_argument("--states", type=int, default=16, help="start states per primitive")
     ap.add_argument("--evaluate", default=None, help="only evaluate this discovery checkpoint")
     ap.add_argument("--supervised", type=int, default=None, help="train the supervised library")
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 start_skills=a.start_skills, bc_coef=a.bc_coef, bc_epochs=a.bc_epochs,
                 cut_reward=a.cut_reward, reward_floor=a.reward_floor, relabel=a.relabel,
                 disc_steps=a.disc_steps, ppo_epochs=a.update_epochs, draw=a.draw,
-                draw_explore=a.draw_explore,
+                draw_explore=a.draw_explore, num_envs=a.num_envs, num_steps=a.num_steps,
                 ppo={"lr": 1e-3, "gamma": a.gamma, "ent_coef": a.ent_coef},
             )  # fmt: skip
         except (TypeError, ValueError) as e:
