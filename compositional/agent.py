@@ -74,8 +74,8 @@ MOTION_SKILLS = 8
 #: the ``DiscoveryConfig`` settings the ``discovery`` section may set
 DISCOVERY_KEYS = (
     "cut_reward", "reward_floor", "bc_coef", "bc_epochs", "ppo_epochs", "bc_balance", "relabel",
-    "relabel_min_q", "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "start_skills",
-    "grow_at", "max_steps", "draw", "draw_explore",
+    "relabel_min_q", "disc_lr", "disc_steps", "disc_batch", "disc_buffer", "disc_balance",
+    "start_skills", "grow_at", "max_steps", "draw", "draw_explore",
 )  # fmt: skip
 ON_OFF = ("on", "off")
 FINETUNE_MODES = ("off", "on", "discovery")

@@ -337,6 +337,13 @@ class DiscoveryConfig:
     disc_batch: int = 512
     disc_buffer: int = 20_000
     """recent outcomes kept for the discriminator"""
+    disc_balance: bool = False
+    """draw the discriminator's minibatches class-balanced (each replayed outcome with
+    probability 1 / the count of its skill in the replay), so q(k | outcome) is the posterior
+    under the uniform p(k) the intrinsic reward assumes even when the skills are not run
+    equally often (the compositional agent's phase 2 with ``library_finetune="discovery"``:
+    the controller picks them); False: uniform over the replay (chains draw skills uniformly,
+    so the classes are balanced already)"""
     start_skills: int | None = None
     """VALOR growth: skills active at the start (None: all K, no growth)"""
     grow_at: float = 0.9
@@ -362,6 +369,8 @@ class DiscoveryConfig:
             raise ValueError(f"draw_explore={self.draw_explore!r}; allowed: a number in [0, 1]")
         if self.relabel not in ("argmax", "assign"):
             raise ValueError(f"relabel={self.relabel!r}; allowed: argmax, assign")
+        if not isinstance(self.disc_balance, bool):
+            raise ValueError(f"disc_balance={self.disc_balance!r}; allowed: true, false")
         if self.bc_coef < 0:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: a number >= 0")
         if isinstance(self.ppo, dict):

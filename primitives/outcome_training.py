@@ -140,10 +140,7 @@ class DiscoveryLoop:
         rank = distributed.world()[0]
         draws = None
         if rank == 0:
-            draws = [
-                torch.randint(self.replay.n, (self.cfg.disc_batch,), generator=self.gen)
-                for _ in range(self.cfg.disc_steps)
-            ]
+            draws = [self._draw_replay() for _ in range(self.cfg.disc_steps)]
         losses = []
         for idx in distributed.broadcast_object(draws):
             x, k = self.replay.feats[idx], self.replay.skill[idx]
@@ -153,6 +150,16 @@ class DiscoveryLoop:
             self.disc_opt.step()
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
+
+    def _draw_replay(self) -> torch.Tensor:
+        """Indices of one discriminator minibatch: uniform over the replay, or class-balanced
+        (``disc_balance``: probability 1 / count of the outcome's skill)."""
+        n, batch = self.replay.n, self.cfg.disc_batch
+        if not self.cfg.disc_balance:
+            return torch.randint(n, (batch,), generator=self.gen)
+        skill = self.replay.skill[:n]
+        count = torch.bincount(skill, minlength=int(skill.max()) + 1).double()
+        return torch.multinomial(1.0 / count[skill], batch, replacement=True, generator=self.gen)
 
     def training_state(self) -> dict:
         """Everything beyond library and discriminator weights that training continues from

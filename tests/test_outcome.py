@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -302,6 +303,7 @@ def test_tiny_discovery_end_to_end(tmp_path):
         {"bc_coef": -1.0},
         {"bc_epochs": 0},
         {"ppo_epochs": 0},
+        {"disc_balance": "yes"},
     ],
 )
 def test_bad_discovery_config(kw):
@@ -407,6 +409,30 @@ def test_discovery_ppo_epochs_sets_the_skills_ppo_epochs(monkeypatch, ppo_epochs
     Discovery(cfg).step()
     assert seen == [expected]
     assert skills_ppo.update_epochs == update_epochs
+
+
+def test_balanced_discriminator_draws_equalise_the_skills():
+    """``disc_balance``: a replay holding skill 0 nine times as often as skill 1 is drawn
+    about half and half; without it, as it is stored (and with the same generator calls as
+    before the option existed: ``torch.randint`` over the replay)."""
+    cfg = DiscoveryConfig(num_skills=4, total_env_steps=512, num_envs=8, num_steps=64,
+                          disc_batch=4000)  # fmt: skip
+    for balance in (False, True):
+        run = Discovery(replace(cfg, disc_balance=balance), room=False, library=OptionLibrary(
+            OBS_DIM, 6, 4, 32, "learned"))  # fmt: skip
+        skill = torch.tensor([0] * 900 + [1] * 100)
+        run.replay.add(torch.rand(1000, OUTCOME_DIM), skill)
+        gen = torch.Generator().manual_seed(0).get_state()
+        run.gen.set_state(gen)
+        idx = run._draw_replay()
+        share = float((run.replay.skill[idx] == 1).float().mean())
+        if balance:
+            assert abs(share - 0.5) < 0.05
+        else:
+            assert abs(share - 0.1) < 0.03
+            ref = torch.Generator()
+            ref.set_state(gen)
+            assert torch.equal(idx, torch.randint(1000, (4000,), generator=ref))
 
 
 def test_value_draw_picks_skills_above_chance_and_explores_uniformly():
