@@ -527,22 +527,18 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         f = dx * fx[:, None] + dy * fy[:, None]  # ahead of the agent
         r = dy * fx[:, None] - dx * fy[:, None]  # to its right
         on = self.on_grid
-        onf = on.astype(np.float64)
-        door = np.zeros((B, N_ENT), dtype=bool)
-        door[:, DOOR_I] = self.door_open  # the door is always on the grid
-        per_entity = [
-            onf,
-            ~on & (self.carried[:, None] == np.arange(N_ENT)),
-            ex * onf / W,
-            ey * onf / W,
-            f * onf / W,
-            r * onf / W,
-            door,
-            np.sign(f) * on,
-            np.sign(r) * on,
-            on & (f == 1) & (r == 0),
-        ]
-        out[:, : N_ENT * PER_ENTITY] = np.stack(per_entity, axis=2).reshape(B, -1)
+        # the per-entity block, written in place: (B, N_ENT, PER_ENTITY), a view of ``out``
+        pe = out[:, : N_ENT * PER_ENTITY].reshape(B, N_ENT, PER_ENTITY)
+        pe[:, :, 0] = on
+        pe[:, :, 1] = ~on & (self.carried[:, None] == np.arange(N_ENT))
+        pe[:, :, 2] = ex * on / W  # an entity that is not on the grid reads 0
+        pe[:, :, 3] = ey * on / W
+        pe[:, :, 4] = f * on / W
+        pe[:, :, 5] = r * on / W
+        pe[:, DOOR_I, 6] = self.door_open  # the door is always on the grid
+        pe[:, :, 7] = np.sign(f) * on
+        pe[:, :, 8] = np.sign(r) * on
+        pe[:, :, 9] = on & (f == 1) & (r == 0)
         i = self._agent_at
         out[:, i] = ax / W
         out[:, i + 1] = ay / W
