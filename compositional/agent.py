@@ -124,6 +124,10 @@ class CompositionalConfig(BaseConfig):
     evidence against its skill). A segment that paid always counts as paid. 'terminated'
     measured level with 'any' (validation split, discovered skills, reward AUC 0.72 / 0.73
     against 0.74 / 0.70; RESULTS.md "What moves the agent"), so the tables' rule stays"""
+    belief_logits: str = "off"
+    """'on': the composer adds the belief tables to the skill logits through two weights the
+    controller's state gives (``PointerComposer``'s evidence pathway; zero at initialisation);
+    'off': the tables reach the decision only as controller inputs"""
     library_finetune: str = "off"
     """'on': in phase 2 each skill is also trained, by PPO on the task reward collected while
     it runs (its segment's return), with ``finetune_kl`` times KL(skill || its frozen phase-1
@@ -172,6 +176,8 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(
                 f"library_finetune={self.library_finetune!r}; allowed: {', '.join(FINETUNE_MODES)}"
             )
+        if self.belief_logits not in ON_OFF:
+            raise ValueError(f"belief_logits={self.belief_logits!r}; allowed: on, off")
         if self.belief_evidence not in BELIEF_EVIDENCE:
             raise ValueError(
                 f"belief_evidence={self.belief_evidence!r}; allowed: {', '.join(BELIEF_EVIDENCE)}"
@@ -280,8 +286,9 @@ class CompositionalAgent(RLModule):
         self.controller = DecisionController(self.feature_dim, cfg.hidden)
         instruction = cfg.env_kwargs.get("task_info", "reward") == "instruction"
         self.composer = PointerComposer(
-            cfg.hidden, K, fam.n_tokens, cfg.key_dim, cfg.composer, instruction
-        )
+            cfg.hidden, K, fam.n_tokens, cfg.key_dim, cfg.composer, instruction,
+            evidence=cfg.belief_logits == "on",
+        )  # fmt: skip
         self.graph = SkillGraph(K, cfg.graph)
         if cfg.library_finetune == "on":  # the KL's reference: the library phase 2 starts from
             self.frozen_library = copy.deepcopy(self.library).requires_grad_(False)

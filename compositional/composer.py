@@ -8,6 +8,13 @@ same function of its token). Modes:
 
 - ``attention`` (default): the pointer; the skill is drawn from softmax(q . keys / sqrt(d)
   + graph prior + per-trial bias).
+
+With ``evidence`` (the agent's ``belief_logits="on"``) each skill's logit also gets
+w_paid(h) * paid_k + w_tried(h) * tried_k: the trial's evidence about skill k at the current
+sub-task position (the controller's belief tables), weighed by two numbers the controller's
+state gives (zero at initialisation). The same two weights serve every skill, so "repeat what
+paid here, skip what was tried here without pay" is one pathway to learn, not K separate
+mappings from the LSTM's input through the query to each key.
 - ``uniform``: a uniformly random skill at every decision (the control: the controller has no
   say).
 - ``soft``: the pre-options design kept as the ablation: the controller decides at *every* step
@@ -40,6 +47,7 @@ class PointerComposer(nn.Module):
         key_dim: d.
         mode: ``attention``, ``uniform`` or ``soft``.
         instruction: build the query from the current sub-task token instead of the state.
+        evidence: add the belief-table pathway (see the module docstring).
     """
 
     def __init__(
@@ -50,6 +58,7 @@ class PointerComposer(nn.Module):
         key_dim: int = 32,
         mode: str = "attention",
         instruction: bool = False,
+        evidence: bool = False,
     ) -> None:
         super().__init__()
         self.mode = check_composer_mode(mode)
@@ -61,18 +70,35 @@ class PointerComposer(nn.Module):
         for lin in (self.query_state, self.query_token):
             nn.init.orthogonal_(lin.weight, 1.0)
             nn.init.zeros_(lin.bias)
+        self.evidence: nn.Linear | None = None
+        if evidence:  # built only when asked: the default's parameters and draws stay as they were
+            self.evidence = nn.Linear(hidden, 2)
+            nn.init.zeros_(self.evidence.weight)
+            nn.init.zeros_(self.evidence.bias)
 
     def query(self, h: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """(B, d): from the current sub-task token alone (instruction), else from the state."""
         return self.query_token(token) if self.instruction else self.query_state(h)
 
-    def logits(self, h: torch.Tensor, token: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """(B, K) skill logits q . k_j + prior; ``prior`` (B, K): graph log-prior plus any
-        per-trial bias. No 1/sqrt(d): queries and keys start with norm ~1 (logits ~0.2 at
+    def logits(
+        self,
+        h: torch.Tensor,
+        token: torch.Tensor,
+        prior: torch.Tensor,
+        paid: torch.Tensor | None = None,
+        tried: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, K) skill logits q . k_j + prior (+ the evidence pathway: ``paid`` / ``tried``,
+        (B, K) belief tables at the current position); ``prior`` (B, K): graph log-prior plus
+        any per-trial bias. No 1/sqrt(d): queries and keys start with norm ~1 (logits ~0.2 at
         init) and a token's logits then move ~sqrt(d) times faster per optimiser step — with
         the scaled dot product the instruction pointer, a 19 x d table, learned ~10x slower
         than the state query (measured: approx-KL 1e-5 per update)."""
         if self.mode == "uniform":
             return torch.zeros(h.shape[0], self.num_skills)
         q = self.query(h, token)
-        return q @ self.keys.T + prior
+        out = q @ self.keys.T + prior
+        if self.evidence is not None:
+            w = self.evidence(h)
+            out = out + w[:, :1] * paid + w[:, 1:] * tried
+        return out

@@ -188,9 +188,13 @@ def replay(agent, D: Decisions, envs: torch.Tensor):
     offs = torch.cat([torch.arange(b - a) for _, a, b in pieces])
     hs = hs.index_put((rows, cols), hs_seq[srcs, offs])
     hs = hs.reshape(n * M, -1)
-    token = x[..., -agent.family.n_tokens :].reshape(n * M, -1)
+    T, K = agent.family.n_tokens, agent.composer.num_skills
+    token = x[..., -T:].reshape(n * M, -1)
+    # the belief tables at the decision's position, as ``decision_features`` laid them out
+    paid = x[..., -T - 2 * K : -T - K].reshape(n * M, -1)
+    tried = x[..., -T - K : -T].reshape(n * M, -1)
     prior = agent.graph.log_prior(D.prev[envs].reshape(-1)) + D.bias[envs].reshape(n * M, -1)
-    logits = agent.composer.logits(hs, token, prior).reshape(n, M, -1)
+    logits = agent.composer.logits(hs, token, prior, paid, tried).reshape(n, M, -1)
     return logits, agent.controller.value(hs).reshape(n, M)
 
 

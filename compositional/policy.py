@@ -191,7 +191,9 @@ class SkillLevelPolicy:
                 boundary[d], m[PAID][d, pos], m[TRIED][d, pos], K, token,
             )  # fmt: skip
             h, c = a.controller(x, m[H][d], m[C][d])
-            logits = a.composer.logits(h, token, a.graph.log_prior(row) + m[BIAS][d])
+            logits = a.composer.logits(
+                h, token, a.graph.log_prior(row) + m[BIAS][d], m[PAID][d, pos], m[TRIED][d, pos]
+            )
             m[H], m[C] = m[H].clone(), m[C].clone()
             m[H][d], m[C][d] = h, c
             probs = torch.softmax(logits, -1)

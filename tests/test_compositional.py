@@ -153,6 +153,30 @@ def test_instruction_query_depends_only_on_the_current_token():
     assert torch.equal(q[0], q[1])
 
 
+def test_evidence_pathway_adds_the_weighed_belief_tables_to_each_skill_logit():
+    """``belief_logits``: logit_k += w_paid(h) * paid_k + w_tried(h) * tried_k, the two weights
+    shared by every skill and zero at initialisation (the same logits as without it); off, the
+    composer has no such parameters."""
+    torch.manual_seed(0)
+    h, tok, prior = torch.randn(3, 8), torch.zeros(3, 19), torch.randn(3, 5)
+    paid, tried = (torch.rand(3, 5) > 0.5).float(), (torch.rand(3, 5) > 0.5).float()
+    torch.manual_seed(1)
+    plain = PointerComposer(8, 5, 19, 4)
+    torch.manual_seed(1)
+    comp = PointerComposer(8, 5, 19, 4, evidence=True)
+    assert not any("evidence" in k for k in plain.state_dict())
+    base = plain.logits(h, tok, prior)
+    assert torch.equal(comp.logits(h, tok, prior, paid, tried), base)
+    with torch.no_grad():
+        comp.evidence.weight.normal_()
+        comp.evidence.bias.normal_()
+    w = comp.evidence(h)
+    expected = base + w[:, :1] * paid + w[:, 1:] * tried
+    torch.testing.assert_close(comp.logits(h, tok, prior, paid, tried), expected)
+    # an env with no evidence at this position decides as without the pathway
+    torch.testing.assert_close(comp.logits(h, tok, prior, 0 * paid, 0 * tried), base)
+
+
 def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_path):
     full = fit(CompositionalAgent(TINY), tmp_path / "full", logger=False, checkpoint_every=1)
     assert full.phase1_iters == 2 and full.phase2_iters == 2
@@ -189,6 +213,7 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"num_skills": 5}, "num_skills=5 with primitives='supervised'"),
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
         ({"belief_evidence": "all"}, "belief_evidence='all'; allowed: terminated, any"),
+        ({"belief_logits": "yes"}, "belief_logits='yes'; allowed: on, off"),
         ({"discovery": {"draw": "greedy"}}, "draw='greedy'; allowed: uniform, value"),
         ({"discovery": {"bogus": 1}}, "discovery.bogus: not a discovery setting"),
         ({"discovery": {"bc_coef": -1}}, "bc_coef=-1"),
@@ -263,19 +288,30 @@ def test_collector_resume_of_the_skill_level_policy():
     )
 
 
-@pytest.mark.parametrize("composer", ["attention", "soft"])
+@pytest.mark.parametrize("composer", ["attention", "soft", "attention+evidence"])
 def test_update_replays_the_acting_policy_exactly(composer):
     """Before any update, the controller replayed over the stored decisions (packed sequences
     cut at trial starts, from the rollout's start state) gives the acting log-probabilities
-    and values: PPO's first ratio is exactly 1."""
+    and values: PPO's first ratio is exactly 1 (with the evidence pathway, on non-zero
+    weights: the belief tables are read back from the stored controller inputs)."""
     from compositional.decisions import collect_decisions, replay
 
     torch.manual_seed(4)
-    agent = CompositionalAgent({**TINY, "composer": composer, "episodes_per_trial": 1})
+    evidence = composer.endswith("+evidence")
+    composer = composer.split("+")[0]
+    over = {"composer": composer, "episodes_per_trial": 1}
+    agent = CompositionalAgent({**TINY, **over, "belief_logits": "on" if evidence else "off"})
+    if evidence:
+        with torch.no_grad():
+            agent.composer.evidence.weight.normal_(0, 0.5)
+            agent.composer.evidence.bias.copy_(torch.tensor([3.0, -3.0]))
     col, _ = _rollout(agent, 60)  # trials start inside the next rollout too
     ro = col.collect(90)
     D = collect_decisions(ro, 0.99, 0.95, composer == "soft")
     assert D.reset[:, 1:].any(), "a trial starts mid-rollout"
+    if evidence:  # skills tried without pay at a position: the pathway is exercised
+        T, K = agent.family.n_tokens, agent.composer.num_skills
+        assert D.x[..., -T - K : -T][D.valid].sum() > 0
     with torch.no_grad():
         logits, values = replay(agent, D, torch.arange(D.x.shape[0]))
     logp = torch.log_softmax(logits, -1)
