@@ -8,6 +8,10 @@ same function of its token). Modes:
 
 - ``attention`` (default): the pointer; the skill is drawn from softmax(q . keys / sqrt(d)
   + graph prior + per-trial bias).
+- ``uniform``: a uniformly random skill at every decision (the control: the controller has no
+  say).
+- ``soft``: the pre-options design kept as the ablation: the controller decides at *every* step
+  and the action comes from the softmax-weighted mixture of all skills' action distributions.
 
 With ``evidence`` (the agent's ``belief_logits="on"``) each skill's logit also gets
 w_paid(h) * paid_k + w_tried(h) * tried_k: the trial's evidence about skill k at the current
@@ -15,10 +19,6 @@ sub-task position (the controller's belief tables), weighed by two numbers the c
 state gives (zero at initialisation). The same two weights serve every skill, so "repeat what
 paid here, skip what was tried here without pay" is one pathway to learn, not K separate
 mappings from the LSTM's input through the query to each key.
-- ``uniform``: a uniformly random skill at every decision (the control: the controller has no
-  say).
-- ``soft``: the pre-options design kept as the ablation: the controller decides at *every* step
-  and the action comes from the softmax-weighted mixture of all skills' action distributions.
 """
 
 from __future__ import annotations
