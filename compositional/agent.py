@@ -137,6 +137,11 @@ class CompositionalConfig(BaseConfig):
     objective keeps training the library on the segments the controller runs — intrinsic
     outcome reward, relabelled imitation, the discriminator's replay (``Discovery.learn``), no
     task reward; 'off': the library stays frozen (the default)"""
+    skill_temperature: float = 1.0
+    """phase 2 and evaluation: the acting skill draws its action from softmax(logits / T)
+    (1: its own distribution; 0: its most probable action); the controller still samples
+    which skill runs. Only with a frozen library (``library_finetune='off'``: fine-tuned
+    skills learn from their own samples), a hard composer and discrete actions"""
     finetune_kl: float = 0.1
     """weight of the KL to the frozen skills when ``library_finetune='on'``"""
     hidden: int = 128
@@ -187,6 +192,16 @@ class CompositionalConfig(BaseConfig):
         kl = self.finetune_kl
         if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
             raise ValueError(f"finetune_kl={kl!r}; allowed: a finite number >= 0")
+        T = self.skill_temperature
+        if isinstance(T, bool) or not isinstance(T, int | float) or not 0 <= T < float("inf"):
+            raise ValueError(f"skill_temperature={T!r}; allowed: a finite number >= 0")
+        if T != 1 and (self.library_finetune != "off" or self.composer == "soft"):
+            raise ValueError(
+                f"skill_temperature={T!r} with library_finetune={self.library_finetune!r}, "
+                f"composer={self.composer!r}; allowed: 1, or library_finetune 'off' with "
+                "composer 'attention' or 'uniform' (trained or mixed skills act on their own "
+                "distribution)"
+            )
         if self.library_finetune != "off" and self.composer == "soft":
             raise ValueError(
                 f"library_finetune={self.library_finetune!r} with composer='soft'; allowed: "
@@ -234,6 +249,11 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(
                 f"library_finetune='discovery' on {self.env_id}; allowed there: off, on "
                 "(Meta-World's motion discovery runs in phase 1 only)"
+            )
+        if fam.continuous and self.skill_temperature != 1:
+            raise ValueError(
+                f"skill_temperature={self.skill_temperature!r} on {self.env_id}; allowed there: "
+                "1 (Gaussian skills act on their own distribution)"
             )
         if fam.continuous and self.composer == "soft":
             raise ValueError(

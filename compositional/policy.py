@@ -10,7 +10,8 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
    position" / "tried here without pay", ``belief_evidence``) and for the skill graph;
 4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
    pointer composer (``compositional.composer``) choose the next skill;
-5. acts with the active skill alone (``soft``: with the composer's mixture of all skills).
+5. acts with the active skill alone, at ``skill_temperature`` (``soft``: with the composer's
+   mixture of all skills).
 
 With ``library_finetune`` on or ``discovery`` the rollout also carries what the skills' own
 updates need: the acting skill's log-probability and value (``StepOutput.logp`` / ``value``),
@@ -238,8 +239,14 @@ class SkillLevelPolicy:
             extras["skill_entropy"] = dist.entropy()
         else:
             # Categorical(logits).sample() without the distribution object (same draw)
-            probs = torch.softmax(a.library.logits(obs, skill), -1)
-            action = torch.multinomial(probs, 1, True).squeeze(-1)
+            logits = a.library.logits(obs, skill)
+            T = float(cfg.skill_temperature)
+            if T == 0:  # the skill's most probable action
+                action = logits.argmax(-1)
+                probs = torch.nn.functional.one_hot(action, logits.shape[-1]).to(logits.dtype)
+            else:
+                probs = torch.softmax(logits / T if T != 1 else logits, -1)
+                action = torch.multinomial(probs, 1, True).squeeze(-1)
             logp = None
             if self.finetune:
                 logp = probs.gather(1, action[:, None]).squeeze(-1).clamp_min(1e-12).log()
