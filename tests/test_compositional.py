@@ -114,6 +114,36 @@ def test_controller_steps_only_at_decisions_and_the_skill_acts_alone():
     assert torch.equal(ro.actions, sk % 6)
 
 
+@pytest.mark.parametrize("T", [0.0, 0.5, 1.0])
+def test_skill_temperature_tempers_the_acting_skill_alone(T):
+    """Skill k puts 0.6 on action k % 6 and 0.4 on (k + 1) % 6: at temperature T the acting
+    distribution is softmax(logits / T) (T = 0: the first action always), the skill choice is
+    the controller's as before."""
+    torch.manual_seed(0)
+    agent = CompositionalAgent({**TINY, "skill_temperature": T})
+    lib = agent.library
+    K = lib.num_skills
+    with torch.no_grad():
+        lib.actor.weight.zero_()
+        bias = torch.full((K, 6), -60.0)
+        bias[torch.arange(K), torch.arange(K) % 6] = float(np.log(0.6))
+        bias[torch.arange(K), (torch.arange(K) + 1) % 6] = float(np.log(0.4))
+        lib.actor.bias.copy_(bias.reshape(-1))
+    _, ro = _rollout(agent, 200)
+    sk = ro.extras["skill"]
+    first = ro.actions == sk % 6
+    assert (first | (ro.actions == (sk + 1) % 6)).all()
+    p = 0.6 ** (1 / T) / (0.6 ** (1 / T) + 0.4 ** (1 / T)) if T > 0 else 1.0
+    ent = -(p * np.log(p) + (1 - p) * np.log(1 - p)) if 0 < p < 1 else 0.0
+    torch.testing.assert_close(
+        ro.extras["skill_entropy"], torch.full_like(sk, ent, dtype=torch.float)
+    )
+    if T == 0:
+        assert first.all()
+    else:  # 800 draws: the share of the first action within 4 standard errors of p
+        assert abs(first.float().mean().item() - p) < 4 * np.sqrt(p * (1 - p) / first.numel())
+
+
 def test_uniform_composer_acts_with_the_drawn_skill():
     torch.manual_seed(1)
     agent = CompositionalAgent({**TINY, "composer": "uniform"})
@@ -214,6 +244,9 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
         ({"belief_evidence": "all"}, "belief_evidence='all'; allowed: terminated, any"),
         ({"belief_logits": "yes"}, "belief_logits='yes'; allowed: on, off"),
+        ({"skill_temperature": -0.5}, "skill_temperature=-0.5; allowed: a finite number >= 0"),
+        ({"skill_temperature": 0.5, "composer": "soft"}, "skill_temperature=0.5 with"),
+        ({"skill_temperature": 0.5, "library_finetune": "on"}, "library_finetune='on', composer"),
         ({"discovery": {"draw": "greedy"}}, "draw='greedy'; allowed: uniform, value"),
         ({"discovery": {"bogus": 1}}, "discovery.bogus: not a discovery setting"),
         ({"discovery": {"bc_coef": -1}}, "bc_coef=-1"),
