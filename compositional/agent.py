@@ -141,7 +141,11 @@ class CompositionalConfig(BaseConfig):
     """phase 2 and evaluation: the acting skill draws its action from softmax(logits / T)
     (1: its own distribution; 0: its most probable action); the controller still samples
     which skill runs. Only with a frozen library (``library_finetune='off'``: fine-tuned
-    skills learn from their own samples), a hard composer and discrete actions"""
+    skills learn from their own samples), a hard composer and discrete actions. Measured
+    (validation split, discovered library, reward AUC, seeds 0 / 1; defaults 0.74 / 0.70):
+    0.5 gave 0.69 / 0.71, greedy skills 0.47 / 0.48 (and 0.86 against 0.96 for the supervised
+    library in instruction mode): a greedy skill loops where its argmax is wrong, so 1 stays
+    (results/TUNING.md)"""
     finetune_kl: float = 0.1
     """weight of the KL to the frozen skills when ``library_finetune='on'``"""
     hidden: int = 128
