@@ -44,7 +44,7 @@ from rl.config import BaseConfig
 from rl.gae import gae
 from rl.module import RLModule
 from rl.nets import ActionHead, mlp
-from rl.ppo import PPO_TERMS, PPOConfig, empty_step, explained_variance, ppo_loss
+from rl.ppo import PPO_TERMS, PPOConfig, empty_step, explained_variance, ppo_loss, ppo_section
 
 Memory = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -80,8 +80,7 @@ class RL2Config(BaseConfig):
     ``num_envs``)"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**self.ppo)
+        self.ppo = ppo_section(self)
         super().__post_init__()  # after the section is built: it reads the rollout length
         if self.rnn not in ("lstm", "gru"):
             raise ValueError(f"rnn={self.rnn!r}; allowed: 'lstm', 'gru'")

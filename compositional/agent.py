@@ -65,7 +65,7 @@ from rl.collect import Collector, make_vector_env, uniform_task_sampler
 from rl.config import BaseConfig
 from rl.io import safe_torch_load
 from rl.module import RLModule
-from rl.ppo import PPOConfig
+from rl.ppo import PPOConfig, ppo_section
 from rl.seeding import set_rng_state
 
 PRIMITIVE_MODES = ("discovered", "supervised", "random-frozen")
@@ -170,8 +170,7 @@ class CompositionalConfig(BaseConfig):
     the fine-tuning's PPO)"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**{**vars(_controller_ppo()), **self.ppo})
+        self.ppo = ppo_section(self)
         if isinstance(self.skills, dict):
             self.skills = OptionTrainingConfig(**self.skills)
         super().__post_init__()  # after the sections are built: it reads the rollout length

@@ -32,7 +32,7 @@ from rl.config import BaseConfig
 from rl.gae import gae
 from rl.module import RLModule
 from rl.nets import mlp
-from rl.ppo import PPOConfig, ppo_update
+from rl.ppo import PPOConfig, ppo_section, ppo_update
 
 from .library import SkillLibrary, check_num_skills, inverse_cdf
 
@@ -78,8 +78,7 @@ class SkillTrainingConfig:
     """PPO hyper-parameters of the skills"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**self.ppo)
+        self.ppo = ppo_section(self)
         if self.disc_buffer < 1:
             raise ValueError(f"disc_buffer={self.disc_buffer}; allowed: an integer >= 1")
         if self.disc_hidden < 1 or self.disc_epochs < 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +27,7 @@ from envs.grid_events import completed, events, feasible, object_state
 from primitives.options import OptionLibrary
 from rl.collect import Prev, Rollout, StepOutput
 from rl.gae import gae
-from rl.ppo import PPOConfig, ppo_update
+from rl.ppo import PPOConfig, ppo_section, ppo_update
 
 
 @dataclass
@@ -38,18 +38,16 @@ class OptionTrainingConfig:
     """longest a skill runs before it is cut (steps)"""
     num_steps: int = 128
     """vector steps per rollout"""
-    ppo: PPOConfig | dict | None = None
-    """PPO settings of the skills (default: PPOConfig with lr 1e-3, gamma 0.95, 4 minibatches)"""
+    ppo: PPOConfig | dict | None = field(default_factory=lambda: PPOConfig(lr=1e-3, gamma=0.95))
+    """PPO settings of the skills (default: PPOConfig with lr 1e-3, gamma 0.95, 4 minibatches;
+    a dict overrides the settings it names over these)"""
 
     def __post_init__(self) -> None:
         for k in ("t_max", "num_steps"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k}={v!r}; allowed: an integer >= 1")
-        if self.ppo is None:
-            self.ppo = PPOConfig(lr=1e-3, gamma=0.95)
-        elif isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**self.ppo)
+        self.ppo = ppo_section(self)
 
 
 class ChainPolicy:

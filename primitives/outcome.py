@@ -72,7 +72,7 @@ from primitives.option_training import (
 from primitives.options import OptionLibrary, check_positive_int
 from rl.collect import Rollout
 from rl.nets import mlp
-from rl.ppo import PPOConfig
+from rl.ppo import PPOConfig, ppo_section
 
 #: the room's composition: the env needs one; its reward is never read. Every sub-task is an
 #: event in order (not a state that may already hold: opening the door would complete
@@ -373,5 +373,4 @@ class DiscoveryConfig:
             raise ValueError(f"disc_balance={self.disc_balance!r}; allowed: true, false")
         if self.bc_coef < 0:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: a number >= 0")
-        if isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**self.ppo)
+        self.ppo = ppo_section(self)

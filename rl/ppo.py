@@ -117,6 +117,37 @@ class PPOConfig:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a number >= 0")
 
 
+def ppo_section(owner, name: str = "ppo") -> PPOConfig:
+    """Section ``name`` of the dataclass ``owner`` as a ``PPOConfig``: a dict overrides only the
+    settings it names, over the owner's own default for the section (its field's
+    ``default_factory``, e.g. the skills' lr 1e-3 and gamma 0.95), not over ``PPOConfig``'s
+    class defaults; None: that default.
+
+    Examples:
+        >>> from dataclasses import dataclass, field
+        >>> @dataclass
+        ... class Owner:
+        ...     ppo: PPOConfig | dict = field(default_factory=lambda: PPOConfig(lr=1e-3))
+        >>> ppo_section(Owner(ppo={"ent_coef": 0.0})).lr
+        0.001
+    """
+    value = getattr(owner, name)
+    if isinstance(value, PPOConfig):
+        return value
+    f = next(f for f in dataclasses.fields(owner) if f.name == name)
+    base = f.default_factory() if f.default_factory is not dataclasses.MISSING else PPOConfig()
+    if value is None:
+        return base
+    allowed = [f.name for f in dataclasses.fields(PPOConfig)]
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown config key '{name}.{unknown[0]}' of {type(owner).__name__}; allowed: "
+            f"{', '.join(allowed)}"
+        )
+    return dataclasses.replace(base, **value)
+
+
 #: the loss terms ``ppo_loss`` returns (the logged ``losses/*``)
 PPO_TERMS = ("loss", "loss_policy", "loss_value", "loss_entropy", "approx_kl", "clipfrac")
 
@@ -260,8 +291,7 @@ class PPOModuleConfig(BaseConfig):
     """PPO hyper-parameters"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.ppo, dict):
-            self.ppo = PPOConfig(**self.ppo)
+        self.ppo = ppo_section(self)
         super().__post_init__()  # after the section is built: it reads the rollout length
         if self.hidden < 1:
             raise ValueError(f"hidden={self.hidden}; allowed: an integer >= 1")

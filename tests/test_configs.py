@@ -5,6 +5,7 @@ rather than as a failure hours into a re-run."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,37 @@ def test_a_partial_nested_section_keeps_the_fields_own_defaults():
         default.num_minibatches,
     )
     assert (default.num_steps, default.num_minibatches) != (128, 4)  # not PPOConfig()'s
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: __import__("primitives.option_training", fromlist=["x"]).OptionTrainingConfig,
+        lambda: __import__("primitives.outcome", fromlist=["x"]).DiscoveryConfig,
+        lambda: __import__("primitives.discovery", fromlist=["x"]).SkillTrainingConfig,
+        lambda: __import__("baselines.rl2", fromlist=["x"]).RL2Config,
+        lambda: __import__("compositional.agent", fromlist=["x"]).CompositionalConfig,
+    ],
+    ids=["skills", "outcome-discovery", "diayn", "rl2", "controller"],
+)
+def test_a_ppo_section_given_as_a_dict_keeps_its_owners_defaults(build):
+    """Built directly (not through ``config_from_dict``), a partial ``ppo`` dict overrides the
+    keys it names over the owner's own PPO defaults (e.g. the skills' lr 1e-3 and gamma 0.95),
+    not ``PPOConfig()``'s; an unknown key is one line."""
+    cls = build()
+    default = cls().ppo
+    cfg = cls(ppo={"ent_coef": 0.003})
+    assert cfg.ppo.ent_coef == 0.003
+    assert dataclasses.replace(cfg.ppo, ent_coef=default.ent_coef) == default
+    with pytest.raises(ValueError, match="unknown config key 'ppo.bogus'") as e:
+        cls(ppo={"bogus": 1})
+    assert "\n" not in str(e.value)
+
+
+def test_the_skills_ppo_section_defaults_differ_from_ppoconfig():
+    from primitives.option_training import OptionTrainingConfig
+    from rl.ppo import PPOConfig
+
+    ppo = OptionTrainingConfig(ppo={"update_epochs": 8}).ppo
+    assert (ppo.lr, ppo.gamma, ppo.update_epochs) == (1e-3, 0.95, 8)
+    assert (PPOConfig().lr, PPOConfig().gamma) != (1e-3, 0.95)
