@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from envs.core import Composition, Task
-from envs.grid import PRIMITIVE_INDEX
+from envs.grid import PRIMITIVE_INDEX, PRIMITIVES
 from experiments.registry import REGISTRY
 from experiments.trace_pictures import GIF_TILE, plot_trace, write_gif
 from rl.collect import Collector, PolicyWrapper, make_vector_env
@@ -145,6 +145,12 @@ def run_trace(
             f"normalised mutual information between active skill and current sub-task: "
             f"{nmi['nmi']:.3f} over {nmi['episodes']} held-out episodes ({nmi['steps']} steps)"
         )
+        if "nmi_at_decisions" in nmi:
+            log(
+                f"at the {nmi['decisions']} decisions: NMI between chosen skill and sub-task "
+                f"{nmi['nmi_at_decisions']:.3f}; composer entropy {nmi['pointer_entropy_nats']:.3f} "
+                f"nats, top choice's probability {nmi['pointer_top_probability']:.3f}"
+            )
     paths = [out / "trace.json", out / "trace.png"]
     atomic_write_json(paths[0], doc)
     plot_trace(doc, paths[1])
@@ -191,7 +197,10 @@ class _SkillRecorder(PolicyWrapper):
         out = self.inner.step(obs, memory, prev)
         pos = progress_of(obs).numpy()
         sub = np.array([PRIMITIVE_INDEX[c[min(p, len(c) - 1)]] for c, p in zip(self.comps, pos)])
-        self.rows.append((out.extras["skill"].numpy().copy(), sub))
+        ex = out.extras
+        dec = ex["decision"].numpy().copy() if "decision" in ex else None
+        alpha = ex["alpha"].numpy().copy() if "alpha" in ex else None
+        self.rows.append((ex["skill"].numpy().copy(), sub, dec, alpha))
         return out
 
 
@@ -219,12 +228,33 @@ def skill_subtask_nmi(module, episodes: int, seed: int = 0) -> dict:
     valid = ro.valid.numpy()
     skills = np.stack([r[0] for r in rec.rows])[valid]
     subs = np.stack([r[1] for r in rec.rows])[valid]
-    return {
+    doc = {
         "nmi": round(nmi(skills, subs), 4),
         "episodes": n * E,
         "steps": int(valid.sum()),
         "normalisation": "arithmetic mean of the entropies",
     }
+    if rec.rows and rec.rows[0][2] is not None and rec.rows[0][3] is not None:
+        # where the step-level NMI is lost: the choices themselves (the sub-task at each
+        # decision against the skill chosen) and how spread the composer's choice is
+        dec = np.stack([r[2] for r in rec.rows])[valid]
+        alpha = np.stack([r[3] for r in rec.rows])[valid][dec]
+        ent = -(alpha * np.log(np.clip(alpha, 1e-12, 1.0))).sum(-1)
+        doc["nmi_at_decisions"] = round(nmi(skills[dec], subs[dec]), 4)
+        doc["decisions"] = int(dec.sum())
+        doc["pointer_entropy_nats"] = round(float(ent.mean()), 4)
+        doc["pointer_top_probability"] = round(float(alpha.max(-1).mean()), 4)
+    names = module.skill_names() if hasattr(module, "skill_names") else None
+    per_sub = {}
+    for s in np.unique(subs):  # the skills that ran during each sub-task, by share of its steps
+        k, cnt = np.unique(skills[subs == s], return_counts=True)
+        top = np.argsort(-cnt, kind="stable")[:3]
+        per_sub[str(PRIMITIVES[s])] = [
+            [int(k[i]), names[k[i]] if names else None, round(float(cnt[i] / cnt.sum()), 3)]
+            for i in top
+        ]
+    doc["skills_per_subtask"] = per_sub
+    return doc
 
 
 def run_graph(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> list[Path]:

@@ -353,6 +353,15 @@ def test_compositional_trace_graph_embed(tmp_path, capsys):
         assert s1["skill"] == s0["skill"] or s1["decision"]
     nmi = doc["skill_subtask_nmi"]
     assert 0 <= nmi["nmi"] <= 1 and nmi["episodes"] >= 20
+    # where the NMI is lost: the choices at decisions, the composer's spread, per sub-task
+    assert 0 < nmi["decisions"] < nmi["steps"] and 0 <= nmi["nmi_at_decisions"] <= 1
+    K = len(doc["skill_names"])
+    assert 0 <= nmi["pointer_entropy_nats"] <= np.log(K) + 1e-6
+    assert 1 / K - 1e-6 <= nmi["pointer_top_probability"] <= 1
+    for rows in nmi["skills_per_subtask"].values():
+        shares = [r[2] for r in rows]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6
+        assert all(0 <= r[0] < K and r[1] == doc["skill_names"][r[0]] for r in rows)
     assert "normalised mutual information" in capsys.readouterr().out
     assert (tr / "trace.png").stat().st_size > 0 and (tr / "trace.gif").stat().st_size > 0
     g = tmp_path / "graph"
