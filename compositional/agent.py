@@ -11,7 +11,8 @@ Phase 2 meta-trains controller and composer on trials of ``episodes_per_trial`` 
 train compositions (fixed layout per trial), with the library frozen (or, with
 ``library_finetune="on"``, fine-tuned on the task reward its segments collect, by PPO with a KL
 to a frozen copy of the phase-1 skills; or, with ``"discovery"``, trained further by phase 1's
-reward-free objective on the controller's own segments): the acting policy
+own objective on the controller's own segments: discovery's reward-free one, or for the
+supervised library its primitives' completion): the acting policy
 (``compositional.policy``) runs the controller only when the active skill terminates and at
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
 trial-level advantages). The graph counts every segment of both phases.
@@ -136,7 +137,9 @@ class CompositionalConfig(BaseConfig):
     copy) in the loss; 'discovery' (``primitives="discovered"`` on CompoGrid): phase 1's
     objective keeps training the library on the segments the controller runs — intrinsic
     outcome reward, relabelled imitation, the discriminator's replay (``Discovery.learn``), no
-    task reward; 'off': the library stays frozen (the default)"""
+    task reward; with ``primitives="supervised"`` the same mode continues that library's
+    phase-1 objective (PPO of each skill on the completion of its own primitive, not on the
+    task's reward); 'off': the library stays frozen (the default)"""
     skill_temperature: float = 1.0
     """phase 2 and evaluation: the acting skill draws its action from softmax(logits / T)
     (1: its own distribution; 0: its most probable action); the controller still samples
@@ -211,12 +214,16 @@ class CompositionalConfig(BaseConfig):
                 "composer 'attention' or 'uniform' (a skill is fine-tuned on the steps it acts "
                 "alone)"
             )
-        if self.library_finetune == "discovery" and self.primitives != "discovered":
+        if self.library_finetune == "discovery" and self.primitives == "random-frozen":
             raise ValueError(
-                f"library_finetune='discovery' with primitives={self.primitives!r}; allowed: "
-                "primitives 'discovered' (the objective continues phase 1's discovery)"
+                "library_finetune='discovery' with primitives='random-frozen'; allowed: "
+                "primitives 'discovered' or 'supervised' (the objective continues phase 1's)"
             )
-        if self.library_finetune == "discovery" and self.library_checkpoint:
+        if (
+            self.library_finetune == "discovery"
+            and self.library_checkpoint
+            and self.primitives == "discovered"
+        ):
             raise ValueError(
                 "library_finetune='discovery' with a library_checkpoint; allowed: without one "
                 "(the objective continues phase 1's discriminator and replay)"
@@ -400,8 +407,11 @@ class CompositionalAgent(RLModule):
                 self.library, cfg.t_max, feasible_draw(self.library, self.act_gen), self.act_gen
             )
             return Collector(envs, policy, task_sampler=sampler, seed=cfg.seed)
-        if cfg.library_finetune == "discovery" and self.discovery is None:
-            # resumed in phase 2: the objective's state without phase 1's room
+        if (
+            cfg.library_finetune == "discovery"
+            and cfg.primitives == "discovered"
+            and self.discovery is None
+        ):  # resumed in phase 2: the objective's state without phase 1's room
             self.discovery = Discovery(
                 self._discovery_config(n), self.library, self.discriminator, room=False
             )
@@ -537,6 +547,8 @@ class CompositionalAgent(RLModule):
         stats = update_controller(self, D, ctl_opt, cfg.ppo, backward=self.manual_backward)
         if cfg.library_finetune == "on":
             stats |= self._finetune_library(ro, lib_opt)
+        elif cfg.library_finetune == "discovery" and cfg.primitives == "supervised":
+            stats |= self._continue_supervised(ro, lib_opt)  # completion, not task reward
         elif cfg.library_finetune == "discovery":  # no task reward reaches the skills
             learned = self.discovery.learn(ro, backward=self.manual_backward)
             stats |= {f"discovery_{k}": float(v) for k, v in learned.items() if k != "env_steps"}
@@ -574,6 +586,17 @@ class CompositionalAgent(RLModule):
         stats = update_skills(
             self.library, ro, ro.rewards, terminal, optimizer, self.cfg.skills.ppo,
             backward=self.manual_backward, kl_to=(self.frozen_library, float(self.cfg.finetune_kl)),
+        )  # fmt: skip
+        return {f"skills_{k}": v for k, v in stats.items()}
+
+    def _continue_supervised(self, ro, optimizer) -> dict[str, float]:
+        """Phase 1's update of the oracle-skills library on the controller's segments: PPO of
+        each skill on the completion of its own primitive (``supervised_rewards``: 1 on the
+        step that completes it; terminal when completed or infeasible), whatever the task."""
+        rewards, terminal = supervised_rewards(self.library, ro)
+        stats = update_skills(
+            self.library, ro, rewards, terminal, optimizer, self.cfg.skills.ppo,
+            backward=self.manual_backward,
         )  # fmt: skip
         return {f"skills_{k}": v for k, v in stats.items()}
 

@@ -50,7 +50,9 @@ class SkillLevelPolicy:
         self.soft = agent.cfg.composer == "soft"
         # library fine-tuning: the acting skill's log-probability and value go in the rollout
         self.finetune = agent.cfg.library_finetune in ("on", "discovery")
-        self.discover = agent.cfg.library_finetune == "discovery"  # + ChainPolicy's extras
+        # + ChainPolicy's extras (discovery's objective continued in phase 2)
+        self.discover = self.finetune and agent.cfg.library_finetune == "discovery"
+        self.discover = self.discover and agent.cfg.primitives == "discovered"
         self.fam = agent.family
 
     # -- memory ---------------------------------------------------------------------------------

@@ -412,7 +412,10 @@ def test_discovered_library_phase_and_resume(tmp_path):
         ({"library_finetune": "on", "finetune_kl": float("nan")}, "'finetune_kl'=nan"),
         ({"library_finetune": "on", "composer": "soft"}, "with composer='soft'"),
         ({"library_finetune": "on", "primitives": "random-frozen"}, "primitives='random-frozen'"),
-        ({"library_finetune": "discovery"}, "'discovery' with primitives='supervised'"),
+        (
+            {"library_finetune": "discovery", "primitives": "random-frozen"},
+            "'discovery' with primitives='random-frozen'",
+        ),
         (
             {"library_finetune": "discovery", "primitives": "discovered", "composer": "soft"},
             "'discovery' with composer='soft'",
@@ -591,5 +594,50 @@ def test_continued_discovery_resumes_exactly(tmp_path, kill_at):
         fit(Dies(CONT), tmp_path / "cut", logger=False, checkpoint_every=1)
     resumed = fit(CompositionalAgent(CONT), tmp_path / "cut", resume=True, logger=False)
     assert resumed.iteration == full.iteration
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_continued_supervised_objective_trains_on_completion_not_task_reward(tmp_path):
+    """library_finetune='discovery' with the supervised library: phase 2 trains each skill on
+    the completion of its own primitive (the phase-1 objective) on the controller's segments,
+    identically whatever task reward the rollout collected; phase 1 is unchanged; a run killed
+    inside phase 2 resumes to the same parameters."""
+    from copy import deepcopy
+
+    cfg = {**TINY, "library_finetune": "discovery"}
+    torch.manual_seed(4)
+    agent = CompositionalAgent(cfg)
+    agent.configure_optimizers()
+    _, ro = _rollout(agent, 64)
+    assert "skill_logp" not in ro.extras and "seg_start" in ro.extras and "seg_len" not in ro.extras
+    libs = []
+    for r in (torch.zeros_like(ro.rewards), torch.rand(ro.rewards.shape)):
+        a = deepcopy(agent)
+        opt = torch.optim.Adam(a.library.parameters(), lr=1e-2)
+        torch.manual_seed(0)  # the PPO minibatches' order
+        a.manual_backward = lambda loss: loss.backward()
+        a._continue_supervised(dataclasses.replace(ro, rewards=r), opt)
+        libs.append(a.library.state_dict())
+    moved = any(not torch.equal(libs[0][k], v) for k, v in agent.library.state_dict().items())
+    assert moved and all(torch.equal(libs[0][k], libs[1][k]) for k in libs[0])
+
+    off = fit(CompositionalAgent(TINY), tmp_path / "off", logger=False)
+    full = fit(CompositionalAgent(cfg), tmp_path / "full", logger=False, checkpoint_every=1)
+    phase2 = [h for h in full.history if h["charts/phase"] == 2.0]
+    assert phase2 and all("losses/skills_loss_policy" in h for h in phase2)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(off.library.parameters(), full.library.parameters())
+    )
+
+    class Dies(CompositionalAgent):
+        def training_step(self, batch, batch_idx):
+            if self.iteration == self.phase1_iters + 1:
+                raise RuntimeError("killed")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(Dies(cfg), tmp_path / "cut", logger=False, checkpoint_every=1)
+    resumed = fit(CompositionalAgent(cfg), tmp_path / "cut", resume=True, logger=False)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
