@@ -94,8 +94,10 @@ def discovery_state(ckpt: dict) -> dict:
             "allowed: a CompoGrid library (the skills x outcomes table is CompoGrid's)"
         )
     K = int(lib["event_of"].shape[0])
+    # the run's own t_max: the skills are measured with the cut they were trained with
+    t_max = int((ckpt.get("hyper_parameters") or {}).get("config", {}).get("t_max", 32))
     return {
-        "config": {"num_skills": K, "hidden": int(lib["critic.0.weight"].shape[0])},
+        "config": {"num_skills": K, "hidden": int(lib["critic.0.weight"].shape[0]), "t_max": t_max},
         "obs_dim": int(lib["critic.0.weight"].shape[1]),
         "n_actions": int(lib["actor.weight"].shape[0]) // K,
         **part,
@@ -154,12 +156,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     out.mkdir(parents=True, exist_ok=True)
-    disc = None
+    disc, t_max = None, 32
     if a.supervised is not None:
         lib = train_supervised(a.supervised, a.seed, out / "log.jsonl")
         atomic_torch_save({"library": lib.state_dict()}, out / "library.pt")
     elif a.evaluate is not None:
-        lib, disc = load_discovered(discovery_state(safe_torch_load(a.evaluate)))
+        state = discovery_state(safe_torch_load(a.evaluate))
+        lib, disc = load_discovered(state)
+        t_max = int(state["config"].get("t_max", 32))
     else:
 
         def log(row: dict) -> None:
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                 print({k: round(float(row.get(k, float("nan"))), 3) for k in keys}, flush=True)
 
         lib, disc, _ = discover(cfg, log=log, checkpoint=out / "library.pt")
-    result = evaluate_library(lib, disc, n_states=a.states, seed=a.seed + 1)
+        t_max = cfg.t_max
+    result = evaluate_library(lib, disc, n_states=a.states, seed=a.seed + 1, t_max=t_max)
     if a.evaluate is None and a.supervised is None:
         # keep the measured skill names in the checkpoint (``OptionLibrary.skill_names``)
         state = safe_torch_load(out / "library.pt")

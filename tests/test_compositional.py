@@ -373,7 +373,7 @@ def test_discovered_library_phase_and_resume(tmp_path):
     """primitives='discovered': phase 1 is outcome-based discovery (no task reward) on the
     agent's own library and discriminator; its state is in the checkpoint and a run killed
     inside phase 1 resumes to the same parameters."""
-    cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5}
+    cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5, "t_max": 24}
     full = fit(CompositionalAgent(cfg), tmp_path / "full", logger=False, checkpoint_every=1)
     assert full.phase1_iters >= 2
     ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -383,7 +383,9 @@ def test_discovered_library_phase_and_resume(tmp_path):
     from experiments.discover import discovery_state
     from primitives.outcome_training import load_discovered
 
-    lib, disc = load_discovered(discovery_state(ck))
+    state = discovery_state(ck)
+    lib, disc = load_discovered(state)
+    assert state["config"]["t_max"] == full.cfg.t_max  # measured with the run's own cut
     assert torch.equal(lib.actor.weight, full.library.actor.weight)
     assert torch.equal(
         disc.state_dict()["net.0.weight"], full.discriminator.state_dict()["net.0.weight"]
