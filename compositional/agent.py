@@ -81,6 +81,7 @@ DISCOVERY_KEYS = (
 ON_OFF = ("on", "off")
 FINETUNE_MODES = ("off", "on", "discovery")
 BELIEF_EVIDENCE = ("terminated", "any")
+INTERRUPT_MODES = ("off", "progress")
 
 
 def _controller_ppo() -> PPOConfig:
@@ -149,6 +150,13 @@ class CompositionalConfig(BaseConfig):
     0.5 gave 0.69 / 0.71, greedy skills 0.47 / 0.48 (and 0.86 against 0.96 for the supervised
     library in instruction mode): a greedy skill loops where its argmax is wrong, so 1 stays
     (results/TUNING.md)"""
+    interrupt: str = "off"
+    """'progress': the active skill also ends when the task's progress advances (a sub-task
+    was completed: in CompoGrid the step that pays 1 / L, visible in the observation's
+    progress one-hot in both modes), so each segment serves one sub-task and the controller
+    chooses the next skill right after a completion (option interruption, Sutton, Precup &
+    Singh 1999); 'off': a skill runs until its termination, ``t_max`` or the episode's end.
+    CompoGrid only (Meta-World's tasks report no sub-task progress)"""
     finetune_kl: float = 0.1
     """weight of the KL to the frozen skills when ``library_finetune='on'``"""
     hidden: int = 128
@@ -194,6 +202,10 @@ class CompositionalConfig(BaseConfig):
         if self.belief_evidence not in BELIEF_EVIDENCE:
             raise ValueError(
                 f"belief_evidence={self.belief_evidence!r}; allowed: {', '.join(BELIEF_EVIDENCE)}"
+            )
+        if self.interrupt not in INTERRUPT_MODES:
+            raise ValueError(
+                f"interrupt={self.interrupt!r}; allowed: {', '.join(INTERRUPT_MODES)}"
             )
         kl = self.finetune_kl
         if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
@@ -264,6 +276,11 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(
                 f"skill_temperature={self.skill_temperature!r} on {self.env_id}; allowed there: "
                 "1 (Gaussian skills act on their own distribution)"
+            )
+        if fam.continuous and self.interrupt != "off":
+            raise ValueError(
+                f"interrupt={self.interrupt!r} on {self.env_id}; allowed there: off (its tasks "
+                "report no sub-task progress to interrupt on)"
             )
         if fam.continuous and self.composer == "soft":
             raise ValueError(

@@ -5,7 +5,8 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
 1. adds the last reward to the active segment and the step's outcome (the family's:
    CompoGrid object events, Meta-World displacements; ``compositional.family``);
 2. ends the active skill if its termination fires (``OptionLibrary.beta``), it has run
-   ``t_max`` steps, or an episode ended (composer ``soft``: every step);
+   ``t_max`` steps, the task's progress advanced (``interrupt="progress"``), or an episode
+   ended (composer ``soft``: every step);
 3. records each finished segment in the trial's belief tables ("paid at this sub-task
    position" / "tried here without pay", ``belief_evidence``) and for the skill graph;
 4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
@@ -131,6 +132,8 @@ class SkillLevelPolicy:
                     beta_on[check] = on
                     beta_logp[check] = torch.where(on, lp, torch.zeros_like(lp))
             ended = ended | timeout | by_beta
+            if cfg.interrupt == "progress":  # a sub-task was completed on this step
+                ended |= cont & (self.fam.progress(obs) > self.fam.progress(m[LAST_OBS]))
         # 2. finished segments: the trial's belief tables and the graph's data
         extras = {
             "seg_end": ended & ~boundary,

@@ -244,6 +244,7 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
         ({"inner_loop": "maybe"}, "inner_loop='maybe'"),
         ({"belief_evidence": "all"}, "belief_evidence='all'; allowed: terminated, any"),
         ({"belief_logits": "yes"}, "belief_logits='yes'; allowed: on, off"),
+        ({"interrupt": "reward"}, "interrupt='reward'; allowed: off, progress"),
         ({"skill_temperature": -0.5}, "skill_temperature=-0.5; allowed: a finite number >= 0"),
         ({"skill_temperature": 0.5, "composer": "soft"}, "skill_temperature=0.5 with"),
         ({"skill_temperature": 0.5, "library_finetune": "on"}, "library_finetune='on', composer"),
@@ -505,6 +506,37 @@ def _tried(evidence: str, beta_bias: float) -> float:
         col.collect(20)
         tried = max(tried, float(col.memory[TRIED].max()))
     return tried
+
+
+def _advances_without_decision(interrupt: str) -> tuple[int, int]:
+    """(sub-task completions inside an episode, those not followed by a decision) over a
+    phase-2 rollout whose skills never terminate by themselves (beta bias -30, long t_max)."""
+    from compositional.controller import progress_of
+
+    torch.manual_seed(3)
+    cfg = {**TINY, "primitives": "discovered", "t_max": 200, "interrupt": interrupt,
+           "compositions": ["goto(blue ball) > goto(red ball) > goto(door)"]}  # fmt: skip
+    agent = CompositionalAgent(cfg)
+    with torch.no_grad():
+        agent.library.beta_head.weight.zero_()
+        agent.library.beta_head.bias.fill_(-30.0)
+    _, ro = _rollout(agent, steps=400, seed=3)
+    T, N = ro.actions.shape
+    p0 = progress_of(ro.obs.reshape(T * N, -1)).reshape(T, N)
+    p1 = progress_of(ro.next_obs.reshape(T * N, -1)).reshape(T, N)
+    advanced = (p1 > p0) & ~(ro.terminated | ro.truncated)
+    advanced[-1] = False  # its decision would be in the next rollout
+    nxt = torch.zeros_like(advanced)
+    nxt[:-1] = ro.extras["decision"][1:]
+    return int(advanced.sum()), int((advanced & ~nxt).sum())
+
+
+def test_interrupt_on_progress_ends_the_skill_at_each_completed_subtask():
+    n, missed = _advances_without_decision("progress")
+    assert n >= 5 and missed == 0
+    # without interruption the never-terminating skills run on past the completions
+    n, missed = _advances_without_decision("off")
+    assert n >= 5 and missed == n
 
 
 def test_belief_counts_only_segments_that_ended_by_their_own_termination():

@@ -95,6 +95,7 @@ def test_finished_segments_by_hand():
         ({"primitives": "supervised"}, "primitives='supervised' on CompoMetaWorld-v0"),
         ({"library_finetune": "discovery"}, "'discovery' on CompoMetaWorld-v0"),
         ({"composer": "soft"}, "composer='soft' on CompoMetaWorld-v0"),
+        ({"interrupt": "progress"}, "interrupt='progress' on CompoMetaWorld-v0"),
         ({"env_id": "CartPole-v1"}, "env_id='CartPole-v1'"),
     ],
 )
