@@ -204,9 +204,7 @@ class CompositionalConfig(BaseConfig):
                 f"belief_evidence={self.belief_evidence!r}; allowed: {', '.join(BELIEF_EVIDENCE)}"
             )
         if self.interrupt not in INTERRUPT_MODES:
-            raise ValueError(
-                f"interrupt={self.interrupt!r}; allowed: {', '.join(INTERRUPT_MODES)}"
-            )
+            raise ValueError(f"interrupt={self.interrupt!r}; allowed: {', '.join(INTERRUPT_MODES)}")
         kl = self.finetune_kl
         if isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 <= kl < float("inf"):
             raise ValueError(f"finetune_kl={kl!r}; allowed: a finite number >= 0")
