@@ -394,7 +394,7 @@ def test_numeric_config_values_are_coerced_or_refused():
     """YAML reads ``2e-3`` (no dot) as a string: numeric fields must still get numbers, and a
     non-number for a numeric field is refused by name (it used to fail deep inside validation
     with a TypeError)."""
-    from compositional.agent import CompositionalConfig
+    from compositional.config import CompositionalConfig
     from rl.config import config_from_dict
 
     c = config_from_dict(

@@ -53,7 +53,7 @@ def test_a_config_with_an_unknown_option_fails_by_name(tmp_path):
 def test_a_partial_nested_section_keeps_the_fields_own_defaults():
     """``--set ppo.lr=...`` changes one key; the section's other keys stay the *field's*
     defaults (the compositional controller's PPO differs from ``PPOConfig()``)."""
-    from compositional.agent import CompositionalConfig
+    from compositional.config import CompositionalConfig
     from rl.config import config_from_dict
 
     default = CompositionalConfig().ppo
