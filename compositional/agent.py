@@ -50,6 +50,7 @@ from compositional.family import family_for
 from compositional.graph import SkillGraph
 from compositional.policy import SkillLevelPolicy
 from envs.grid import PRIMITIVES
+from envs.grid_events import outcomes
 from primitives.option_training import (
     ChainPolicy,
     feasible_draw,
@@ -57,7 +58,7 @@ from primitives.option_training import (
     update_skills,
 )
 from primitives.options import OptionLibrary
-from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator
+from primitives.outcome import DiscoveryConfig, OutcomeDiscriminator, tmax_cuts
 from primitives.outcome_motion import MOTION_OUTCOME_DIM, MotionDiscovery, finished_segments
 from primitives.outcome_training import Discovery
 from rl import distributed
@@ -103,7 +104,7 @@ class CompositionalAgent(RLModule):
             cfg.hidden, K, fam.n_tokens, cfg.key_dim, cfg.composer, instruction,
             evidence=cfg.belief_logits == "on",
         )  # fmt: skip
-        self.graph = SkillGraph(K, cfg.graph)
+        self.graph = SkillGraph(K, cfg.graph, obs_dim=self.obs_dim)
         if cfg.library_finetune == "on":  # the KL's reference: the library phase 2 starts from
             self.frozen_library = copy.deepcopy(self.library).requires_grad_(False)
         if cfg.primitives == "discovered":  # part of the checkpoint: discovery state
@@ -155,7 +156,9 @@ class CompositionalAgent(RLModule):
     def configure_optimizers(self):
         lib = torch.optim.Adam(self.library.parameters(), lr=self.cfg.skills.ppo.lr, eps=1e-5)
         ctl = torch.optim.Adam(self.decision_parameters(), lr=self.cfg.ppo.lr, eps=1e-5)
-        return [lib, ctl]
+        if self.graph.net is None:
+            return [lib, ctl]
+        return [lib, ctl, torch.optim.Adam(self.graph.net.parameters(), lr=1e-3)]
 
     def skill_names(self) -> list[str | None]:
         """What each skill stands for or mostly produces (None: not measured)."""
@@ -287,21 +290,24 @@ class CompositionalAgent(RLModule):
     def training_step(self, batch, batch_idx):
         self._ensure_phase_collector()
         t0 = time.perf_counter()
-        lib_opt, ctl_opt = self.optimizers()
+        lib_opt, ctl_opt, *graph_opt = self.optimizers()
+        self._graph_opt = graph_opt[0] if graph_opt else None
         if self.phase() == 1 and self.cfg.primitives == "discovered":
             # no task reward: skills x outcomes MI
             stats = self.discovery.step(backward=self.manual_backward)
             ro, terminal = self.discovery.last
-            ok = terminal
+            # its termination fired (a t_max cut is terminal for the skills' PPO, no success)
+            ok = terminal & ~tmax_cuts(ro, self.cfg.t_max)
             if self.family.continuous:  # a finished Meta-World segment succeeds if it moved
                 _, feats = finished_segments(ro, self.cfg.t_max)  # the object (as in phase 2)
                 ok = terminal & self.family.moved(feats[..., 7:].reshape(-1, 7)).view_as(terminal)
-            self._count_chain_segments(ro, ok.float(), terminal)
+            events = None if self.family.continuous else outcomes(ro.obs, ro.next_obs)[1]
+            graph_stats = self._count_chain_segments(ro, ok.float(), terminal, events)
             self.iteration += 1
             self.log_scalars(
                 {"charts/phase": 1.0, "charts/SPS": (self.cfg.num_envs * self.cfg.skills.num_steps)
                  / max(time.perf_counter() - t0, 1e-9),
-                 **{f"discovery/{k}": float(v) for k, v in stats.items()}}
+                 **{f"discovery/{k}": float(v) for k, v in stats.items()}, **graph_stats}
             )  # fmt: skip
             return
         if self.phase() == 1:
@@ -311,11 +317,12 @@ class CompositionalAgent(RLModule):
             stats = update_skills(
                 self.library, ro, rewards, terminal, lib_opt, cfg.ppo, backward=self.manual_backward
             )
-            self._count_chain_segments(ro, rewards, terminal)
+            graph_stats = self._count_chain_segments(ro, rewards, terminal)
             seg = ro.extras["seg_start"].sum().item()
             extra = {
                 "charts/phase": 1.0,
                 "skills/segment_success": float(rewards.sum()) / max(seg, 1),
+                **graph_stats,
             }
             self.log_iteration(
                 ro, {f"skills_{k}": v for k, v in stats.items()}, time.perf_counter() - t0, extra
@@ -343,6 +350,9 @@ class CompositionalAgent(RLModule):
         )
         if seg[0].numel():
             self.graph.update(*seg)
+        graph_stats = {}
+        if self.graph.net is not None:
+            graph_stats = self._fit_state_graph(*self._phase2_state_segments(ro))
         self.last_rollouts = (ro,)  # read by rl.diagnostics.MetaRLDiagnostics
         n_dec, n_eps, steps, starts = distributed.all_reduce_sum(  # every rank's
             torch.tensor(
@@ -354,6 +364,7 @@ class CompositionalAgent(RLModule):
             "charts/phase": 2.0,
             "charts/decisions_per_episode": n_dec / max(n_eps, 1),
             "charts/mean_segment_length": steps / max(starts, 1),
+            **graph_stats,
         }
         self.log_iteration(ro, stats, time.perf_counter() - t0, extra)
 
@@ -382,30 +393,40 @@ class CompositionalAgent(RLModule):
         )  # fmt: skip
         return {f"skills_{k}": v for k, v in stats.items()}
 
-    def _count_chain_segments(self, ro, rewards, terminal) -> None:
+    def _count_chain_segments(self, ro, rewards, terminal, events=None) -> dict[str, float]:
         """Phase-1 segments for the graph: (previous skill in the episode, skill, succeeded).
         Success: ``rewards > 0`` (supervised: completed its primitive; Meta-World: moved the
-        object), or for learned terminations the skill's own termination (its outcome)."""
-        learned = self.library.termination == "learned"
+        object; discovered: its own termination fired, not a ``t_max`` cut), or with
+        ``events`` ((T, N, 19) object events of the rollout's steps; discovered skills on
+        CompoGrid) the segment caused its skill's main outcome when that is measured and the
+        segment started in this rollout, as phase 2 counts them. The
+        state-conditioned graph also gets each segment's start observation (segments that
+        started in an earlier rollout are counted but not fitted); returns its fit's stats."""
         skill = ro.extras["skill"].numpy()
         start = ro.extras["seg_start"].numpy()
         ep_end = (ro.terminated | ro.truncated).numpy()
         ok = rewards.numpy() > 0
         terminal = terminal.numpy()
+        outcome_of = self.library.outcome_of.numpy()
+        events = None if events is None else events.numpy()
         T, N = skill.shape
         end = np.zeros((T, N), dtype=bool)
         end[:-1] = start[1:]
         end |= terminal
-        prevs, skills, oks = [], [], []
+        prevs, skills, oks, at = [], [], [], []
         for i in range(N):
             prev = -1
+            starts = np.flatnonzero(start[:, i])
             for t in np.flatnonzero(end[:, i]):
                 if ep_end[t, i] and not terminal[t, i]:
                     prev = -1  # cut by the episode's end: not an outcome of the skill
                     continue
+                j = np.searchsorted(starts, t, side="right") - 1  # the segment's first step
+                at.append((int(starts[j]), i) if j >= 0 else None)
+                main = -1 if events is None or j < 0 else int(outcome_of[skill[t, i]])
                 prevs.append(prev)
                 skills.append(skill[t, i])
-                oks.append(terminal[t, i] if learned else ok[t, i])
+                oks.append(events[starts[j] : t + 1, i, main].any() if main >= 0 else ok[t, i])
                 prev = -1 if ep_end[t, i] else int(skill[t, i])
         # every rank's segments, as one process holding all envs counts them
         seg = distributed.gather_cat(
@@ -414,6 +435,39 @@ class CompositionalAgent(RLModule):
         )  # fmt: skip
         if seg[0].numel():
             self.graph.update(*seg)
+        if self.graph.net is None:
+            return {}
+        keep = [n for n, a in enumerate(at) if a is not None]
+        steps = torch.tensor([at[n] for n in keep], dtype=torch.long).reshape(-1, 2)
+        obs = self.family.task_free(ro.obs[steps[:, 0], steps[:, 1]])
+        keep = torch.tensor(keep, dtype=torch.long)
+        return self._fit_state_graph(
+            obs, torch.tensor(skills, dtype=torch.long)[keep], torch.tensor(oks)[keep]
+        )
+
+    def _phase2_state_segments(self, ro):
+        """(start observations, skills, success) of the phase-2 segments that ended as their
+        skill ends (``seg_label``): a segment runs from one decision of its env to the next."""
+        ex = ro.extras
+        dec = ex["decision"] & ro.valid
+        label = ex["seg_label"] & ro.valid
+        obs, skills, oks = [], [], []
+        for i in range(dec.shape[1]):
+            steps = torch.nonzero(dec[:, i]).squeeze(-1)
+            first, nxt = steps[:-1], steps[1:]
+            keep = label[nxt, i]
+            obs.append(ro.obs[first[keep], i])
+            skills.append(ex["skill"][first[keep], i])
+            oks.append(ex["seg_ok"][nxt[keep], i])
+        return self.family.task_free(torch.cat(obs)), torch.cat(skills), torch.cat(oks)
+
+    def _fit_state_graph(self, obs, skill, ok) -> dict[str, float]:
+        """``graph="state"``: fit f(s) on every rank's segments (the same full batch on every
+        rank, so the step is one process's)."""
+        obs, skill, ok = distributed.gather_cat(obs, skill, ok)
+        if not len(skill):
+            return {}
+        return self.graph.fit_states(obs, skill, ok, self._graph_opt, self.manual_backward)
 
     @staticmethod
     def embedding_of_memory(memory):

@@ -61,7 +61,9 @@ class CompositionalConfig(BaseConfig):
     composer: str = "attention"
     """'attention' (pointer), 'uniform' (random skill), 'soft' (every-step mixture: ablation)"""
     graph: str = "learned"
-    """'learned' feasibility prior over which skill can follow which, or 'none'"""
+    """'learned' feasibility prior over which skill can follow which (K x K counts), 'state'
+    (P(a skill reaches its outcome | the state it starts from), a small network fitted on
+    every segment; ``compositional.graph``), or 'none'"""
     inner_loop: str = "off"
     """'on': a per-trial skill bias adapted by one REINFORCE step after each episode"""
     inner_lr: float = 1.0

@@ -43,6 +43,7 @@ class Decisions:
     reset: torch.Tensor
     prev: torch.Tensor
     bias: torch.Tensor
+    prior: torch.Tensor
     pi_a: torch.Tensor | None
     h0: torch.Tensor
     c0: torch.Tensor
@@ -127,6 +128,7 @@ def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Deci
         "reset": torch.zeros(N, M, dtype=torch.bool),
         "prev": torch.full((N, M), -1, dtype=torch.long),
         "bias": torch.zeros(N, M, K),
+        "prior": torch.zeros(N, M, K),
     }
     pi_a = torch.zeros(N, M, K) if soft else None
     for i, steps in enumerate(per_env):
@@ -147,6 +149,7 @@ def collect_decisions(ro: Rollout, gamma: float, lam: float, soft: bool) -> Deci
         out["reset"][i, :m] = ro.trial_start[st, i]
         out["prev"][i, :m] = ex["dec_prev"][st, i]
         out["bias"][i, :m] = ex["bias"][st, i]
+        out["prior"][i, :m] = ex["prior"][st, i]
         if soft:
             pi_a[i, :m] = ex["pi_a"][st, i]
     h0, c0 = ro.memory_start[0], ro.memory_start[1]
@@ -193,7 +196,9 @@ def replay(agent, D: Decisions, envs: torch.Tensor):
     # the belief tables at the decision's position, as ``decision_features`` laid them out
     paid = x[..., -T - 2 * K : -T - K].reshape(n * M, -1)
     tried = x[..., -T - K : -T].reshape(n * M, -1)
-    prior = agent.graph.log_prior(D.prev[envs].reshape(-1)) + D.bias[envs].reshape(n * M, -1)
+    # the graph's log-prior as the decision was taken with it (the graph is updated after
+    # the controller's epochs; the state-conditioned graph needs the decision's observation)
+    prior = (D.prior[envs] + D.bias[envs]).reshape(n * M, -1)
     logits = agent.composer.logits(hs, token, prior, paid, tried).reshape(n, M, -1)
     return logits, agent.controller.value(hs).reshape(n, M)
 

@@ -3,11 +3,14 @@
 The controller and the acting policy (``compositional.policy``) need, per family: the outcome
 of one env step and how a segment's outcome accumulates over its steps, whether a finished
 segment "did something" (the feasibility graph's success), the current sub-task position
-(the belief tables are kept per position) and the current instruction token.
+(the belief tables are kept per position), the current instruction token and the observation
+without its task part.
 
 - ``GridFamily`` (CompoGrid): outcomes are the 19 object events (``envs.grid_events``), a
   segment's outcome is the set of events it caused (element-wise max), a segment succeeds
-  when its termination fired on an event; position and token are read off the observation's
+  when it caused its skill's event (a supervised skill's primitive; a discovered skill's
+  main outcome, ``OptionLibrary.outcome_of``, or while that is not measured yet, when its
+  termination fired — in phase 1 always the latter); position and token are read off the observation's
   progress one-hot and instruction tokens.
 - ``MotionFamily`` (Meta-World): the outcome is the displacement of ``[hand xyz, gripper,
   object xyz]`` (``envs.metaworld.motion``: the first 7 entries of the observation), summed
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from envs.grid import MAX_LEN, PRIMITIVES
-from envs.grid_events import NUM_PRIMITIVES, outcomes
+from envs.grid_events import NUM_PRIMITIVES, outcomes, task_free
 from envs.metaworld import MOTION_DIM, motion, moved
 
 
@@ -61,6 +64,11 @@ class GridFamily:
 
         return current_token(obs)
 
+    def task_free(self, obs: torch.Tensor) -> torch.Tensor:
+        """The observation without its task part (progress, instruction tokens): what the
+        skills and the state-conditioned graph see."""
+        return task_free(obs)
+
 
 class MotionFamily:
     """Meta-World: hand, gripper and object displacement."""
@@ -91,6 +99,9 @@ class MotionFamily:
 
     def token(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.zeros(obs.shape[0], self.n_tokens)
+
+    def task_free(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs  # the goal is hidden: no task part
 
 
 FAMILIES = {"CompoGrid-v0": GridFamily, "CompoMetaWorld-v0": MotionFamily}

@@ -8,6 +8,18 @@ start). It is a model of what the skills can do, not of the order statistics of 
 compositions, which would penalise exactly the held-out orders. The controller adds
 ``log P[prev, :]`` to its skill logits (mode ``learned``); mode ``none`` adds nothing and so
 ignores the previous skill.
+
+Mode ``state`` conditions the model on the state a skill starts from instead of the previous
+skill: a small network f(s) gives P(skill k reaches its outcome | it starts at s) for every k,
+trained by binary cross-entropy on every finished segment (its start observation with the
+task part zeroed, its skill, whether it reached its outcome). Only segments that ended as
+their skill ends count — its termination (an event skill: its primitive completed or became
+infeasible) or ``t_max``; one cut by the episode's end or by ``interrupt`` says nothing about
+the skill. The controller adds ``log max(P, FLOOR)`` to its logits: a skill that cannot run
+where the agent stands (open a box while carrying, pick up while carrying) is down-weighted
+there and nowhere else, which the K x K counts cannot express; the floor keeps every skill
+tried now and then, so a wrong estimate is corrected. The counts are kept in every mode (the
+picture ``compo graph`` draws).
 """
 
 from __future__ import annotations
@@ -20,7 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-GRAPH_MODES = ("learned", "none")
+GRAPH_MODES = ("learned", "state", "none")
+#: ``state`` mode: the least probability the prior gives a skill (log 0.05 = -3.0)
+FLOOR = 0.05
+#: ``state`` mode: hidden width of f(s) and full-batch Adam steps per batch of segments
+STATE_HIDDEN, STATE_STEPS = 64, 8
 
 
 def check_graph_mode(mode: str) -> str:
@@ -41,13 +57,22 @@ class SkillGraph(nn.Module):
         1.0
     """
 
-    def __init__(self, num_skills: int, mode: str = "learned") -> None:
+    def __init__(self, num_skills: int, mode: str = "learned", obs_dim: int | None = None) -> None:
         super().__init__()
         self.num_skills = int(num_skills)
         self.mode = check_graph_mode(mode)
         k = self.num_skills
         self.register_buffer("successes", torch.zeros(k + 1, k, dtype=torch.float64))
         self.register_buffer("tries", torch.zeros(k + 1, k, dtype=torch.float64))
+        self.net: nn.Module | None = None
+        if self.mode == "state":  # f(s): built only in this mode (the others' weights unchanged)
+            if obs_dim is None:
+                raise ValueError("graph='state' needs the observation size (obs_dim)")
+            self.net = nn.Sequential(
+                nn.Linear(int(obs_dim), STATE_HIDDEN), nn.Tanh(), nn.Linear(STATE_HIDDEN, k)
+            )
+            nn.init.zeros_(self.net[2].weight)  # P = 0.5 everywhere: no preference at the start
+            nn.init.zeros_(self.net[2].bias)
 
     @torch.no_grad()
     def update(self, prev: torch.Tensor, skill: torch.Tensor, success: torch.Tensor) -> None:
@@ -72,13 +97,46 @@ class SkillGraph(nn.Module):
         f = self.feasibility()
         return f / f.sum(-1, keepdim=True)
 
-    def log_prior(self, prev: torch.Tensor) -> torch.Tensor:
-        """(B, K) added to the controller's logits: log transition[prev] (``none``: zeros, so
-        the previous skill is ignored)."""
+    def log_prior(self, prev: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) added to the controller's logits: log transition[prev] (``learned``), zeros
+        (``none``: the previous skill is ignored), or ``state`` mode's log max(f(state), FLOOR)
+        (``state``: (B, obs_dim) observations with the task part zeroed)."""
         if self.mode == "none":
             return torch.zeros(prev.shape[0], self.num_skills)
+        if self.mode == "state":
+            with torch.no_grad():
+                return self.state_feasibility(state).clamp_min(FLOOR).log()
         row = torch.where(prev < 0, torch.full_like(prev, self.num_skills), prev).long()
         return self.transition()[row].log()
+
+    def state_feasibility(self, state: torch.Tensor) -> torch.Tensor:
+        """(B, K) ``state`` mode: P(each skill reaches its outcome | it starts at ``state``)."""
+        return torch.sigmoid(self.net(state))
+
+    def fit_states(
+        self, state: torch.Tensor, skill: torch.Tensor, success: torch.Tensor, optimizer,
+        backward=None,
+    ) -> dict[str, float]:
+        """``state`` mode: ``STATE_STEPS`` full-batch steps of binary cross-entropy between
+        f(state)[skill] and ``success`` over a batch of segments; returns the loss before
+        and the accuracy of the thresholded prediction (both before the steps: a held-out
+        score for this batch)."""
+        y = success.float()
+        with torch.no_grad():
+            p0 = self.state_feasibility(state).gather(1, skill[:, None]).squeeze(1)
+            stats = {
+                "graph/state_bce": float(nn.functional.binary_cross_entropy(p0, y)),
+                "graph/state_accuracy": float(((p0 > 0.5).float() == y).float().mean()),
+                "graph/state_success_rate": float(y.mean()),
+                "graph/state_segments": float(len(y)),
+            }
+        for _ in range(STATE_STEPS):
+            logit = self.net(state).gather(1, skill[:, None]).squeeze(1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logit, y)
+            optimizer.zero_grad(set_to_none=True)
+            (backward or torch.Tensor.backward)(loss)
+            optimizer.step()
+        return stats
 
     def to_networkx(self, names: list[str] | None = None):
         """Weighted ``networkx.DiGraph``: node k has ``label`` and ``start`` (feasibility at an

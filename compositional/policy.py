@@ -8,7 +8,9 @@ A ``RolloutPolicy`` for the shared collector. Every env step it
    ``t_max`` steps, the task's progress advanced (``interrupt="progress"``), or an episode
    ended (composer ``soft``: every step);
 3. records each finished segment in the trial's belief tables ("paid at this sub-task
-   position" / "tried here without pay", ``belief_evidence``) and for the skill graph;
+   position" / "tried here without pay", ``belief_evidence``) and for the skill graph
+   (``seg_ok``; ``seg_label``: it ended as its skill ends, the state-conditioned graph's
+   data);
 4. at decisions only, steps the LSTM controller (``compositional.controller``) and lets the
    pointer composer (``compositional.composer``) choose the next skill;
 5. acts with the active skill alone, at ``skill_temperature`` (``soft``: with the composer's
@@ -140,6 +142,8 @@ class SkillLevelPolicy:
             "seg_skill": skill.clone(),
             "seg_prev": m[EP_CNT].new_full((B,), -1, dtype=torch.long),
             "seg_ok": torch.zeros(B, dtype=torch.bool),
+            # it ended as its skill ends (termination or t_max): the state graph's data
+            "seg_label": ended & ~boundary & (by_beta | timeout),
         }
         if ended.any():
             idx = ended.nonzero().squeeze(-1)
@@ -157,8 +161,10 @@ class SkillLevelPolicy:
                 extras["seg_ok"][idx] = m[SEG_EV][idx, lib.event_of[k]] > 0
             elif lib.termination == "duration":  # it moved the object
                 extras["seg_ok"][idx] = self.fam.moved(m[SEG_EV][idx])
-            else:
-                extras["seg_ok"][idx] = by_beta[idx]
+            else:  # discovered: it produced its main outcome (not measured yet: it terminated)
+                main = lib.outcome_of[k]
+                reached = m[SEG_EV][idx, main.clamp(min=0)] > 0
+                extras["seg_ok"][idx] = torch.where(main >= 0, reached, by_beta[idx])
         # inner loop (ablation): one REINFORCE step on a per-trial skill bias per episode
         if cfg.inner_loop == "on":
             # the step's gradient norm for rl.diagnostics (NaN: no inner step at this step)
@@ -183,6 +189,7 @@ class SkillLevelPolicy:
         dec_logp, dec_value = torch.zeros(B), torch.zeros(B)
         alpha = torch.zeros(B, K)
         bias_used = torch.zeros(B, K)
+        prior = torch.zeros(B, K)  # the graph's log-prior the decision was taken with
         extras["dec_prev"] = torch.full((B,), -1, dtype=torch.long)
         if decide.any():
             d = decide.nonzero().squeeze(-1)
@@ -197,8 +204,10 @@ class SkillLevelPolicy:
                 boundary[d], m[PAID][d, pos], m[TRIED][d, pos], K, token,
             )  # fmt: skip
             h, c = a.controller(x, m[H][d], m[C][d])
+            state = self.fam.task_free(obs[d]) if a.graph.mode == "state" else None
+            prior[d] = a.graph.log_prior(row, state)
             logits = a.composer.logits(
-                h, token, a.graph.log_prior(row) + m[BIAS][d], m[PAID][d, pos], m[TRIED][d, pos]
+                h, token, prior[d] + m[BIAS][d], m[PAID][d, pos], m[TRIED][d, pos]
             )
             m[H], m[C] = m[H].clone(), m[C].clone()
             m[H][d], m[C][d] = h, c
@@ -271,7 +280,7 @@ class SkillLevelPolicy:
             )  # fmt: skip
         extras.update(
             decision=decide, ctrl_in=feats, skill=skill.clone(), dec_logp=dec_logp,
-            dec_value=dec_value, alpha=alpha, bias=bias_used,
+            dec_value=dec_value, alpha=alpha, bias=bias_used, prior=prior,
         )  # fmt: skip
         zero = torch.zeros(B)
         if self.finetune and not self.soft:
