@@ -114,7 +114,11 @@ class SkillGraph(nn.Module):
         return torch.sigmoid(self.net(state))
 
     def fit_states(
-        self, state: torch.Tensor, skill: torch.Tensor, success: torch.Tensor, optimizer,
+        self,
+        state: torch.Tensor,
+        skill: torch.Tensor,
+        success: torch.Tensor,
+        optimizer,
         backward=None,
     ) -> dict[str, float]:
         """``state`` mode: ``STATE_STEPS`` full-batch steps of binary cross-entropy between

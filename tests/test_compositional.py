@@ -163,6 +163,65 @@ def test_graph_rows_are_distributions_and_none_ignores_the_previous_skill():
     assert torch.equal(none.log_prior(torch.tensor([-1, 0, 3])), torch.zeros(3, 4))
 
 
+def test_state_graph_learns_where_a_skill_cannot_run():
+    """graph='state': f(s) starts at P = 0.5 for every skill (no preference: the same softmax
+    as without a prior) and, fitted on segments where skill 0 fails exactly when feature 0 is
+    set (skill 1 always succeeds), gives skill 0 a low probability there only; the log-prior
+    never goes below log FLOOR. The other modes build no network."""
+    from compositional.graph import FLOOR
+
+    torch.manual_seed(0)
+    g = SkillGraph(3, "state", obs_dim=5)
+    assert SkillGraph(3).net is None and SkillGraph(3, "none").net is None
+    s = torch.randn(400, 5)
+    s[:, 0] = (torch.rand(400) < 0.5).float()
+    assert torch.equal(g.log_prior(torch.full((4,), -1), s[:4]), torch.full((4, 3), np.log(0.5)))
+    skill = torch.randint(2, (400,))
+    ok = torch.where(skill == 0, s[:, 0] == 0, torch.ones(400, dtype=torch.bool))
+    opt = torch.optim.Adam(g.net.parameters(), lr=1e-2)
+    for _ in range(30):
+        stats = g.fit_states(s, skill, ok, opt)
+    assert stats["graph/state_accuracy"] > 0.95
+    p = g.state_feasibility(s)
+    blocked, free = s[:, 0] == 1, s[:, 0] == 0
+    assert p[blocked, 0].max() < 0.2 and p[free, 0].min() > 0.8 and p[:, 1].min() > 0.8
+    prior = g.log_prior(torch.zeros(400, dtype=torch.long), s)
+    assert prior.min() >= np.log(FLOOR) - 1e-6
+    assert (prior[blocked, 0] < prior[blocked, 1] - 1.0).all()
+    with pytest.raises(ValueError, match="obs_dim"):
+        SkillGraph(3, "state")
+
+
+def test_state_graph_data_are_segments_that_ended_as_their_skill_ends():
+    """Phase 2 gives the state graph (start observation, skill, reached) of every segment that
+    ended by its termination or t_max — never one cut by the episode's end — each starting
+    at a decision of its env with the skill chosen there; a supervised skill reached when its
+    primitive completed inside the segment."""
+    from envs.grid_events import events
+
+    torch.manual_seed(2)
+    agent = CompositionalAgent({**TINY, "graph": "state", "t_max": 6})
+    col, ro = _rollout(agent, 120)
+    ex = ro.extras
+    done = ro.terminated | ro.truncated
+    assert not (ex["seg_label"][1:] & done[:-1]).any()  # no label on an episode's first step
+    obs, skill, ok = agent._phase2_state_segments(ro)
+    assert len(skill) == int((ex["seg_label"] & ro.valid).sum()) > 10
+    assert 0 < int(ok.sum()) < len(ok)
+    ev = events(ro.obs, ro.next_obs)
+    n = 0
+    for i in range(ro.obs.shape[1]):
+        steps = torch.nonzero(ex["decision"][:, i]).squeeze(-1).tolist()
+        for a, b in zip(steps[:-1], steps[1:]):
+            if not ex["seg_label"][b, i]:
+                continue
+            k = int(ex["skill"][a, i])
+            assert torch.equal(obs[n], agent.family.task_free(ro.obs[a, i])) and skill[n] == k
+            assert bool(ok[n]) == bool(ev[a:b, i, k].any())  # skill k stands for primitive k
+            n += 1
+    assert n == len(skill)
+
+
 def test_instruction_query_depends_only_on_the_current_token():
     env = make_vector_env(
         "CompoGrid-v0", 2, {"task_info": "instruction",
@@ -207,13 +266,18 @@ def test_evidence_pathway_adds_the_weighed_belief_tables_to_each_skill_logit():
     torch.testing.assert_close(comp.logits(h, tok, prior, 0 * paid, 0 * tried), base)
 
 
-def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_path):
-    full = fit(CompositionalAgent(TINY), tmp_path / "full", logger=False, checkpoint_every=1)
+@pytest.mark.parametrize("graph", ["learned", "state"])
+def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_path, graph):
+    cfg = {**TINY, "graph": graph}
+    full = fit(CompositionalAgent(cfg), tmp_path / "full", logger=False, checkpoint_every=1)
     assert full.phase1_iters == 2 and full.phase2_iters == 2
     ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     keys = ck["state_dict"].keys()
     for part in ("library.", "controller.", "composer.", "graph."):
         assert any(k.startswith(part) for k in keys), part
+    # the state graph's network and its optimiser (a third one) are in the checkpoint
+    assert any(k.startswith("graph.net.") for k in keys) == (graph == "state")
+    assert len(ck["optimizer_states"]) == (3 if graph == "state" else 2)
     assert "act_gen" in ck["rl_state"]["extra"]
     assert full.graph.tries.sum() > 0
     # a run that dies at the phase boundary (after phase 1's checkpoint), then resumed
@@ -225,8 +289,8 @@ def test_checkpoint_holds_every_part_and_resume_crosses_the_phase_boundary(tmp_p
             return super().training_step(batch, batch_idx)
 
     with pytest.raises(RuntimeError, match="phase boundary"):
-        fit(Dies(TINY), tmp_path / "cut", logger=False, checkpoint_every=1)
-    resumed = fit(CompositionalAgent(TINY), tmp_path / "cut", resume=True, logger=False)
+        fit(Dies(cfg), tmp_path / "cut", logger=False, checkpoint_every=1)
+    resumed = fit(CompositionalAgent(cfg), tmp_path / "cut", resume=True, logger=False)
     assert resumed.iteration == full.iteration and resumed.env_steps == full.env_steps
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
@@ -322,7 +386,7 @@ def test_collector_resume_of_the_skill_level_policy():
     )
 
 
-@pytest.mark.parametrize("composer", ["attention", "soft", "attention+evidence"])
+@pytest.mark.parametrize("composer", ["attention", "soft", "attention+evidence", "attention+state"])
 def test_update_replays_the_acting_policy_exactly(composer):
     """Before any update, the controller replayed over the stored decisions (packed sequences
     cut at trial starts, from the rollout's start state) gives the acting log-probabilities
@@ -334,7 +398,14 @@ def test_update_replays_the_acting_policy_exactly(composer):
     evidence = composer.endswith("+evidence")
     composer = composer.split("+")[0]
     over = {"composer": composer, "episodes_per_trial": 1}
+    state = composer.endswith("+state")  # the state graph's prior, stored with the decision
+    if state:
+        over["graph"] = "state"
     agent = CompositionalAgent({**TINY, **over, "belief_logits": "on" if evidence else "off"})
+    if state:
+        with torch.no_grad():
+            for p in agent.graph.net.parameters():
+                p.normal_(0, 0.5)
     if evidence:
         with torch.no_grad():
             agent.composer.evidence.weight.normal_(0, 0.5)
@@ -343,6 +414,8 @@ def test_update_replays_the_acting_policy_exactly(composer):
     ro = col.collect(90)
     D = collect_decisions(ro, 0.99, 0.95, composer == "soft")
     assert D.reset[:, 1:].any(), "a trial starts mid-rollout"
+    if state:  # the prior differs between decisions
+        assert D.prior[D.valid].std(0).min() > 0.01
     if evidence:  # skills tried without pay at a position: the pathway is exercised
         T, K = agent.family.n_tokens, agent.composer.num_skills
         assert D.x[..., -T - K : -T][D.valid].sum() > 0

@@ -114,8 +114,13 @@ CONFIGS = {
     # the DIAYN library: PPO of the skills on log q(k | phi), the discriminator on a buffer
     "discovery": {"num_envs": 4, "total_env_steps": 384, "training": {"ppo": {"num_steps": 32}}},
 }
-# the compositional agent with phase 2 continuing the discovery objective on its segments
-CONFIGS["compositional_cd"] = {**CONFIGS["compositional"], "library_finetune": "discovery"}
+# the compositional agent with phase 2 continuing the discovery objective on its segments,
+# and the state-conditioned graph (its network fitted on every rank's segments)
+CONFIGS["compositional_cd"] = {
+    **CONFIGS["compositional"],
+    "library_finetune": "discovery",
+    "graph": "state",
+}
 META = ("maml", "fomaml", "reptile")
 #: methods whose policy memory holds (envs, ...) tensors (RL²'s is (layers, envs, ...)); their
 #: rollouts are recorded from a real 1-process ``fit`` (their collectors come with a phase)
@@ -314,7 +319,10 @@ def test_two_processes_update_as_one(tmp_path, methods):
             continue
         if m in ("compositional", "compositional_cd", "compositional_mw"):  # both phases: all envs
             assert [r["charts/phase"] for r in h1] == [1.0] * 3 + [2.0] * 3
-            for part in ("library.", "discriminator.", "controller.", "composer."):  # all trained
+            parts = ("library.", "discriminator.", "controller.", "composer.")
+            if m == "compositional_cd":
+                parts += ("graph.net.",)
+            for part in parts:  # all trained
                 assert max(
                     (one[m]["params"][k] - init[m][k]).abs().max().item()
                     for k in init[m] if k.startswith(part)
