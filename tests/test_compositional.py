@@ -443,6 +443,24 @@ def test_discovery_section_reaches_phase_one(tmp_path):
     assert agent.discovery.cfg.t_max == TINY.get("t_max", 32)
 
 
+def test_discovered_segments_cut_by_t_max_are_no_success_for_the_graph(tmp_path):
+    """A discovered skill's segment succeeds when its termination fired (or, once measured,
+    when it caused its main outcome), not when ``t_max`` cut it: skills that never terminate
+    leave the graph with tries and no success, in both phases (discovery's PPO treats a cut
+    as terminal; the graph must not)."""
+
+    class NeverEnds(CompositionalAgent):
+        def build(self) -> None:
+            super().build()
+            with torch.no_grad():
+                self.library.beta_head.bias.fill_(-30.0)
+
+    cfg = {**TINY, "primitives": "discovered", "library_fraction": 0.5, "t_max": 8}
+    agent = fit(NeverEnds(cfg), tmp_path / "run", logger=False)
+    assert bool((agent.library.outcome_of < 0).all())  # no skill's outcome measured
+    assert agent.graph.tries.sum() > 50 and agent.graph.successes.sum() == 0
+
+
 def test_discovered_library_phase_and_resume(tmp_path):
     """primitives='discovered': phase 1 is outcome-based discovery (no task reward) on the
     agent's own library and discriminator; its state is in the checkpoint and a run killed
