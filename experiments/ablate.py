@@ -1,7 +1,7 @@
 """``compo ablate``: one switch of the compositional agent changed at a time, same protocol.
 
 Rows: the full agent (``base``) and one variant per switch — composer {uniform, soft}, graph
-{none}, inner loop {on}, primitives {supervised, discovered, random-frozen} (the row equal to
+{none, state}, inner loop {on}, primitives {supervised, discovered, random-frozen} (the row equal to
 ``base`` repeats it under its own name) — trained with the same budget and seeds and evaluated
 on the same held-out tasks as ``compo heldout``.
 """
@@ -19,6 +19,7 @@ ABLATIONS: dict[str, dict] = {
     "composer=uniform": {"composer": "uniform"},
     "composer=soft": {"composer": "soft"},
     "graph=none": {"graph": "none"},
+    "graph=state": {"graph": "state"},
     "inner_loop=on": {"inner_loop": "on"},
     "primitives=supervised": {"primitives": "supervised"},
     "primitives=discovered": {"primitives": "discovered"},
