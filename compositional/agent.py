@@ -15,7 +15,9 @@ own objective on the controller's own segments: discovery's reward-free one, or 
 supervised library its primitives' completion): the acting policy
 (``compositional.policy``) runs the controller only when the active skill terminates and at
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
-trial-level advantages). The graph counts every segment of both phases.
+trial-level advantages). The graph counts every segment of both phases (with
+``graph="state"`` it also fits its state-conditioned feasibility network on them, after each
+update).
 
 On Meta-World (``CompoMetaWorld-v0``; ``compositional.family``) skills are Gaussian options
 of fixed length ``t_max`` (``termination="duration"``), discovered by
@@ -23,7 +25,7 @@ of fixed length ``t_max`` (``termination="duration"``), discovered by
 those displacements as the previous skill's outcome. ``supervised`` and ``soft`` need
 CompoGrid's events and discrete actions and are refused there.
 
-Switches (the ablations): ``composer`` attention / uniform / soft, ``graph`` learned / none,
+Switches (the ablations): ``composer`` attention / uniform / soft, ``graph`` learned / state / none,
 ``inner_loop`` on / off (a per-trial skill bias adapted by one REINFORCE step per episode),
 ``primitives`` discovered / supervised / random-frozen. The whole budget, phase 1 included,
 counts against the same env-step budget as every baseline.
@@ -31,7 +33,7 @@ counts against the same env-step budget as every baseline.
 On Lightning DDP (``compo train --devices N``) each rank steps ``num_envs / N`` envs; every
 update is the 1-process update over the union of the ranks' envs (skills: ``rl.ppo.ppo_update``;
 discovery: ``primitives.outcome_training.Discovery``; controller: ``update_controller``), the graph
-counts every rank's segments, and each rank acts on generators of its own.
+counts (and fits on) every rank's segments, and each rank acts on generators of its own.
 """
 
 from __future__ import annotations
