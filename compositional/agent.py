@@ -200,8 +200,11 @@ class CompositionalAgent(RLModule):
             and self.discovery is None
         ):  # resumed in phase 2: the objective's state without phase 1's room
             self.discovery = Discovery(
-                self._discovery_config(n), self.library, self.discriminator, room=False
-            )
+                self._discovery_config(n), self.library, self.discriminator,
+                room=bool(cfg.discovery_share),
+            )  # fmt: skip
+            if self.discovery.collector is not None and self.world_size > 1:
+                self.discovery.collector.shard(*self._world)
             if self._discovery_state is not None:
                 self.discovery.load_training_state(self._discovery_state)
                 self._discovery_state = None
@@ -233,12 +236,26 @@ class CompositionalAgent(RLModule):
         if self._phase != self.phase():
             old = self.collector
             steps = self.env_steps if old is None else old.env_steps  # this process's
-            if old is not None:
+            if old is not None and not self._room_kept(old):
                 old.envs.close()
             self.collector = self.make_collector()
             self.collector.env_steps = steps
             if self.world_size > 1:
                 self.collector.shard(*self._world)
+
+    def _room_kept(self, collector: Collector) -> bool:
+        """Phase 1's discovery room stays open in phase 2 (``discovery_share``)."""
+        return bool(self.cfg.discovery_share) and (
+            self.discovery is not None and collector is self.discovery.collector
+        )
+
+    def _room_turn(self) -> bool:
+        """This phase-2 iteration runs discovery in its room instead of the controller: the
+        j-th phase-2 iteration does when floor((j + 1) * share) > floor(j * share), so the
+        turns are spread evenly and the schedule is a function of the iteration alone."""
+        share = float(self.cfg.discovery_share)
+        j = self.iteration - self.phase1_iters
+        return bool(share) and int((j + 1) * share) > int(j * share)
 
     def on_train_start(self) -> None:
         # setup() runs before the checkpoint is restored, so a run resumed in phase 2 was given
@@ -250,6 +267,8 @@ class CompositionalAgent(RLModule):
             # in the uninterrupted run; the random state and the step count carry over
             set_rng_state(self._resume_state["rng"])
             self.load_local_state(self._resume_state.get("local") or {})
+            if self._room_open():  # the room is phase 1's collector: it continues
+                self.discovery.collector.load_state_dict(self._resume_state["collector"])
             self.collector.env_steps = self._env_steps = restored
             if self.world_size > 1:  # this rank's own count; ``restored`` is the run's
                 self.collector.env_steps = int(self._resume_state["collector"]["env_steps"])
@@ -266,6 +285,8 @@ class CompositionalAgent(RLModule):
         out = {"act_gen": self.act_gen.get_state()}
         if self._discovering():
             out["discovery_gen"] = self.discovery.gen.get_state()
+        if self._room_open() and self._phase == 2:  # (in phase 1 it is the run's collector)
+            out["discovery_room"] = self.discovery.collector.state_dict()
         return out
 
     def load_local_state(self, state: dict) -> None:
@@ -273,6 +294,13 @@ class CompositionalAgent(RLModule):
             self.act_gen.set_state(state["act_gen"])
         if "discovery_gen" in state and self.discovery is not None:
             self.discovery.gen.set_state(state["discovery_gen"])
+        if "discovery_room" in state and self._room_open():
+            self.discovery.collector.load_state_dict(state["discovery_room"])
+
+    def _room_open(self) -> bool:
+        return bool(self.cfg.discovery_share) and (
+            self.discovery is not None and self.discovery.collector is not None
+        )
 
     def reseed_local(self, seed: int) -> None:
         self.act_gen.manual_seed(seed)
@@ -295,22 +323,10 @@ class CompositionalAgent(RLModule):
         lib_opt, ctl_opt, *graph_opt = self.optimizers()
         self._graph_opt = graph_opt[0] if graph_opt else None
         if self.phase() == 1 and self.cfg.primitives == "discovered":
-            # no task reward: skills x outcomes MI
-            stats = self.discovery.step(backward=self.manual_backward)
-            ro, terminal = self.discovery.last
-            # its termination fired (a t_max cut is terminal for the skills' PPO, no success)
-            ok = terminal & ~tmax_cuts(ro, self.cfg.t_max)
-            if self.family.continuous:  # a finished Meta-World segment succeeds if it moved
-                _, feats = finished_segments(ro, self.cfg.t_max)  # the object (as in phase 2)
-                ok = terminal & self.family.moved(feats[..., 7:].reshape(-1, 7)).view_as(terminal)
-            events = None if self.family.continuous else outcomes(ro.obs, ro.next_obs)[1]
-            graph_stats = self._count_chain_segments(ro, ok.float(), terminal, events)
-            self.iteration += 1
-            self.log_scalars(
-                {"charts/phase": 1.0, "charts/SPS": (self.cfg.num_envs * self.cfg.skills.num_steps)
-                 / max(time.perf_counter() - t0, 1e-9),
-                 **{f"discovery/{k}": float(v) for k, v in stats.items()}, **graph_stats}
-            )  # fmt: skip
+            self._discovery_turn(1, t0)  # no task reward: skills x outcomes MI
+            return
+        if self.phase() == 2 and self._room_turn():
+            self._discovery_turn(2, t0)
             return
         if self.phase() == 1:
             cfg = self.cfg.skills
@@ -369,6 +385,34 @@ class CompositionalAgent(RLModule):
             **graph_stats,
         }
         self.log_iteration(ro, stats, time.perf_counter() - t0, extra)
+
+    def _discovery_turn(self, phase: int, t0: float) -> None:
+        """Discovery's own rollouts in its room: phase 1, and phase 2's turns with
+        ``discovery_share`` (as many rollouts as make a controller rollout's env steps, added
+        to the run's count). The graph counts their segments in both."""
+        rounds = 1 if phase == 1 else self.cfg.ppo.num_steps // self.cfg.skills.num_steps
+        room = self.discovery.collector
+        before = room.env_steps
+        graph_stats = {}
+        for _ in range(rounds):
+            stats = self.discovery.step(backward=self.manual_backward)
+            ro, terminal = self.discovery.last
+            # its termination fired (a t_max cut is terminal for the skills' PPO, no success)
+            ok = terminal & ~tmax_cuts(ro, self.cfg.t_max)
+            if self.family.continuous:  # a finished Meta-World segment succeeds if it moved
+                _, feats = finished_segments(ro, self.cfg.t_max)  # the object (as in phase 2)
+                ok = terminal & self.family.moved(feats[..., 7:].reshape(-1, 7)).view_as(terminal)
+            events = None if self.family.continuous else outcomes(ro.obs, ro.next_obs)[1]
+            graph_stats = self._count_chain_segments(ro, ok.float(), terminal, events)
+        if phase == 2:  # the room's steps count against the budget like the controller's
+            self.collector.env_steps += room.env_steps - before
+        self.iteration += 1
+        self.log_scalars(
+            {"charts/phase": float(phase), **({"charts/discovery_turn": 1.0} if phase == 2 else {}),
+             "charts/SPS": rounds * self.cfg.num_envs * self.cfg.skills.num_steps
+             / max(time.perf_counter() - t0, 1e-9),
+             **{f"discovery/{k}": float(v) for k, v in stats.items()}, **graph_stats}
+        )  # fmt: skip
 
     def _finetune_library(self, ro, optimizer) -> dict[str, float]:
         """One PPO update of the acting skills on the task reward of their segments, with the

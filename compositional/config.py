@@ -90,6 +90,12 @@ class CompositionalConfig(BaseConfig):
     task reward; with ``primitives="supervised"`` the same mode continues that library's
     phase-1 objective (PPO of each skill on the completion of its own primitive, not on the
     task's reward); 'off': the library stays frozen (the default)"""
+    discovery_share: float = 0.0
+    """with ``library_finetune="discovery"`` and discovered skills: the fraction of phase 2's
+    rollouts that run phase 1's own discovery rollout (uniform skill chains in discovery's
+    room, the same env steps as a controller rollout) instead of the controller's, so the
+    library keeps learning from every skill and not only from the skills the controller
+    picks; 0: every phase-2 rollout is the controller's"""
     skill_temperature: float = 1.0
     """phase 2 and evaluation: the acting skill draws its action from softmax(logits / T)
     (1: its own distribution; 0: its most probable action); the controller still samples
@@ -186,6 +192,21 @@ class CompositionalConfig(BaseConfig):
             raise ValueError(
                 "library_finetune='discovery' with a library_checkpoint; allowed: without one "
                 "(the objective continues phase 1's discriminator and replay)"
+            )
+        share = self.discovery_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+            raise ValueError(f"discovery_share={share!r}; allowed: a number in [0, 1)")
+        if share and (self.library_finetune != "discovery" or self.primitives != "discovered"):
+            raise ValueError(
+                f"discovery_share={share!r} with library_finetune={self.library_finetune!r}, "
+                f"primitives={self.primitives!r}; allowed: 0, or library_finetune 'discovery' "
+                "with primitives 'discovered' (the rollouts continue phase 1's discovery)"
+            )
+        if share and self.ppo.num_steps % self.skills.num_steps:
+            raise ValueError(
+                f"discovery_share={share!r} with ppo.num_steps={self.ppo.num_steps} and "
+                f"skills.num_steps={self.skills.num_steps}; allowed: ppo.num_steps a multiple "
+                "of skills.num_steps (a discovery turn takes a controller rollout's env steps)"
             )
         if self.library_finetune == "on" and self.primitives == "random-frozen":
             raise ValueError(

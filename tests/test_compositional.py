@@ -522,6 +522,20 @@ def test_discovered_library_phase_and_resume(tmp_path):
             },
             "'discovery' with a library_checkpoint",
         ),  # fmt: skip
+        (
+            {"library_finetune": "discovery", "primitives": "discovered", "discovery_share": 1.0},
+            "discovery_share=1.0; allowed: a number in",
+        ),
+        ({"discovery_share": 0.25}, "discovery_share=0.25 with library_finetune='off'"),
+        (
+            {
+                "library_finetune": "discovery",
+                "primitives": "discovered",
+                "discovery_share": 0.25,
+                "ppo": {"num_steps": 48},
+            },
+            "ppo.num_steps=48 and skills.num_steps=32",
+        ),
     ],
 )
 def test_bad_finetune_config_one_line(over, match):
@@ -719,6 +733,39 @@ def test_continued_discovery_resumes_exactly(tmp_path, kill_at):
         fit(Dies(CONT), tmp_path / "cut", logger=False, checkpoint_every=1)
     resumed = fit(CompositionalAgent(CONT), tmp_path / "cut", resume=True, logger=False)
     assert resumed.iteration == full.iteration
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+SHARED = {**CONT, "discovery_share": 0.5, "total_env_steps": 1408, "library_fraction": 0.27}
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 2], ids=["boundary", "at-a-turn", "after-a-turn"])
+def test_discovery_turns_in_phase_two_count_and_resume_exactly(tmp_path, kill_at):
+    """discovery_share=0.5: every second phase-2 iteration runs phase 1's discovery in its
+    room (kept open across the boundary) for a controller rollout's env steps, which count
+    against the budget; the room's state is in the checkpoint, so a run killed at the
+    boundary, at a turn or after one resumes to the same parameters."""
+    full = fit(CompositionalAgent(SHARED), tmp_path / "full", logger=False, checkpoint_every=1)
+    p1 = full.phase1_iters
+    assert (p1, full.phase2_iters) == (3, 4)
+    turns = [h["iteration"] for h in full.history if h.get("charts/discovery_turn")]
+    assert turns == [p1 + 2, p1 + 4]  # (counted after the step); phase 1's own log no turn
+    assert full.env_steps == 3 * 4 * 32 + 4 * 4 * 64 == SHARED["total_env_steps"]
+    controller = [h for h in full.history if h.get("charts/phase") == 2.0 and "iteration" in h]
+    assert len([h for h in controller if not h.get("charts/discovery_turn")]) == 2
+    assert full.discovery.collector.env_steps == 3 * 4 * 32 + 2 * 4 * 64  # phase 1 + turns
+
+    class Dies(CompositionalAgent):
+        def training_step(self, batch, batch_idx):
+            if self.iteration == self.phase1_iters + kill_at:
+                raise RuntimeError("killed")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(Dies(SHARED), tmp_path / "cut", logger=False, checkpoint_every=1)
+    resumed = fit(CompositionalAgent(SHARED), tmp_path / "cut", resume=True, logger=False)
+    assert resumed.env_steps == full.env_steps
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
 
