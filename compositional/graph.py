@@ -19,7 +19,8 @@ the skill. The controller adds ``log max(P, FLOOR)`` to its logits: a skill that
 where the agent stands (open a box while carrying, pick up while carrying) is down-weighted
 there and nowhere else, which the K x K counts cannot express; the floor keeps every skill
 tried now and then, so a wrong estimate is corrected. The counts are kept in every mode (the
-picture ``compo graph`` draws).
+picture ``compo graph`` draws; in ``state`` mode it also draws the network's predictions per
+situation, ``write_state_graph``).
 """
 
 from __future__ import annotations
@@ -236,3 +237,85 @@ def write_graph(agent, out_dir: str | os.PathLike, min_weight: float = 0.5) -> d
     text = "\n".join(nx.generate_graphml(g)) + "\n"
     atomic_write_bytes(out / "graph.graphml", text.encode("utf-8"))
     return {"png": str(out / "graph.png"), "graphml": str(out / "graph.graphml")}
+
+
+def situation_states(agent, episodes: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """CompoGrid observations (task part zeroed) the scripted Oracle passes through while it
+    solves each of ``agent``'s train compositions on ``episodes`` layouts, each labelled by
+    its situation: what the agent carries ("hands free" or the object) and, hands free,
+    whether the door is open. The states a feasibility model is meant to tell apart."""
+    import gymnasium as gym
+
+    from envs.grid import ENTITIES
+    from envs.grid_oracle import Oracle
+
+    obs, labels = [], []
+    oracle = Oracle()
+    for c, comp in enumerate(agent.train_set):
+        env = gym.make(agent.cfg.env_id, **{**agent.cfg.env_kwargs, "composition": comp})
+        for e in range(episodes):
+            o, _ = env.reset(seed=seed + 1000 * c + e)
+            done = False
+            while not done:
+                phi = env.unwrapped.phi()
+                held = int(phi[2])
+                door = "door open" if phi[-1] else "door closed"
+                labels.append(f"carrying {ENTITIES[held - 1]}" if held else f"hands free, {door}")
+                obs.append(o)
+                o, _, term, trunc, _ = env.step(oracle.act(env))
+                done = term or trunc
+        env.close()
+    states = agent.family.task_free(torch.as_tensor(np.stack(obs), dtype=torch.float32))
+    return states, labels
+
+
+def situation_table(
+    graph: SkillGraph, states: torch.Tensor, labels: list[str]
+) -> tuple[list[str], list[int], np.ndarray]:
+    """The situations (hands free first), how many states each holds, and the (K, situations)
+    mean of the network's P(skill reaches its outcome | state) over each one's states."""
+    with torch.no_grad():
+        p = graph.state_feasibility(states).numpy()
+    cols = sorted(set(labels), key=lambda s: (not s.startswith("hands"), s))
+    lab = np.array(labels)
+    mean = np.stack([p[lab == c].mean(0) for c in cols], axis=1)
+    return cols, [int((lab == c).sum()) for c in cols], mean
+
+
+def write_state_graph(agent, out_dir: str | os.PathLike) -> str:
+    """``state`` mode on CompoGrid: write ``state_graph.png``, the network's P(skill k reaches
+    its outcome | it starts here) averaged over the states of each situation
+    (``situation_states``), one row per skill and one column per situation; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rl.io import atomic_write_bytes
+
+    graph: SkillGraph = agent.graph
+    cols, count, mean = situation_table(graph, *situation_states(agent))
+    names = agent.skill_names() if hasattr(agent, "skill_names") else None
+    names = [n or f"skill {k}" for k, n in enumerate(names or [None] * graph.num_skills)]
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 4, 0.32 * graph.num_skills + 2))
+    im = ax.imshow(mean, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for (k, j), v in np.ndenumerate(mean):
+        ax.text(j, k, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="w" if v < 0.5 else "k")  # fmt: skip
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([f"{c}\n({n} states)" for c, n in zip(cols, count)], fontsize=7,
+                       rotation=30, ha="right")  # fmt: skip
+    ax.set_yticks(range(graph.num_skills))
+    ax.set_yticklabels([f"{k} {n}" for k, n in enumerate(names)], fontsize=7)
+    ax.set_title(
+        "state-conditioned skill graph: P(skill reaches its outcome | it starts here),\n"
+        "mean over the states the scripted Oracle passes through on the train compositions",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    path = Path(out_dir) / "state_graph.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)

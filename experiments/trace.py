@@ -258,15 +258,19 @@ def skill_subtask_nmi(module, episodes: int, seed: int = 0) -> dict:
 
 
 def run_graph(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> list[Path]:
-    """``graph.png`` and ``graph.graphml`` of a compositional agent's skill-transition graph;
-    returns the paths written."""
+    """``graph.png`` and ``graph.graphml`` of a compositional agent's skill-transition graph
+    (with ``graph="state"`` on CompoGrid also ``state_graph.png``, what its network predicts
+    in each situation); returns the paths written."""
     module = load_module(checkpoint, REGISTRY)
     if module.method != "compositional":
         raise ValueError(
             f"checkpoint holds method {module.method!r}; the skill graph needs 'compositional'"
         )
-    from compositional.graph import write_graph
+    from compositional.graph import write_graph, write_state_graph
 
     out = prepare_run_dir(out, overwrite=overwrite)
     written = write_graph(module, out)
-    return [Path(written["png"]), Path(written["graphml"])]
+    paths = [Path(written["png"]), Path(written["graphml"])]
+    if module.graph.mode == "state" and not module.family.continuous:
+        paths.append(Path(write_state_graph(module, out)))  # what the network predicts
+    return paths

@@ -367,10 +367,24 @@ def test_compositional_trace_graph_embed(tmp_path, capsys):
     g = tmp_path / "graph"
     assert main(["graph", "--checkpoint", ckpt, "--out", str(g)]) == 0
     assert "goto(red ball)" in (g / "graph.graphml").read_text()
+    assert not (g / "state_graph.png").exists()  # the counts graph has no network to draw
     e = tmp_path / "embed"
     emb = ["embed", "--checkpoint", ckpt, "--out", str(e), "--set", "num_tasks=5"]
     assert main([*emb, "--set", "episodes=1"]) == 0
     assert json.loads((e / "embed.json").read_text())["embedding_dim"] == 2 * 16
+
+
+def test_graph_of_a_state_graph_run_draws_its_network(tmp_path):
+    ck = tmp_path / "compo"
+    args = ["train", "--method", "compositional", "--out", str(ck), *TINY_COMPO]
+    assert main([*args, "--set", "graph=state"]) == 0
+    g = tmp_path / "graph"
+    assert (
+        main(["graph", "--checkpoint", str(ck / "checkpoints" / "final.ckpt"), "--out", str(g)])
+        == 0
+    )
+    assert (g / "graph.png").stat().st_size > 0
+    assert (g / "state_graph.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_nmi_by_hand():

@@ -184,6 +184,43 @@ def test_write_graph_draws_matrix_and_graph(tmp_path):
     assert paths == {"png": str(tmp_path / "graph.png"), "graphml": str(tmp_path / "graph.graphml")}
 
 
+def test_state_graph_picture_groups_oracle_states_by_situation(tmp_path):
+    """graph='state': the situations are what the Oracle's states really hold (carrying the
+    red ball while it solves pickup(red ball) > ..., the door open after open(door)), and
+    each column of the picture averages the network over exactly those states."""
+    import torch
+
+    from compositional.agent import CompositionalAgent
+    from compositional.graph import situation_states, situation_table, write_state_graph
+
+    agent = CompositionalAgent(
+        {"primitives": "supervised", "graph": "state", "env_kwargs": {"size": 8},
+         "compositions": ["pickup(red ball) > open(door)"], "num_envs": 2}
+    )  # fmt: skip
+    states, labels = situation_states(agent, episodes=2)
+    assert len(labels) == states.shape[0] and "carrying red ball" in labels
+    assert any(lab.startswith("hands free, door") for lab in labels)
+    # the observation's "red ball carried" bit (entity 0's second feature) agrees with the
+    # label; a network that reads only that bit fills exactly that column
+    carried = states[:, 1] > 0.5
+    assert carried.tolist() == [lab == "carrying red ball" for lab in labels]
+    with torch.no_grad():
+        net = agent.graph.net
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+        net[0].weight[0, 1] = 1.0  # tanh(1) = 0.76 when carried, 0 otherwise
+        net[2].weight[0, 0] = 30.0
+        net[2].bias[0] = -11.0
+    cols, count, mean = situation_table(agent.graph, states, labels)
+    assert sum(count) == len(labels) and cols[0].startswith("hands free")
+    j = cols.index("carrying red ball")
+    assert mean[0, j] > 0.99 and np.delete(mean[0], j).max() < 1e-4
+    assert np.allclose(mean[1:], 0.5)  # the other skills: no preference anywhere
+    path = write_state_graph(agent, tmp_path)
+    assert path == str(tmp_path / "state_graph.png")
+    assert (tmp_path / "state_graph.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- the discovery table's picture ---------------------------------------------------------------
 
 
