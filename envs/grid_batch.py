@@ -78,12 +78,41 @@ BOX_I = (ENTITIES.index("purple box"), ENTITIES.index("grey box"))
 N_PORTABLE = len(PORTABLE)  # entities 0..3 can be picked up
 DX = np.array([1, 0, -1, 0])
 DY = np.array([0, 1, 0, -1])
-# primitive index -> (verb code, entity index)
-_VERB_CODE = {"goto": 0, "pickup": 1, "drop": 2, "open": 3, "toggle": 4}
-PRIM_VERB = np.array([_VERB_CODE[p.verb] for p in PRIMITIVES] + [0])  # last: padding
-PRIM_OBJ = np.array([ENTITIES.index(p.obj) for p in PRIMITIVES] + [0])
-PAD = len(PRIMITIVES)
-_DXL, _DYL = DX.tolist(), DY.tolist()
+PAD = len(PRIMITIVES)  # composition padding: a primitive index whose sub-task never completes
+
+# What an action does, by (action, front cell's code, hands full, door open); the last action
+# row is for envs not stepped (action -1). One lookup replaces a chain of masks in ``_advance``.
+_NONE, _MOVE, _PICKUP, _DROP, _TOGGLE, _OPEN_BOX = range(6)
+_OUTCOME = np.zeros((len(ACTIONS) + 1, 2 + N_ENT, 2, 2), dtype=np.int8)
+for _a, _code, _full, _door in np.ndindex(len(ACTIONS), 2 + N_ENT, 2, 2):
+    _e = _code - 2
+    _OUTCOME[_a, _code, _full, _door] = (
+        _MOVE if _a == 2 and (_code == EMPTY or (_code == DOOR_CODE and _door))
+        else _PICKUP if _a == 3 and 0 <= _e < N_PORTABLE and not _full
+        else _DROP if _a == 4 and _code == EMPTY and _full
+        else _TOGGLE if _a == 5 and _code == DOOR_CODE
+        else _OPEN_BOX if _a == 5 and _e in BOX_I
+        else _NONE
+    )  # fmt: skip
+_A_STRIDE = _OUTCOME[0].size
+_OUTCOME = _OUTCOME.reshape(-1)
+_TURN = np.array([-1, 1, 0, 0, 0, 0, 0])  # by action, last: not stepped
+
+# Which sub-tasks hold after a step, as bitmasks over primitive indices (bit PAD never set):
+# goto by the front cell's code; pickup/drop by (carried before + 1, carried after + 1) (a
+# carried entity is off the grid, so "carried before, hands empty now" is exactly a drop);
+# open/toggle by door open + 2 door toggled + 4 first box on grid + 8 second box on grid.
+_BIT = {(p.verb, ENTITIES.index(p.obj)): 1 << i for i, p in enumerate(PRIMITIVES)}
+_GOTO_BITS = np.array([0, 0] + [_BIT["goto", e] for e in range(N_ENT)])
+_CARRY_BITS = np.array([
+    _BIT.get(("pickup", now), 0) | (_BIT.get(("drop", before), 0) if now < 0 else 0)
+    for before in range(-1, N_PORTABLE) for now in range(-1, N_PORTABLE)
+])  # fmt: skip
+_FLAG_BITS = np.array([
+    _BIT["open", DOOR_I] * (f & 1) | _BIT["toggle", DOOR_I] * (f >> 1 & 1)
+    | _BIT["open", BOX_I[0]] * (1 - (f >> 2 & 1)) | _BIT["open", BOX_I[1]] * (1 - (f >> 3 & 1))
+    for f in range(16)
+])  # fmt: skip
 
 
 def _check_seed(seed: Any, what: str = "layout_seed") -> int | None:
@@ -96,31 +125,21 @@ def _check_seed(seed: Any, what: str = "layout_seed") -> int | None:
 
 class _Layouts:
     """``CompoGridEnv._gen_grid``'s draws, as plain numbers: (door_y, cells, dir), ``cells``
-    a list of seven (x, y).
+    the seven entities' cells in ``ENTITIES`` order then the agent's, as ``x * size + y``.
 
-    ``cells`` are the six objects' cells in ``ENTITIES`` order then the agent's. The
-    reachability test ("every entity can be approached, and the agent does not start facing
-    one", which is what ``all(approach_states(...))`` checks) is a flood fill over bitmasks.
+    The reachability test ("every entity can be approached, and the agent does not start
+    facing one", which is what ``all(approach_states(...))`` checks) is a flood fill over
+    bitmasks (bit ``x * size + y``).
     """
 
     def __init__(self, size: int, cache: int = 4096) -> None:
         S = self.size = size
-        self.wall_x = size - 3
-        room = [(x, y) for x in range(1, self.wall_x) for y in range(1, size - 1)]
+        self.door_x = size - 3
+        room = [x * S + y for x in range(1, self.door_x) for y in range(1, S - 1)]
         # the cells objects and agent are drawn from, per door row (never in front of the door)
-        self.free = {dy: [c for c in room if c != (self.wall_x - 1, dy)] for dy in range(1, S - 1)}
-        self.bit = [[1 << (y * S + x) for y in range(S)] for x in range(S)]
-        self.room_mask = sum(self.bit[x][y] for x, y in room)
-        # cells from which a cell can be faced: its four neighbours
-        self.near = [
-            [
-                sum(self.bit[x + dx][y + dy] for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)))
-                if 0 < x < S - 1 and 0 < y < S - 1
-                else 0
-                for y in range(S)
-            ]
-            for x in range(S)
-        ]
+        self.free = {dy: [c for c in room if c != (S - 4) * S + dy] for dy in range(1, S - 1)}
+        self.room_mask = sum(1 << c for c in room)
+        self.step = (S, 1, -S, -1)  # flat offset of the faced cell, per direction
         self._cache: OrderedDict[int, tuple] = OrderedDict()
         self._cache_size = cache
 
@@ -140,28 +159,30 @@ class _Layouts:
         for _attempt in range(1000):
             door_y = int(rng.integers(1, S - 1))
             free = self.free[door_y]
-            cells = [free[i] for i in rng.choice(len(free), size=N_ENT, replace=False).tolist()]
+            picks = rng.choice(len(free), size=N_ENT, replace=False).tolist()
             d = int(rng.integers(0, 4))
-            if self._ok(cells, door_y, d):
+            cells = [free[i] for i in picks]
+            cells.insert(DOOR_I, self.door_x * S + door_y)
+            if self._ok(cells, d):
                 return door_y, cells, d
         raise RuntimeError(f"no layout with every object reachable for size={S}")
 
-    def _ok(self, cells: list, door_y: int, d: int) -> bool:
-        S, bit = self.size, self.bit
-        ent = [*cells[:-1], (self.wall_x, door_y)]
-        ax, ay = cells[-1]
-        if (ax + _DXL[d], ay + _DYL[d]) in ent:
+    def _ok(self, cells: list, d: int) -> bool:
+        S = self.size
+        ent = sum(map((1).__lshift__, cells[:-1]))  # the entities' bits
+        agent = cells[-1]
+        if ent >> (agent + self.step[d]) & 1:
             return False  # already facing an entity: approach_states gives [] (falsy)
-        passable = self.room_mask  # the room's empty cells (the corridor is behind the door)
-        for x, y in cells[:-1]:
-            passable &= ~bit[x][y]
-        reach = bit[ax][ay]
+        passable = self.room_mask & ~ent  # the room's empty cells (the corridor is behind the door)
+        reach = 1 << agent
         while True:  # flood fill; walls frame the room, so shifts never wrap into it
-            grown = ((reach << 1 | reach >> 1 | reach << S | reach >> S) & passable) | reach
+            near = reach << 1 | reach >> 1 | reach << S | reach >> S
+            if near & ent == ent:
+                return True  # every entity is next to a reached cell (reach only grows)
+            grown = near & passable | reach
             if grown == reach:
-                break
+                return False
             reach = grown
-        return all(reach & self.near[x][y] for x, y in ent)
 
 
 class CompoGridVectorEnv(gym.vector.VectorEnv):
@@ -267,6 +288,16 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         self._all = np.ones(B, dtype=bool)
         self._cell0 = self._b * S * S  # env i's first cell in grid.reshape(-1)
         self._obj_codes = np.arange(2, 2 + N_ENT - 1, dtype=np.int8)
+        self._xy = np.stack(np.divmod(np.arange(S * S), S), axis=1)  # flat cell -> (x, y)
+        self._step = DX * S + DY  # flat offset of the faced cell, per direction
+        self._dxy = np.stack([DX, DY], axis=1)
+        # per env: the composition padded with PAD (so progress indexes it up to MAX_LEN),
+        # 1 / length, and the observation's instruction tokens (zeros with task_info="reward")
+        self._comp_pad = np.full((B, MAX_LEN + 1), PAD, dtype=np.int64)
+        self._row5 = self._b * (MAX_LEN + 1)
+        self._inv_len = np.zeros(B)
+        self._instr = np.zeros((B, MAX_LEN * len(PRIMITIVES)), dtype=np.float32)
+        self._obs_tables()
         for i in range(B):
             self._set_task(i, Task(self.compositions[i], self.layout_seeds[i]))
 
@@ -303,6 +334,11 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         self.comp[i] = PAD
         self.comp[i, : len(c)] = [PRIMITIVE_INDEX[p] for p in c]
         self.comp_len[i] = len(c)
+        self._comp_pad[i, :MAX_LEN] = self.comp[i]
+        self._inv_len[i] = 1.0 / len(c)
+        self._instr[i] = 0.0
+        if self.task_info == "instruction":
+            self._instr[i, np.arange(len(c)) * len(PRIMITIVES) + self.comp[i, : len(c)]] = 1.0
         self.max_steps[i] = self._max_steps_arg or 5 * self.size * len(c)
 
     # -- reset ------------------------------------------------------------------------------------------
@@ -368,18 +404,17 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         if not door_ys:
             return
         i = np.asarray(idx, dtype=np.int64)
-        # (n, N_ENT, 2): the six objects' cells, then the agent's
+        # (n, N_ENT + 1): the seven entities' flat cells, then the agent's
         cells = np.array(cells, dtype=np.int64)
-        objs = cells[:, :-1]
+        xy = self._xy.take(cells, axis=0)
         self.grid[i] = self._walls[door_ys]
-        self.grid[i[:, None], objs[:, :, 0], objs[:, :, 1]] = self._obj_codes
-        self.ent_pos[i, :-1] = objs
-        self.ent_pos[i, DOOR_I, 0] = self.size - 3
-        self.ent_pos[i, DOOR_I, 1] = door_ys
+        objs = cells[:, : N_ENT - 1] + (i * self.size**2)[:, None]
+        self.grid.reshape(-1)[objs] = self._obj_codes
+        self.ent_pos[i] = xy[:, :-1]
         self.on_grid[i] = True
         self.carried[i] = -1
         self.door_open[i] = False
-        self.agent_pos[i] = cells[:, -1]
+        self.agent_pos[i] = xy[:, -1]
         self.agent_dir[i] = dirs
         self.step_count[i] = 0
         self.progress[i] = 0
@@ -395,80 +430,66 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
             self._advance(act, act >= 0)
 
     # -- dynamics ---------------------------------------------------------------------------------------
-    def _front_cell(self) -> np.ndarray:
-        """Flat index (into ``grid.reshape(-1)``) of the cell each agent faces."""
-        d, S = self.agent_dir, self.size
-        return self._cell0 + (self.agent_pos[:, 0] + DX[d]) * S + self.agent_pos[:, 1] + DY[d]
-
     def _advance(self, a: np.ndarray, live: np.ndarray) -> np.ndarray:
         """MiniGrid's step and CompoGrid's sub-task checks for every env with ``live`` set
         (actions ``a``; others must hold -1 and are left unchanged); returns the rewards."""
         S, gf = self.size, self.grid.reshape(-1)  # a view: writes land in self.grid
-        d = self.agent_dir
-        fx, fy = self.agent_pos[:, 0] + DX[d], self.agent_pos[:, 1] + DY[d]
-        cell = self._cell0 + fx * S + fy
-        fcode = gf[cell].astype(np.int64)
-        before_carried = self.carried.copy()
-        before_door = self.door_open.copy()
+        d, pos, carried = self.agent_dir, self.agent_pos, self.carried
+        here = self._cell0 + pos[:, 0] * S + pos[:, 1]
+        cell = here + self._step.take(d)
+        fcode = gf.take(cell)
+        fxy = pos + self._dxy.take(d, axis=0)
+        before_carried = carried.copy()
+        # -1 (not stepped) indexes the table's last action row
+        o = _OUTCOME.take(a * _A_STRIDE + fcode * 4 + (before_carried >= 0) * 2 + self.door_open)
         # turn
-        np.remainder(d + (a == 1) - (a == 0), 4, out=d)
+        d += _TURN.take(a)
+        d &= 3
         # forward: into an empty cell or the open door
-        m = (a == 2) & ((fcode == EMPTY) | ((fcode == DOOR_CODE) & self.door_open))
-        if m.any():
-            k = np.flatnonzero(m)
-            self.agent_pos[k, 0] = fx[k]
-            self.agent_pos[k, 1] = fy[k]
+        k = (o == _MOVE).nonzero()[0]
+        if k.size:
+            pos[k] = fxy[k]
+            here[k] = cell[k]
         # pickup: a portable entity in front, hands empty
-        e = fcode - 2
-        m = (a == 3) & (e >= 0) & (e < N_PORTABLE) & (before_carried < 0)
-        if m.any():
-            k = np.flatnonzero(m)
-            self.carried[k] = e[k]
+        k = (o == _PICKUP).nonzero()[0]
+        if k.size:
+            e = fcode[k] - 2
+            carried[k] = e
             gf[cell[k]] = EMPTY
-            self.on_grid[k, e[k]] = False
+            self.on_grid[k, e] = False
         # drop: an empty cell in front, something carried
-        m = (a == 4) & (fcode == EMPTY) & (before_carried >= 0)
-        if m.any():
-            k = np.flatnonzero(m)
+        k = (o == _DROP).nonzero()[0]
+        if k.size:
             c = before_carried[k]
             gf[cell[k]] = c + 2
-            self.ent_pos[k, c, 0] = fx[k]
-            self.ent_pos[k, c, 1] = fy[k]
+            self.ent_pos[k, c] = fxy[k]
             self.on_grid[k, c] = True
-            self.carried[k] = -1
+            carried[k] = -1
         # toggle: the door opens/closes; a box is replaced by its (empty) contents
-        toggle = a == 5
-        if toggle.any():
-            self.door_open ^= toggle & (fcode == DOOR_CODE)
-            m = toggle & ((e == BOX_I[0]) | (e == BOX_I[1]))
-            if m.any():
-                k = np.flatnonzero(m)
-                gf[cell[k]] = EMPTY
-                self.on_grid[k, e[k]] = False
+        toggled = o == _TOGGLE
+        self.door_open ^= toggled
+        k = (o == _OPEN_BOX).nonzero()[0]
+        if k.size:
+            gf[cell[k]] = EMPTY
+            self.on_grid[k, fcode[k] - 2] = False
         self.step_count += live
 
         # sub-tasks: only the next one in order is checked; several can complete in one step
-        front = gf[self._front_cell()].astype(np.int64) - 2
-        L = self.comp_len
-        door_changed = self.door_open != before_door
-        reward = np.zeros(self.num_envs, dtype=np.float64)
+        on = self.on_grid
+        flags = self.door_open + toggled * 2 + on[:, BOX_I[0]] * 4 + on[:, BOX_I[1]] * 8
+        holds = (
+            _GOTO_BITS.take(gf.take(here + self._step.take(d)))
+            | _CARRY_BITS.take(before_carried * (N_PORTABLE + 1) + carried + (N_PORTABLE + 2))
+            | _FLAG_BITS.take(flags)
+        ) * live
         progress = self.progress
-        for _ in range(MAX_LEN):
-            p = self.comp[self._b, np.minimum(progress, MAX_LEN - 1)]
-            verb, obj = PRIM_VERB[p], PRIM_OBJ[p]
-            on = self.on_grid[self._b, obj]
-            done = (
-                ((verb == 0) & (front == obj))
-                | ((verb == 1) & (self.carried == obj))
-                | ((verb == 2) & (before_carried == obj) & on)
-                | ((verb == 3) & np.where(obj == DOOR_I, self.door_open, ~on))
-                | ((verb == 4) & door_changed)
-            )
-            done &= (progress < L) & live
+        reward = np.zeros(self.num_envs)
+        for _ in range(MAX_LEN):  # PAD past the composition's end: done stays 0 there
+            done = holds >> self._comp_pad.take(self._row5 + progress) & 1
             if not done.any():
                 break
             progress = progress + done
-            reward = np.where(done, reward + 1.0 / np.maximum(L, 1), reward)
+            reward += done * self._inv_len
         self.progress[:] = progress
         return reward
 
@@ -477,7 +498,7 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         a = np.asarray(actions).astype(np.int64).reshape(-1)
         if a.shape != (B,):
             raise ValueError(f"step got {a.size} actions for num_envs={B}")
-        if ((a < 0) | (a >= len(ACTIONS))).any():
+        if (a.view(np.uint64) >= len(ACTIONS)).any():  # negatives read as huge
             bad = int(a[(a < 0) | (a >= len(ACTIONS))][0])
             raise ValueError(f"action={bad}; allowed: 0..{len(ACTIONS) - 1}")
         auto = self.autoreset_mode == AutoresetMode.NEXT_STEP and self._needs_reset.any()
@@ -512,50 +533,60 @@ class CompoGridVectorEnv(gym.vector.VectorEnv):
         return obs, reward, term, trunc, info
 
     # -- observations -----------------------------------------------------------------------------------
+    def _obs_tables(self) -> None:
+        """Lookup tables for ``_obs``: every feature is a function of a few small integers."""
+        S, W, M = self.size, float(self.size - 1), 2 * self.size - 1
+        # an entity's features relative to the agent, by 4 * ((dx + S - 1) * M + dy + S - 1) +
+        # dir, with dx, dy its offset from the agent; the last row (index -1): off the grid
+        dx, dy, d = (v.reshape(-1) for v in np.mgrid[1 - S : S, 1 - S : S, 0:4])
+        f, r = dx * DX[d] + dy * DY[d], dy * DX[d] - dx * DY[d]  # ahead, to the right
+        rel = np.zeros((dx.size + 1, PER_ENTITY))
+        rel[:-1, 0] = 1.0
+        rel[:-1, 4], rel[:-1, 5] = f / W, r / W
+        rel[:-1, 7], rel[:-1, 8], rel[:-1, 9] = np.sign(f), np.sign(r), (f == 1) & (r == 0)
+        self._rel = rel.astype(np.float32)
+        # its absolute features, by its key 4 * (x * M + y); -1: removed, -2: carried
+        x, y = np.divmod(np.arange(S * M), M)
+        absolute = np.zeros((4 * S * M + 2, PER_ENTITY))
+        absolute[: 4 * S * M : 4, 2], absolute[: 4 * S * M : 4, 3] = x / W, y / W
+        absolute[-2, 1] = 1.0
+        self._abs = absolute.astype(np.float32)
+        self._off = -1 - np.eye(N_ENT + 1, N_ENT, dtype=np.int64)  # by carried (-1: last row)
+        self._key = np.array([4 * M, 4])  # entity (x, y) -> its key
+        # by the agent's 4 * (x * S + y) + dir: what the entity key is offset by in ``_rel``,
+        # its position and direction features, and the cell it faces
+        ax, ay, d = (v.reshape(-1) for v in np.mgrid[0:S, 0:S, 0:4])
+        self._rel_at = 4 * ((S - 1) * M + S - 1 - ax * M - ay) + d
+        self._agent = np.zeros((ax.size, 6), dtype=np.float32)
+        self._agent[:, 0], self._agent[:, 1] = ax / W, ay / W
+        self._agent[np.arange(ax.size), 2 + d] = 1.0
+        self._faced = ax * S + ay + self._step[d]
+        # by the faced cell's code: the front one-hot (an entity, then wall, then empty)
+        self._front = np.eye(N_ENT + 2, dtype=np.float32)[[N_ENT + 1, N_ENT, *range(N_ENT)]]
+        self._prog = np.eye(MAX_LEN + 1, dtype=np.float32)
+        self._cell = np.zeros((S * S, 2 * S), dtype=np.float32)  # the agent's cell one-hots
+        self._cell[np.arange(S * S), ax[::4]] = self._cell[np.arange(S * S), S + ay[::4]] = 1.0
+
     def _obs(self) -> np.ndarray:
-        """``CompoGridEnv.gen_obs`` for every env: (B, obs_dim) float32."""
+        """``CompoGridEnv.gen_obs`` for every env: (B, obs_dim) float32, from lookups."""
         B, S = self.num_envs, self.size
-        W = float(S - 1)
-        out = np.zeros((B, self.obs_dim), dtype=np.float32)
-        flat = out.reshape(-1)  # a view; env i's row starts at flat[row[i]]
-        row = self._b * self.obs_dim
-        ax, ay = self.agent_pos[:, 0], self.agent_pos[:, 1]
-        d = self.agent_dir
-        fx, fy = DX[d], DY[d]
-        ex, ey = self.ent_pos[:, :, 0], self.ent_pos[:, :, 1]
-        dx, dy = ex - ax[:, None], ey - ay[:, None]
-        f = dx * fx[:, None] + dy * fy[:, None]  # ahead of the agent
-        r = dy * fx[:, None] - dx * fy[:, None]  # to its right
-        on = self.on_grid
-        # the per-entity block, written in place: (B, N_ENT, PER_ENTITY), a view of ``out``
-        pe = out[:, : N_ENT * PER_ENTITY].reshape(B, N_ENT, PER_ENTITY)
-        pe[:, :, 0] = on
-        pe[:, :, 1] = ~on & (self.carried[:, None] == np.arange(N_ENT))
-        pe[:, :, 2] = ex * on / W  # an entity that is not on the grid reads 0
-        pe[:, :, 3] = ey * on / W
-        pe[:, :, 4] = f * on / W
-        pe[:, :, 5] = r * on / W
+        on, pos = self.on_grid, self.agent_pos
+        at = (pos[:, 0] * S + pos[:, 1]) * 4 + self.agent_dir
+        key = self.ent_pos @ self._key
+        pe = self._rel.take(np.where(on, key + self._rel_at.take(at)[:, None], -1), axis=0)
+        pe += self._abs.take(np.where(on, key, self._off.take(self.carried, axis=0)), axis=0)
         pe[:, DOOR_I, 6] = self.door_open  # the door is always on the grid
-        pe[:, :, 7] = np.sign(f) * on
-        pe[:, :, 8] = np.sign(r) * on
-        pe[:, :, 9] = on & (f == 1) & (r == 0)
-        i = self._agent_at
-        out[:, i] = ax / W
-        out[:, i + 1] = ay / W
-        flat[row + i + 2 + d] = 1.0
-        code = self.grid.reshape(-1)[self._cell0 + (ax + fx) * S + ay + fy]
-        front = np.where(code >= 2, code - 2, np.where(code == WALL, N_ENT, N_ENT + 1))
-        flat[row + self._front_at + front] = 1.0
-        flat[row + self._prog_at + np.minimum(self.progress, MAX_LEN)] = 1.0
-        if self.task_info == "instruction":
-            k = np.arange(MAX_LEN)
-            tokens = k * len(PRIMITIVES) + np.minimum(self.comp, PAD - 1)
-            cols = row[:, None] + self._instr_at + tokens
-            flat[cols[k[None, :] < self.comp_len[:, None]]] = 1.0
+        code = self.grid.reshape(-1).take(self._cell0 + self._faced.take(at))
+        parts = [
+            pe.reshape(B, -1),
+            self._agent.take(at, axis=0),
+            self._front.take(code, axis=0),
+            self._prog.take(self.progress, axis=0),
+            self._instr,
+        ]
         if self.cell_onehot:
-            flat[row + self._cell_at + ax] = 1.0
-            flat[row + self._cell_at + S + ay] = 1.0
-        return out
+            parts.append(self._cell.take(at >> 2, axis=0))
+        return np.concatenate(parts, axis=1)
 
     def phi(self) -> np.ndarray:
         """``CompoGridEnv.phi`` for every env: (B, 11) int64."""
