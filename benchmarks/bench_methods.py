@@ -42,18 +42,32 @@ METHODS: list[tuple[str, str, dict]] = [
     ("compositional", "compositional", {}),
     # phase 1's discovery objective continued on the controller's segments in phase 2
     ("compositional_continued", "compositional", {"library_finetune": "discovery"}),
+    # the same with a quarter of phase 2 given to discovery's own rollouts
+    (
+        "compositional_shared",
+        "compositional",
+        {"library_finetune": "discovery", "discovery_share": 0.25},
+    ),
 ]
 
 #: quick (smoke) budgets that must be larger than the default 1024: the compositional agent
 #: needs one discovery rollout (1024 steps) plus meta-training steps
-QUICK_BUDGET = {"compositional": 3072, "compositional_continued": 3072}
+QUICK_BUDGET = {
+    "compositional": 3072,
+    "compositional_continued": 3072,
+    "compositional_shared": 3072,
+}
 
 #: paired measurement of the labels with a target: env steps per run and method runs
 PAIRED_BUDGET, PAIRED_REPEATS = 200_000, 3
 
 #: target on the ratio to PPO, per label (issue 13: the skill-level agent, whose controller
 #: runs only at decisions, trains at >= 0.8x plain PPO's env steps/s on the batched env)
-TARGETS = {"compositional": ">=0.8", "compositional_continued": ">=0.8"}
+TARGETS = {
+    "compositional": ">=0.8",
+    "compositional_continued": ">=0.8",
+    "compositional_shared": ">=0.8",
+}
 #: every method steps this many batched envs (MAML derives its own from its meta-batch)
 NUM_ENVS = 64
 
