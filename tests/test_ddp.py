@@ -506,10 +506,26 @@ COMPOSITIONAL_TRAIN = [
 ]  # fmt: skip
 
 
+#: discovery continued in phase 2 with every second phase-2 rollout discovery's own (in its
+#: room, sharded like phase 1's): phase 1 3 iterations, phase 2 4 (turns at the 2nd and 4th)
+COMPOSITIONAL_SHARED_TRAIN = [
+    "--method", "compositional", "--quiet", "--logger", "csv", "--set", "num_envs=4",
+    "--set", "hidden=16", "--set", "key_dim=8", "--set", "library_hidden=16",
+    "--set", "library_finetune=discovery", "--set", "discovery_share=0.5",
+    "--set", "library_fraction=0.27", "--set", "ppo.num_steps=64", "--set", "skills.num_steps=32",
+    "--set", "total_env_steps=1408",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "args, budget",
-    [(MAML_TRAIN, 6000), (PEARL_TRAIN, 4000), (COMPOSITIONAL_TRAIN, 768)],
-    ids=["maml", "pearl", "compositional"],
+    [
+        (MAML_TRAIN, 6000),
+        (PEARL_TRAIN, 4000),
+        (COMPOSITIONAL_TRAIN, 768),
+        (COMPOSITIONAL_SHARED_TRAIN, 1408),
+    ],
+    ids=["maml", "pearl", "compositional", "compositional-discovery-share"],
 )
 def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
     """MAML's meta-batch spread over 2 processes (each rank adapts 2 of the 4 tasks); PEARL's
@@ -527,8 +543,11 @@ def test_ddp_meta_kill_resume_same_and_other_n(tmp_path, args, budget):
     killed = tmp_path / "killed"
     it = _killed_run(killed, 1, args=args)
     assert 1 <= it < full, f"the run was not interrupted (checkpoint of iteration {it})"
-    if args is COMPOSITIONAL_TRAIN:  # killed in phase 1: the resume crosses into phase 2
-        assert it < 3 and rows[-1]["charts/phase"] == 2.0
+    if args in (COMPOSITIONAL_TRAIN, COMPOSITIONAL_SHARED_TRAIN):  # killed in phase 1: the
+        assert it < 3 and rows[-1]["charts/phase"] == 2.0  # resume crosses into phase 2
+    if args is COMPOSITIONAL_SHARED_TRAIN:  # the turns' env steps count on every rank
+        assert [r["iteration"] for r in rows if r.get("charts/discovery_turn")] == [5, 7]
+        assert st["env_steps"] == budget
     other_n = tmp_path / "killed_then_1"
     subprocess.run(["cp", "-a", str(killed), str(other_n)], check=True)
     _train(killed, "--devices", "2", "--strategy", "ddp", "--resume", args=args)
