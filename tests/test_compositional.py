@@ -713,6 +713,21 @@ def test_continued_discovery_sees_no_task_reward():
     assert moved and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _killed_in_phase_two_then_resumed(cfg: dict, kill_at: int, out) -> CompositionalAgent:
+    """Train ``cfg`` until phase 2's iteration ``kill_at`` raises (checkpoints after every
+    iteration), then resume it from its last checkpoint to the end; returns the resumed agent."""
+
+    class Dies(CompositionalAgent):
+        def training_step(self, batch, batch_idx):
+            if self.iteration == self.phase1_iters + kill_at:
+                raise RuntimeError("killed")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(Dies(cfg), out, logger=False, checkpoint_every=1)
+    return fit(CompositionalAgent(cfg), out, resume=True, logger=False)
+
+
 @pytest.mark.parametrize("kill_at", [0, 1], ids=["phase-boundary", "inside-phase-2"])
 def test_continued_discovery_resumes_exactly(tmp_path, kill_at):
     """The objective's state (optimisers, replay, generator) is in phase 2's checkpoints: a
@@ -722,16 +737,7 @@ def test_continued_discovery_resumes_exactly(tmp_path, kill_at):
     assert any("losses/discovery_bc_loss" in h for h in full.history)
     ck = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "discovery" in ck["rl_state"]["extra"]
-
-    class Dies(CompositionalAgent):
-        def training_step(self, batch, batch_idx):
-            if self.iteration == self.phase1_iters + kill_at:
-                raise RuntimeError("killed")
-            return super().training_step(batch, batch_idx)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(Dies(CONT), tmp_path / "cut", logger=False, checkpoint_every=1)
-    resumed = fit(CompositionalAgent(CONT), tmp_path / "cut", resume=True, logger=False)
+    resumed = _killed_in_phase_two_then_resumed(CONT, kill_at, tmp_path / "cut")
     assert resumed.iteration == full.iteration
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
@@ -755,16 +761,7 @@ def test_discovery_turns_in_phase_two_count_and_resume_exactly(tmp_path, kill_at
     controller = [h for h in full.history if h.get("charts/phase") == 2.0 and "iteration" in h]
     assert len([h for h in controller if not h.get("charts/discovery_turn")]) == 2
     assert full.discovery.collector.env_steps == 3 * 4 * 32 + 2 * 4 * 64  # phase 1 + turns
-
-    class Dies(CompositionalAgent):
-        def training_step(self, batch, batch_idx):
-            if self.iteration == self.phase1_iters + kill_at:
-                raise RuntimeError("killed")
-            return super().training_step(batch, batch_idx)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(Dies(SHARED), tmp_path / "cut", logger=False, checkpoint_every=1)
-    resumed = fit(CompositionalAgent(SHARED), tmp_path / "cut", resume=True, logger=False)
+    resumed = _killed_in_phase_two_then_resumed(SHARED, kill_at, tmp_path / "cut")
     assert resumed.env_steps == full.env_steps
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
