@@ -12,7 +12,8 @@ train compositions (fixed layout per trial), with the library frozen (or, with
 ``library_finetune="on"``, fine-tuned on the task reward its segments collect, by PPO with a KL
 to a frozen copy of the phase-1 skills; or, with ``"discovery"``, trained further by phase 1's
 own objective on the controller's own segments: discovery's reward-free one, or for the
-supervised library its primitives' completion): the acting policy
+supervised library its primitives' completion; ``discovery_share`` then gives a fraction of
+phase 2's rollouts to discovery's own uniform skill chains in its room): the acting policy
 (``compositional.policy``) runs the controller only when the active skill terminates and at
 episode starts; PPO at the decision level (``compositional.decisions``: gamma^duration,
 trial-level advantages). The graph counts every segment of both phases (with
@@ -236,18 +237,12 @@ class CompositionalAgent(RLModule):
         if self._phase != self.phase():
             old = self.collector
             steps = self.env_steps if old is None else old.env_steps  # this process's
-            if old is not None and not self._room_kept(old):
-                old.envs.close()
+            if old is not None and not (self._room_open() and old is self.discovery.collector):
+                old.envs.close()  # (phase 1's room stays open for discovery's phase-2 turns)
             self.collector = self.make_collector()
             self.collector.env_steps = steps
             if self.world_size > 1:
                 self.collector.shard(*self._world)
-
-    def _room_kept(self, collector: Collector) -> bool:
-        """Phase 1's discovery room stays open in phase 2 (``discovery_share``)."""
-        return bool(self.cfg.discovery_share) and (
-            self.discovery is not None and collector is self.discovery.collector
-        )
 
     def _room_turn(self) -> bool:
         """This phase-2 iteration runs discovery in its room instead of the controller: the
@@ -298,6 +293,7 @@ class CompositionalAgent(RLModule):
             self.discovery.collector.load_state_dict(state["discovery_room"])
 
     def _room_open(self) -> bool:
+        """Discovery's room is open and serves phase 2's turns (``discovery_share``)."""
         return bool(self.cfg.discovery_share) and (
             self.discovery is not None and self.discovery.collector is not None
         )
